@@ -1,0 +1,131 @@
+// CPU kernel of lambda_advantages: groups in parallel, O(G) extra memory per group, each
+// pair evaluated once (w_ij = w_ji) in a loop the compiler vectorizes per ISA.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "lambda_advantages.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LAMBDAPO_ISA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LAMBDAPO_ISA_CLONES
+#endif
+
+namespace lambdapo {
+namespace {
+
+// exp(x) to ~1 ulp (Cephes polynomial), branch-free so that loops calling it vectorize;
+// std::exp does not without -ffast-math. x is clamped to the normal float range.
+inline __attribute__((always_inline)) float exp_vectorizable(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
+  const float f = (x - k * 0.693359375f) + k * 2.12194440e-4f;            // x - k ln2
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Pairs (i, j) for j > i: adds sum_j (r_i - r_j) w_ij to adv[i] and subtracts each term
+// from adv[j]. Ties give dr = 0 and so contribute nothing whatever their weight. Sums are
+// in double: partial sums grow to O(G) before they cancel.
+LAMBDAPO_ISA_CLONES
+void accumulate_pairs(const float* __restrict r, const float* __restrict s,
+                      double* __restrict adv, int64_t n, float beta) {
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const float ri = r[i], si = s[i];
+    double row = 0.0;
+#pragma omp simd reduction(+ : row)
+    for (int64_t j = i + 1; j < n; ++j) {
+      const float dr = ri - r[j];
+      const float sign = static_cast<float>(dr > 0.0f) - static_cast<float>(dr < 0.0f);
+      // w = 2 sigmoid(-beta sign(dr) ds) = 2 / (1 + exp(beta sign(dr) ds))
+      const float term = dr * 2.0f / (1.0f + exp_vectorizable(beta * sign * (si - s[j])));
+      row += term;
+      adv[j] -= term;
+    }
+    adv[i] += row;
+  }
+}
+
+struct GroupScratch {
+  std::vector<float> r, s;
+  std::vector<double> adv;
+  std::vector<int64_t> slot;
+};
+
+void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normalize norm,
+                                    double eps, at::Tensor& out) {
+  const float* rewards = seg.rewards.data_ptr<float>();
+  const float* scores = seg.scores.data_ptr<float>();
+  const bool* valid = seg.valid.defined() ? seg.valid.data_ptr<bool>() : nullptr;
+  const int64_t* offsets = seg.offsets.data_ptr<int64_t>();
+  float* result = out.data_ptr<float>();
+
+  // Grain: about 2^16 pair evaluations per task, so small groups are batched per thread.
+  const int64_t pairs = std::max<int64_t>(1, seg.max_group_size * seg.max_group_size);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / pairs);
+  at::parallel_for(0, seg.num_groups, grain, [&](int64_t g_begin, int64_t g_end) {
+    GroupScratch scratch;
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      const int64_t begin = offsets[g], size = offsets[g + 1] - begin;
+      std::fill(result + begin, result + begin + size, 0.0f);
+      // Valid members, compacted so the pair loop has no masking.
+      scratch.r.clear();
+      scratch.s.clear();
+      scratch.slot.clear();
+      for (int64_t k = begin; k < begin + size; ++k) {
+        if (valid != nullptr && !valid[k]) continue;
+        scratch.r.push_back(rewards[k]);
+        scratch.s.push_back(scores[k]);
+        scratch.slot.push_back(k);
+      }
+      const int64_t n = static_cast<int64_t>(scratch.slot.size());
+      if (n < 2) continue;
+      scratch.adv.assign(n, 0.0);
+      accumulate_pairs(scratch.r.data(), scratch.s.data(), scratch.adv.data(), n, beta);
+
+      double scale = norm == Normalize::None ? 1.0 : 1.0 / static_cast<double>(n - 1);
+      if (norm == Normalize::Std) {
+        double mean = 0.0, m2 = 0.0;
+        for (float v : scratch.r) mean += v;
+        mean /= static_cast<double>(n);
+        for (float v : scratch.r) m2 += (v - mean) * (v - mean);
+        scale /= std::sqrt(m2 / static_cast<double>(n)) + eps;
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        result[scratch.slot[k]] = static_cast<float>(scratch.adv[k] * scale);
+      }
+    }
+  });
+}
+
+at::Tensor lambda_advantages_cpu(const at::Tensor& rewards, const at::Tensor& scores,
+                                 const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& group_ids, double beta,
+                                 c10::string_view normalize, double eps) {
+  return lambda_advantages_impl(rewards, scores, mask, group_ids, beta,
+                                std::string_view(normalize.data(), normalize.size()), eps,
+                                lambda_advantages_segments_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lambdapo, CPU, m) {
+  m.impl("lambda_advantages", &lambda_advantages_cpu);
+}
+
+}  // namespace lambdapo

@@ -1,0 +1,15 @@
+"""lambdapo_ext: fused, memory-lean ops for LambdaPO-style RL training of LLMs.
+
+The compiled library (``lambdapo_ext._C``) registers the ops under ``torch.ops.lambdapo``.
+This package imports without it (or with one built for another torch); calling an op then
+raises one error that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from lambdapo_ext._loader import build_info, library_error
+from lambdapo_ext.ops import lambda_advantages
+
+__all__ = ["__version__", "build_info", "lambda_advantages", "library_error"]
