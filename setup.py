@@ -92,11 +92,12 @@ class BuildExtensionWithRecord(BuildExtension.with_options(use_ninja=True)):
 
     def build_extension(self, ext):
         super().build_extension(ext)
-        folders = {Path(self.get_ext_fullpath(ext.name)).parent}
-        if self.inplace or getattr(self, "editable_mode", False):
-            folders.add(ROOT / "lambdapo_ext")  # editable: the library is copied there
-        for folder in folders:
-            (folder / "_build.py").write_text(_build_record())
+        (Path(self.get_ext_fullpath(ext.name)).parent / "_build.py").write_text(_build_record())
+
+    def copy_extensions_to_source(self):
+        # --inplace and editable installs: the library is copied into the source package.
+        super().copy_extensions_to_source()
+        (ROOT / "lambdapo_ext" / "_build.py").write_text(_build_record())
 
 
 def _build_record() -> str:

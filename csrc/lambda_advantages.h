@@ -76,14 +76,6 @@ inline void check_lambda_advantages_args(const at::Tensor& rewards, const at::Te
   TORCH_CHECK_VALUE(std::isfinite(beta), "lambda_advantages: beta must be finite, got ", beta);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0,
                     "lambda_advantages: eps must be finite and >= 0, got ", eps);
-  // Masked-out members may hold anything (padding); valid ones must be finite.
-  for (const auto& [name, values] : {std::pair<const char*, const at::Tensor&>{"rewards", rewards},
-                                     std::pair<const char*, const at::Tensor&>{"scores", scores}}) {
-    at::Tensor finite = at::isfinite(values);
-    if (mask.has_value()) finite = finite.logical_or(mask->logical_not());
-    TORCH_CHECK_VALUE(finite.all().item<bool>(), "lambda_advantages: ", name,
-                      " holds non-finite values in valid members");
-  }
 }
 
 // Lays dense [P, G] groups, or ragged groups given by group ids in any order, out as
@@ -114,6 +106,18 @@ inline GroupSegments make_group_segments(const at::Tensor& rewards, const at::Te
   seg.num_groups = counts.numel();
   seg.max_group_size = counts.numel() ? counts.max().item<int64_t>() : 0;
   return seg;
+}
+
+// Masked-out members may hold anything (padding); valid ones must be finite. Backends
+// whose kernel does not check as it reads (CUDA) call this on the segments.
+inline void check_valid_members_finite(const GroupSegments& seg) {
+  for (const auto& [name, values] : {std::pair<const char*, const at::Tensor&>{"rewards", seg.rewards},
+                                     std::pair<const char*, const at::Tensor&>{"scores", seg.scores}}) {
+    at::Tensor finite = at::isfinite(values);
+    if (seg.valid.defined()) finite.logical_or_(seg.valid.logical_not());
+    TORCH_CHECK_VALUE(finite.all().item<bool>(), "lambda_advantages: ", name,
+                      " holds non-finite values in valid members");
+  }
 }
 
 // Puts per-segment results back in input order and shape.

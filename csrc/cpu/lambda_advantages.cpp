@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -75,6 +77,7 @@ void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normal
   const int64_t* offsets = seg.offsets.data_ptr<int64_t>();
   float* result = out.data_ptr<float>();
 
+  std::atomic<bool> rewards_finite{true}, scores_finite{true};
   // Grain: about 2^16 pair evaluations per task, so small groups are batched per thread.
   const int64_t pairs = std::max<int64_t>(1, seg.max_group_size * seg.max_group_size);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / pairs);
@@ -89,6 +92,8 @@ void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normal
       scratch.slot.clear();
       for (int64_t k = begin; k < begin + size; ++k) {
         if (valid != nullptr && !valid[k]) continue;
+        if (!std::isfinite(rewards[k])) rewards_finite = false;
+        if (!std::isfinite(scores[k])) scores_finite = false;
         scratch.r.push_back(rewards[k]);
         scratch.s.push_back(scores[k]);
         scratch.slot.push_back(k);
@@ -111,6 +116,8 @@ void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normal
       }
     }
   });
+  TORCH_CHECK_VALUE(rewards_finite, "lambda_advantages: rewards holds non-finite values in valid members");
+  TORCH_CHECK_VALUE(scores_finite, "lambda_advantages: scores holds non-finite values in valid members");
 }
 
 at::Tensor lambda_advantages_cpu(const at::Tensor& rewards, const at::Tensor& scores,

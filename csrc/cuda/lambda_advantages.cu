@@ -125,8 +125,8 @@ void lambda_advantages_segments_cuda(const GroupSegments& seg, float beta, Norma
               " members are supported on CUDA, got ", seg.max_group_size);
   TORCH_CHECK(seg.num_groups <= int64_t{2147483647},
               "lambda_advantages: too many groups for one CUDA launch: ", seg.num_groups);
-  if (seg.num_groups == 0 || chunks == 0) return;
   const c10::cuda::CUDAGuard device_guard(out.device());
+  check_valid_members_finite(seg);
   const dim3 grid(static_cast<unsigned>(seg.num_groups), static_cast<unsigned>(chunks));
   auto stream = c10::cuda::getCurrentCUDAStream();
   lambda_advantages_kernel<<<grid, kBlock, 0, stream>>>(
