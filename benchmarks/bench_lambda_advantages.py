@@ -40,16 +40,16 @@ def run(device: str, sizes, impls, repeats: int) -> list[harness.Result]:
         for impl in impls:
             if impl == "lambdapo":
                 fn = lambda: lambdapo_ext.lambda_advantages(rewards, scores, beta=1.0)  # noqa: E731
+            elif impl == "torch_compile":  # inductor fuses the pair loop: no [P, G, G]
+                fn = lambda: compiled(rewards, scores, beta=1.0)  # noqa: E731
             elif need > 0.5 * harness.available_bytes(device):
                 results.append(harness.not_run(
                     OP, impl, size, device,
                     f"cannot allocate [P, G, G]: needs ~{need / 2**30:.0f} GiB, "
                     f"{harness.available_bytes(device) / 2**30:.0f} GiB free"))
                 continue
-            elif impl == "torch_eager":
-                fn = lambda: reference.lambda_advantages(rewards, scores, beta=1.0)  # noqa: E731
             else:
-                fn = lambda: compiled(rewards, scores, beta=1.0)  # noqa: E731
+                fn = lambda: reference.lambda_advantages(rewards, scores, beta=1.0)  # noqa: E731
             results.append(harness.measure(OP, impl, size, device, fn, repeats=repeats))
             print(f"  {size} {impl}: {results[-1].median_ms} ms, {results[-1].peak_mib} MiB "
                   f"{results[-1].status}", file=sys.stderr)

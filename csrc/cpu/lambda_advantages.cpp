@@ -63,6 +63,27 @@ void accumulate_pairs(const float* __restrict r, const float* __restrict s,
   }
 }
 
+// Whole rows, no symmetry: twice the exps but one reduction per row and full-length
+// vector loops; faster for small groups, where the symmetric loop's trip counts are short.
+LAMBDAPO_ISA_CLONES
+void accumulate_rows(const float* __restrict r, const float* __restrict s,
+                     double* __restrict adv, int64_t n, float beta) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float ri = r[i], si = s[i];
+    double row = 0.0;
+#pragma omp simd reduction(+ : row)
+    for (int64_t j = 0; j < n; ++j) {
+      const float dr = ri - r[j];
+      const float sign = static_cast<float>(dr > 0.0f) - static_cast<float>(dr < 0.0f);
+      row += dr * 2.0f / (1.0f + exp_vectorizable(beta * sign * (si - s[j])));
+    }
+    adv[i] = row;
+  }
+}
+
+// Measured crossover between the two loops (2-core Xeon, AVX-512): rows win up to ~200.
+constexpr int64_t kWholeRowsMaxGroup = 192;
+
 struct GroupScratch {
   std::vector<float> r, s;
   std::vector<double> adv;
@@ -101,7 +122,11 @@ void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normal
       const int64_t n = static_cast<int64_t>(scratch.slot.size());
       if (n < 2) continue;
       scratch.adv.assign(n, 0.0);
-      accumulate_pairs(scratch.r.data(), scratch.s.data(), scratch.adv.data(), n, beta);
+      if (n <= kWholeRowsMaxGroup) {
+        accumulate_rows(scratch.r.data(), scratch.s.data(), scratch.adv.data(), n, beta);
+      } else {
+        accumulate_pairs(scratch.r.data(), scratch.s.data(), scratch.adv.data(), n, beta);
+      }
 
       double scale = norm == Normalize::None ? 1.0 : 1.0 / static_cast<double>(n - 1);
       if (norm == Normalize::Std) {
