@@ -110,8 +110,7 @@ def _build_record() -> str:
 
 
 def _extension():
-    sources = ["csrc/registration.cpp", "csrc/python_module.cpp"]
-    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
     kwargs = dict(
         name="lambdapo_ext._C",

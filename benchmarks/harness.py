@@ -143,6 +143,23 @@ def measure(op: str, impl: str, size: str, device: str, fn: Callable[[], object]
     return result
 
 
+# Peak HBM bandwidth by card name (bytes/s), for the roofline fraction.
+HBM_BYTES_PER_S = {"H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
+                   "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.56e12}
+
+
+def add_bandwidth(result: Result, bytes_moved: int, device: str) -> None:
+    """Records achieved bandwidth and, for a known card, the fraction of its HBM peak."""
+    if device != "cuda" or not result.median_ms:
+        return
+    achieved = bytes_moved / (result.median_ms / 1e3)
+    result.extra["GB/s"] = round(achieved / 1e9, 1)
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+    if peak:
+        result.extra["roofline"] = round(achieved / peak, 3)
+
+
 def not_run(op: str, impl: str, size: str, device: str, reason: str) -> Result:
     return Result(op=op, impl=impl, size=size, device=device, status=f"not run: {reason}")
 
@@ -151,7 +168,8 @@ def print_table(results: list[Result], baseline: str, env: dict) -> None:
     """One row per (size, impl): time, peak memory, and the baseline's time and memory
     divided by this impl's (so > 1 means this impl is faster / leaner)."""
     print(f"# {env['device_name']} | torch {env['torch']} | commit {env['commit']} | {env['date']}")
-    header = f"{'size':<18} {'impl':<16} {'time ms':>11} {'peak MiB':>10} {'speedup':>9} {'mem ratio':>9}  status"
+    header = (f"{'size':<34} {'impl':<18} {'time ms':>11} {'peak MiB':>10} {'speedup':>9} "
+              f"{'mem ratio':>9}  status / extra")
     print(header)
     print("-" * len(header))
     base = {(r.size, r.device): r for r in results if r.impl == baseline}
@@ -165,7 +183,8 @@ def print_table(results: list[Result], baseline: str, env: dict) -> None:
             mem = f"{b.peak_mib / r.peak_mib:.2f}x" if r.peak_mib >= 0.1 else "(~0 MiB)"
         t = f"{r.median_ms:.3f}" if r.median_ms is not None else "-"
         m = f"{r.peak_mib:.1f}" if r.peak_mib is not None else "-"
-        print(f"{r.size:<18} {r.impl:<16} {t:>11} {m:>10} {speed:>9} {mem:>9}  {r.status}")
+        extra = " ".join(f"{k}={v}" for k, v in r.extra.items())
+        print(f"{r.size:<34} {r.impl:<18} {t:>11} {m:>10} {speed:>9} {mem:>9}  {r.status} {extra}")
 
 
 def append_results(op: str, results: list[Result], env: dict) -> Path:

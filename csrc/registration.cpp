@@ -6,4 +6,27 @@ TORCH_LIBRARY(lambdapo, m) {
   m.def(
       "lambda_advantages(Tensor rewards, Tensor scores, Tensor? mask, Tensor? group_ids, "
       "float beta, str normalize, float eps) -> Tensor");
+  // Returns (logprobs, entropy, lse); entropy is empty unless return_entropy.
+  // inplace_backward only tells the autograd formula which backward to call.
+  m.def(
+      "token_logprobs_forward(Tensor logits, Tensor targets, float temperature, "
+      "int ignore_index, bool return_entropy, bool inplace_backward) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+      "Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  // Writes dlogits over logits.
+  m.def(
+      "token_logprobs_backward_inplace(Tensor grad_logprobs, Tensor? grad_entropy, "
+      "Tensor(a!) logits, Tensor targets, Tensor lse, Tensor entropy, float temperature, "
+      "int ignore_index) -> ()");
+  // Composite over chunks of rows (matmul, then the two ops above): returns
+  // (logprobs, entropy, lse) and (grad_hidden, grad_weight, grad_bias or empty).
+  m.def(
+      "linear_token_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor targets, float temperature, int ignore_index, bool return_entropy, "
+      "int chunk_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, "
+      "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, "
+      "float temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
 }

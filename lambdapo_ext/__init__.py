@@ -10,6 +10,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lambdapo_ext._loader import build_info, library_error
-from lambdapo_ext.ops import lambda_advantages
+from lambdapo_ext.ops import lambda_advantages, linear_token_logprobs, token_logprobs
 
-__all__ = ["__version__", "build_info", "lambda_advantages", "library_error"]
+__all__ = [
+    "__version__",
+    "build_info",
+    "lambda_advantages",
+    "library_error",
+    "linear_token_logprobs",
+    "token_logprobs",
+]

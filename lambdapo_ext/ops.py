@@ -8,6 +8,9 @@ from torch import Tensor
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 NORMALIZE_MODES = ("mean", "none", "std")
+# Logits memory for one chunk of linear_token_logprobs when chunk_size is not given.
+CPU_CHUNK_BYTES = 256 * 2**20
+CUDA_CHUNK_BYTES_MAX = 2 * 2**30
 
 
 def lambda_advantages(
@@ -64,6 +67,110 @@ def lambda_advantages(
         float(beta), normalize, float(eps))
 
 
+def token_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probabilities of the target tokens under softmax(logits / temperature), fused.
+
+    One pass over each row with fp32 accumulation (online max and sum-exp):
+    ``logprob = z_y/T - logsumexp(z/T)``, clamped to <= 0; the entropy of softmax(z/T)
+    comes from the same pass. Backward accepts gradients for either output, saves only
+    per-row state (log-sum-exp, entropy) and recomputes the probabilities.
+
+    Args:
+        logits: ``[..., V]`` float32, float16, bfloat16 (or float64), contiguous in the
+            last dimension; leading dimensions may be strided (e.g. ``logits[:, :-1]``).
+        targets: ``[...]`` int64 or int32 token ids in ``[0, V)`` or ``ignore_index``.
+        temperature: softmax temperature (> 0).
+        ignore_index: rows with this target give 0 and receive 0 gradient.
+        return_entropy: also return the per-row entropy.
+        inplace_backward: write the logits gradient over ``logits`` (saves one [N, V]
+            buffer; ``logits`` must not be used afterwards).
+
+    Returns:
+        ``logprobs`` ``[...]`` float32 (float64 for float64 logits), or
+        ``(logprobs, entropy)`` when ``return_entropy``.
+
+    Raises:
+        ValueError: a target outside ``[0, V)`` that is not ``ignore_index``, or a
+            temperature <= 0 (messages name the argument).
+        RuntimeError: wrong dtype, shape, device or layout of ``logits``/``targets``, or
+            the compiled library is unavailable.
+    """
+    require_library()
+    logprobs, entropy, _ = torch.ops.lambdapo.token_logprobs_forward.default(
+        logits, targets, float(temperature), int(ignore_index), bool(return_entropy),
+        bool(inplace_backward))
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk of linear_token_logprobs: a chunk's logits take at most 256 MiB on the
+    CPU, and on CUDA an eighth of free memory capped at 2 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 8, CUDA_CHUNK_BYTES_MAX)
+    else:
+        budget = CPU_CHUNK_BYTES
+    bytes_per_row = vocab * (torch.finfo(dtype).bits // 8)
+    return max(1, min(max(rows, 1), budget // bytes_per_row))
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without materializing the
+    ``[N, V]`` logits: rows are processed in chunks, and backward recomputes each chunk's
+    logits.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (float32, float16, bfloat16 or float64).
+        weight: lm-head weight ``[V, H]``, same dtype and device as ``hidden``.
+        targets: ``[...]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` lm-head bias.
+        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
+        chunk_size: rows per chunk; by default from N, V and free memory
+            (:func:`default_chunk_size`).
+
+    Returns:
+        ``logprobs`` ``[...]`` float32 (float64 for float64 inputs), or
+        ``(logprobs, entropy)`` when ``return_entropy``. Gradients flow to ``hidden``,
+        ``weight`` and ``bias`` (weight/bias gradients accumulated in fp32 over chunks and
+        returned in the parameter's dtype).
+
+    Raises:
+        ValueError: bad targets, temperature or chunk_size (messages name the argument).
+        RuntimeError: dtype, shape or device mismatches, or the compiled library is
+            unavailable.
+    """
+    require_library()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(targets.numel(), weight.shape[0], weight.dtype,
+                                        weight.device)
+    logprobs, entropy, _ = torch.ops.lambdapo.linear_token_logprobs_forward.default(
+        hidden, weight, bias, targets, float(temperature), int(ignore_index),
+        bool(return_entropy), int(chunk_size))
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("lambdapo::lambda_advantages")
@@ -72,3 +179,93 @@ if _LOAD_ERROR is None:
                      lambda: f"lambda_advantages: scores has shape {tuple(scores.shape)} "
                              f"but rewards has shape {tuple(rewards.shape)}")
         return rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("lambdapo::token_logprobs_forward")
+    def _token_logprobs_forward_fake(logits, targets, temperature, ignore_index, return_entropy,
+                                     inplace_backward):
+        lead = logits.shape[:-1]
+        dtype = _result_dtype(logits.dtype)
+        entropy_shape = lead if return_entropy else (0,)
+        return (logits.new_empty(lead, dtype=dtype), logits.new_empty(entropy_shape, dtype=dtype),
+                logits.new_empty(lead, dtype=dtype))
+
+    @torch.library.register_fake("lambdapo::token_logprobs_backward")
+    def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, targets, lse, entropy,
+                                      temperature, ignore_index):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("lambdapo::token_logprobs_backward_inplace")
+    def _token_logprobs_backward_inplace_fake(grad_logprobs, grad_entropy, logits, targets, lse,
+                                              entropy, temperature, ignore_index):
+        return None
+
+    def _token_logprobs_setup_context(ctx, inputs, output):
+        logits, targets, temperature, ignore_index, return_entropy, inplace_backward = inputs
+        _, entropy, lse = output
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.return_entropy = return_entropy
+        ctx.inplace_backward = inplace_backward
+        ctx.set_materialize_grads(False)
+
+    def _token_logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if not ctx.return_entropy:  # the empty entropy output may still get a (zero) grad
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        args = (grad_logprobs, grad_entropy)
+        rest = (targets, lse, entropy, ctx.temperature, ctx.ignore_index)
+        if ctx.inplace_backward:
+            torch.ops.lambdapo.token_logprobs_backward_inplace.default(*args, logits, *rest)
+            grad_logits = logits
+        else:
+            grad_logits = torch.ops.lambdapo.token_logprobs_backward.default(*args, logits, *rest)
+        return grad_logits, None, None, None, None, None
+
+    torch.library.register_autograd("lambdapo::token_logprobs_forward", _token_logprobs_backward,
+                                    setup_context=_token_logprobs_setup_context)
+
+    @torch.library.register_fake("lambdapo::linear_token_logprobs_forward")
+    def _linear_token_logprobs_forward_fake(hidden, weight, bias, targets, temperature,
+                                            ignore_index, return_entropy, chunk_size):
+        lead = hidden.shape[:-1]
+        dtype = _result_dtype(hidden.dtype)
+        entropy_shape = lead if return_entropy else (0,)
+        return (hidden.new_empty(lead, dtype=dtype), hidden.new_empty(entropy_shape, dtype=dtype),
+                hidden.new_empty(lead, dtype=dtype))
+
+    @torch.library.register_fake("lambdapo::linear_token_logprobs_backward")
+    def _linear_token_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, bias,
+                                             targets, lse, entropy, temperature, ignore_index,
+                                             chunk_size):
+        grad_bias = weight.new_empty(weight.shape[:1] if bias is not None else (0,))
+        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+    def _linear_setup_context(ctx, inputs, output):
+        hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_size = inputs
+        _, entropy, lse = output
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+        ctx.return_entropy = return_entropy
+        ctx.set_materialize_grads(False)
+
+    def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        if not ctx.return_entropy:
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:
+            return (None,) * 8
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        grad_hidden, grad_weight, grad_bias = (
+            torch.ops.lambdapo.linear_token_logprobs_backward.default(
+                grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+                ctx.temperature, ctx.ignore_index, ctx.chunk_size))
+        return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd("lambdapo::linear_token_logprobs_forward", _linear_backward,
+                                    setup_context=_linear_setup_context)

@@ -83,3 +83,42 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     """Leave-one-out baseline A_i = r_i - mean_{j != i} r_j over dense groups [P, G]."""
     g = rewards.shape[-1]
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (g - 1)
+
+
+def token_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Reference of :func:`lambdapo_ext.token_logprobs`: fp32 (fp64 for fp64 logits)
+    log_softmax + gather, entropy from the softmax. Differentiable through autograd."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    log_p = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    ignored = targets == ignore_index
+    safe_targets = torch.where(ignored, 0, targets).long()
+    logprobs = log_p.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(ignored, 0, logprobs)
+    if not return_entropy:
+        return logprobs
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logprobs, torch.where(ignored, 0, entropy)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Reference of :func:`lambdapo_ext.linear_token_logprobs`: the full logits matmul,
+    then :func:`token_logprobs`."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                          return_entropy=return_entropy)

@@ -1,45 +1,19 @@
-// CPU kernel of lambda_advantages: groups in parallel, O(G) extra memory per group, each
-// pair evaluated once (w_ij = w_ji) in a loop the compiler vectorizes per ISA.
+// CPU kernel of lambda_advantages: groups in parallel, O(G) extra memory per group; large
+// groups evaluate each pair once (w_ij = w_ji), small ones whole rows, in loops the
+// compiler vectorizes per ISA.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "lambda_advantages.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LAMBDAPO_ISA_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LAMBDAPO_ISA_CLONES
-#endif
+#include "vectorizable_math.h"
 
 namespace lambdapo {
 namespace {
-
-// exp(x) to ~1 ulp (Cephes polynomial), branch-free so that loops calling it vectorize;
-// std::exp does not without -ffast-math. x is clamped to the normal float range.
-inline __attribute__((always_inline)) float exp_vectorizable(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
-  const float f = (x - k * 0.693359375f) + k * 2.12194440e-4f;            // x - k ln2
-  float p = 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  p = p * f * f + f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // Pairs (i, j) for j > i: adds sum_j (r_i - r_j) w_ij to adv[i] and subtracts each term
 // from adv[j]. Ties give dr = 0 and so contribute nothing whatever their weight. Sums are

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -26,6 +27,26 @@ at::Tensor lambda_advantages(const at::Tensor& rewards, const at::Tensor& scores
                                          const std::optional<at::Tensor>&, double,
                                          c10::string_view, double)>();
   return op.call(rewards, scores, mask, group_ids, beta, normalize, 1e-6);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs(const at::Tensor& logits,
+                                                              const at::Tensor& targets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lambdapo::token_logprobs_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, double, int64_t, bool, bool)>();
+  return op.call(logits, targets, 1.0, -100, true, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidden,
+                                                                     const at::Tensor& weight,
+                                                                     const at::Tensor& targets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lambdapo::linear_token_logprobs_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, double, int64_t, bool, int64_t)>();
+  return op.call(hidden, weight, std::nullopt, targets, 1.0, -100, true, 3);
 }
 
 }  // namespace
@@ -57,6 +78,25 @@ int main() {
     raised = std::string(e.what()).find("normalize") != std::string::npos;
   }
   expect(raised, "unknown normalize raises an error naming it");
+
+  // token_logprobs equals log_softmax + gather; entropy equals -sum p log p.
+  const at::Tensor logits = at::randn({6, 1000}).mul_(3);
+  const at::Tensor targets = at::randint(0, 1000, {6});
+  const auto [logprobs, entropy, lse] = token_logprobs(logits, targets);
+  const at::Tensor log_p = at::log_softmax(logits, -1);
+  expect(at::allclose(logprobs, log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1), 1e-5, 1e-5),
+         "token_logprobs equals log_softmax + gather");
+  expect(at::allclose(entropy, -(log_p.exp() * log_p).sum(-1), 1e-5, 1e-5),
+         "entropy from the same pass");
+
+  // linear_token_logprobs in chunks of 3 rows equals the full matmul.
+  const at::Tensor hidden = at::randn({7, 16});
+  const at::Tensor weight = at::randn({1000, 16});
+  const at::Tensor linear_targets = at::randint(0, 1000, {7});
+  const auto [linear_lp, linear_h, linear_lse] = linear_token_logprobs(hidden, weight, linear_targets);
+  const auto [full_lp, full_h, full_lse] = token_logprobs(at::mm(hidden, weight.t()), linear_targets);
+  expect(at::allclose(linear_lp, full_lp, 1e-5, 1e-5) && at::allclose(linear_h, full_h, 1e-5, 1e-5),
+         "linear_token_logprobs equals matmul + token_logprobs");
 
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;

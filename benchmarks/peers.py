@@ -1,0 +1,56 @@
+"""Peer implementations of fused log-prob / cross-entropy kernels, each adapted to return
+per-token log-probs (= -cross-entropy with reduction "none"). They are CUDA/Triton only:
+on the CPU, or when a package is missing, the entry is a string saying why it did not run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Peers without an entropy output.
+NO_ENTROPY = {"flash_attn_triton", "liger_kernel", "cut_cross_entropy", "liger_fused_linear"}
+
+
+def logits_peers(device: str) -> dict:
+    """Peers of token_logprobs: name -> fn(logits, targets, entropy) -> (logprobs, None)."""
+    if device != "cuda":
+        return {name: "CUDA only" for name in ("flash_attn_triton", "liger_kernel")}
+    peers = {}
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+        def flash(x, t, _):
+            loss, _ = cross_entropy_loss(x, t, inplace_backward=False)
+            return -loss, None
+        peers["flash_attn_triton"] = flash
+    except ImportError as exc:
+        peers["flash_attn_triton"] = f"flash-attn not importable ({exc.name})"
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        peers["liger_kernel"] = lambda x, t, _: (-liger_cross_entropy(x, t, reduction="none"), None)
+    except ImportError as exc:
+        peers["liger_kernel"] = f"liger-kernel not importable ({exc.name})"
+    return peers
+
+
+def linear_peers(device: str) -> dict:
+    """Peers of linear_token_logprobs: name -> fn(hidden, weight, targets, entropy)."""
+    if device != "cuda":
+        return {name: "CUDA only" for name in ("cut_cross_entropy", "liger_fused_linear")}
+    peers = {}
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        peers["cut_cross_entropy"] = lambda h, w, t, _: (
+            -linear_cross_entropy(h, w, t, reduction="none"), None)
+    except ImportError as exc:
+        peers["cut_cross_entropy"] = f"cut-cross-entropy not importable ({exc.name})"
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        peers["liger_fused_linear"] = lambda h, w, t, _: (
+            -liger_fused_linear_cross_entropy(h, w, t, reduction="none"), None)
+    except ImportError as exc:
+        peers["liger_fused_linear"] = f"liger-kernel not importable ({exc.name})"
+    return peers
