@@ -53,7 +53,8 @@ def require_library() -> None:
 
 
 def has_kernel(op: str, backend: str) -> bool:
-    """Whether ``lambdapo::op`` has a kernel for ``backend`` ("CPU" or "CUDA")."""
+    """Whether ``lambdapo::op`` has a kernel registered for the dispatch key ``backend``
+    ("CPU", "CUDA", "CompositeExplicitAutograd", ...)."""
     if _LOAD_ERROR is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lambdapo::{op}", backend)
