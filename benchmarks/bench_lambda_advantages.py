@@ -9,7 +9,6 @@ benchmarks/results/lambda_advantages.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,10 @@ QUICK_SIZES = [(64, 16), (128, 256), (16, 1024)]
 REFERENCE_PAIR_TENSORS = 4
 
 
-def run(device: str, sizes, impls, repeats: int) -> list[harness.Result]:
+IMPLS = ("lambdapo", "torch_eager", "torch_compile")
+
+
+def run(device: str, sizes, repeats: int) -> list[harness.Result]:
     results = []
     compiled = torch.compile(reference.lambda_advantages, dynamic=False)
     for p, g in sizes:
@@ -37,7 +39,7 @@ def run(device: str, sizes, impls, repeats: int) -> list[harness.Result]:
         rewards = torch.randint(0, 2, (p, g), generator=gen).float().to(device)
         scores = (-torch.rand(p, g, generator=gen)).to(device)
         need = REFERENCE_PAIR_TENSORS * p * g * g * 4
-        for impl in impls:
+        for impl in IMPLS:
             if impl == "lambdapo":
                 fn = lambda: lambdapo_ext.lambda_advantages(rewards, scores, beta=1.0)  # noqa: E731
             elif impl == "torch_compile":  # inductor fuses the pair loop: no [P, G, G]
@@ -56,22 +58,6 @@ def run(device: str, sizes, impls, repeats: int) -> list[harness.Result]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    parser.add_argument("--quick", action="store_true", help="small sizes only")
-    parser.add_argument("--impls", default="lambdapo,torch_eager,torch_compile")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-save", action="store_true", help="do not append to results/")
-    args = parser.parse_args()
-    impls = args.impls.split(",")
-    for device in harness.devices_from_arg(args.device):
-        env = harness.environment(device)
-        results = run(device, QUICK_SIZES if args.quick else SIZES, impls, args.repeats)
-        harness.print_table(results, baseline="torch_eager", env=env)
-        if not args.no_save:
-            print(f"appended to {harness.append_results(OP, results, env)}")
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(OP, __doc__.splitlines()[0], run, cpu_sizes=SIZES, cuda_sizes=SIZES,
+                 quick_sizes=QUICK_SIZES)

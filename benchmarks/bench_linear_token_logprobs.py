@@ -11,7 +11,6 @@ matmuls it must do: 2NHV forward, 6NHV forward+backward).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -107,21 +106,6 @@ def _case(impl, hidden, weight, targets, grad, mode):
     return fwd_bwd
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    parser.add_argument("--quick", action="store_true", help="small sizes only")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-save", action="store_true", help="do not append to results/")
-    args = parser.parse_args()
-    for device in harness.devices_from_arg(args.device):
-        env = harness.environment(device)
-        sizes = QUICK_SIZES if args.quick else (CUDA_SIZES if device == "cuda" else CPU_SIZES)
-        results = run(device, sizes, args.repeats)
-        harness.print_table(results, baseline="torch_eager", env=env)
-        if not args.no_save:
-            print(f"appended to {harness.append_results(OP, results, env)}")
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(OP, __doc__.splitlines()[0], run, cpu_sizes=CPU_SIZES, cuda_sizes=CUDA_SIZES,
+                 quick_sizes=QUICK_SIZES)

@@ -9,6 +9,7 @@ to the system and every call starts from the same place.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import json
@@ -203,3 +204,23 @@ def devices_from_arg(arg: str) -> list[str]:
     if arg == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible to torch")
     return [arg]
+
+
+def main(op: str, description: str, run: Callable[[str, list, int], list[Result]], *,
+         cpu_sizes: list, cuda_sizes: list, quick_sizes: list,
+         baseline: str = "torch_eager") -> None:
+    """The command line every bench_<op>.py shares: --device, --quick, --repeats, --no-save;
+    runs ``run(device, sizes, repeats)``, prints the table and appends the rows."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    parser.add_argument("--quick", action="store_true", help="small sizes only")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-save", action="store_true", help="do not append to results/")
+    args = parser.parse_args()
+    for device in devices_from_arg(args.device):
+        env = environment(device)
+        sizes = quick_sizes if args.quick else (cuda_sizes if device == "cuda" else cpu_sizes)
+        results = run(device, sizes, args.repeats)
+        print_table(results, baseline=baseline, env=env)
+        if not args.no_save:
+            print(f"appended to {append_results(op, results, env)}")

@@ -151,4 +151,39 @@ void token_logprobs_backward_impl(const char* op, const at::Tensor& grad_logprob
          dlogits.is_same(logits) ? rows.offsets : row_offsets(dlogits));
 }
 
+// The three op entry points over a backend's two row kernels; each backend registers
+// token_logprobs_*_op<its kernels>.
+template <auto forward_kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_op(
+    const at::Tensor& logits, const at::Tensor& targets, double temperature,
+    int64_t ignore_index, bool return_entropy, bool /*inplace_backward*/) {
+  return token_logprobs_forward_impl(logits, targets, temperature, ignore_index, return_entropy,
+                                     forward_kernel);
+}
+
+template <auto backward_kernel>
+at::Tensor token_logprobs_backward_op(const at::Tensor& grad_logprobs,
+                                      const std::optional<at::Tensor>& grad_entropy,
+                                      const at::Tensor& logits, const at::Tensor& targets,
+                                      const at::Tensor& lse, const at::Tensor& entropy,
+                                      double temperature, int64_t ignore_index) {
+  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
+  token_logprobs_backward_impl("token_logprobs_backward", grad_logprobs, grad_entropy, logits,
+                               targets, lse, entropy, temperature, ignore_index, dlogits,
+                               backward_kernel);
+  return dlogits;
+}
+
+template <auto backward_kernel>
+void token_logprobs_backward_inplace_op(const at::Tensor& grad_logprobs,
+                                        const std::optional<at::Tensor>& grad_entropy,
+                                        at::Tensor& logits, const at::Tensor& targets,
+                                        const at::Tensor& lse, const at::Tensor& entropy,
+                                        double temperature, int64_t ignore_index) {
+  constexpr const char* op = "token_logprobs_backward_inplace";
+  check_rows_writable(op, logits);
+  token_logprobs_backward_impl(op, grad_logprobs, grad_entropy, logits, targets, lse, entropy,
+                               temperature, ignore_index, logits, backward_kernel);
+}
+
 }  // namespace lambdapo

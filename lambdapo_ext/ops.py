@@ -9,7 +9,7 @@ from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 NORMALIZE_MODES = ("mean", "none", "std")
 # Logits memory for one chunk of linear_token_logprobs when chunk_size is not given.
-CPU_CHUNK_BYTES = 256 * 2**20
+CPU_CHUNK_BYTES = 64 * 2**20
 CUDA_CHUNK_BYTES_MAX = 2 * 2**30
 
 
@@ -111,7 +111,7 @@ def token_logprobs(
 
 
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk of linear_token_logprobs: a chunk's logits take at most 256 MiB on the
+    """Rows per chunk of linear_token_logprobs: a chunk's logits take at most 64 MiB on the
     CPU, and on CUDA an eighth of free memory capped at 2 GiB."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -171,6 +171,15 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fake_logprob_outputs(like: Tensor, return_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(logprobs, entropy, lse) of the leading shape of ``like`` [..., last]."""
+    lead = like.shape[:-1]
+    dtype = _result_dtype(like.dtype)
+    entropy_shape = lead if return_entropy else (0,)
+    return (like.new_empty(lead, dtype=dtype), like.new_empty(entropy_shape, dtype=dtype),
+            like.new_empty(lead, dtype=dtype))
+
+
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("lambdapo::lambda_advantages")
@@ -183,11 +192,7 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("lambdapo::token_logprobs_forward")
     def _token_logprobs_forward_fake(logits, targets, temperature, ignore_index, return_entropy,
                                      inplace_backward):
-        lead = logits.shape[:-1]
-        dtype = _result_dtype(logits.dtype)
-        entropy_shape = lead if return_entropy else (0,)
-        return (logits.new_empty(lead, dtype=dtype), logits.new_empty(entropy_shape, dtype=dtype),
-                logits.new_empty(lead, dtype=dtype))
+        return _fake_logprob_outputs(logits, return_entropy)
 
     @torch.library.register_fake("lambdapo::token_logprobs_backward")
     def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, targets, lse, entropy,
@@ -231,11 +236,7 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("lambdapo::linear_token_logprobs_forward")
     def _linear_token_logprobs_forward_fake(hidden, weight, bias, targets, temperature,
                                             ignore_index, return_entropy, chunk_size):
-        lead = hidden.shape[:-1]
-        dtype = _result_dtype(hidden.dtype)
-        entropy_shape = lead if return_entropy else (0,)
-        return (hidden.new_empty(lead, dtype=dtype), hidden.new_empty(entropy_shape, dtype=dtype),
-                hidden.new_empty(lead, dtype=dtype))
+        return _fake_logprob_outputs(hidden, return_entropy)
 
     @torch.library.register_fake("lambdapo::linear_token_logprobs_backward")
     def _linear_token_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, bias,

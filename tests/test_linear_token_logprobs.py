@@ -121,7 +121,7 @@ def test_default_chunk_size_bounds_logits_memory():
     cpu = torch.device("cpu")
     assert default_chunk_size(10, 1000, torch.float32, cpu) == 10
     rows = default_chunk_size(100_000, 151_936, torch.bfloat16, cpu)
-    assert 1 <= rows and rows * 151_936 * 2 <= 256 * 2**20
+    assert 1 <= rows and rows * 151_936 * 2 <= 64 * 2**20
     assert default_chunk_size(0, 10, torch.float32, cpu) == 1
 
 

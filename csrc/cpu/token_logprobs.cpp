@@ -223,42 +223,12 @@ void backward_kernel(const TokenLogprobsRows& rows, const at::Tensor& grad_logpr
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cpu(
-    const at::Tensor& logits, const at::Tensor& targets, double temperature,
-    int64_t ignore_index, bool return_entropy, bool /*inplace_backward*/) {
-  return token_logprobs_forward_impl(logits, targets, temperature, ignore_index, return_entropy,
-                                     forward_kernel);
-}
-
-at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
-                                       const std::optional<at::Tensor>& grad_entropy,
-                                       const at::Tensor& logits, const at::Tensor& targets,
-                                       const at::Tensor& lse, const at::Tensor& entropy,
-                                       double temperature, int64_t ignore_index) {
-  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
-  token_logprobs_backward_impl("token_logprobs_backward", grad_logprobs, grad_entropy, logits,
-                               targets, lse, entropy, temperature, ignore_index, dlogits,
-                               backward_kernel);
-  return dlogits;
-}
-
-void token_logprobs_backward_inplace_cpu(const at::Tensor& grad_logprobs,
-                                         const std::optional<at::Tensor>& grad_entropy,
-                                         at::Tensor& logits, const at::Tensor& targets,
-                                         const at::Tensor& lse, const at::Tensor& entropy,
-                                         double temperature, int64_t ignore_index) {
-  constexpr const char* op = "token_logprobs_backward_inplace";
-  check_rows_writable(op, logits);
-  token_logprobs_backward_impl(op, grad_logprobs, grad_entropy, logits, targets, lse, entropy,
-                               temperature, ignore_index, logits, backward_kernel);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lambdapo, CPU, m) {
-  m.impl("token_logprobs_forward", &token_logprobs_forward_cpu);
-  m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
-  m.impl("token_logprobs_backward_inplace", &token_logprobs_backward_inplace_cpu);
+  m.impl("token_logprobs_forward", &token_logprobs_forward_op<forward_kernel>);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_op<backward_kernel>);
+  m.impl("token_logprobs_backward_inplace", &token_logprobs_backward_inplace_op<backward_kernel>);
 }
 
 }  // namespace lambdapo

@@ -82,8 +82,7 @@ __device__ __forceinline__ void fold(OnlineState<acc_t>& st, const acc_t (&x)[N]
 }
 
 template <typename acc_t>
-__device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
-  __shared__ acc_t shared[3][kThreads / 32];
+__device__ __forceinline__ OnlineState<acc_t> warp_merge(OnlineState<acc_t> st) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     OnlineState<acc_t> other{__shfl_down_sync(0xffffffffu, st.m, offset),
@@ -91,6 +90,13 @@ __device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
                              __shfl_down_sync(0xffffffffu, st.t, offset)};
     st = merge(st, other);
   }
+  return st;  // valid in lane 0
+}
+
+template <typename acc_t>
+__device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
+  __shared__ acc_t shared[3][kThreads / 32];
+  st = warp_merge(st);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     shared[0][warp] = st.m;
@@ -102,13 +108,7 @@ __device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
     constexpr int kWarps = kThreads / 32;
     st = lane < kWarps ? OnlineState<acc_t>{shared[0][lane], shared[1][lane], shared[2][lane]}
                        : OnlineState<acc_t>{-INFINITY, acc_t(0), acc_t(0)};
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      OnlineState<acc_t> other{__shfl_down_sync(0xffffffffu, st.m, offset),
-                               __shfl_down_sync(0xffffffffu, st.s, offset),
-                               __shfl_down_sync(0xffffffffu, st.t, offset)};
-      st = merge(st, other);
-    }
+    st = warp_merge(st);
   }
   return st;  // valid in thread 0
 }
@@ -271,42 +271,12 @@ void backward_kernel(const TokenLogprobsRows& rows, const at::Tensor& grad_logpr
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(
-    const at::Tensor& logits, const at::Tensor& targets, double temperature,
-    int64_t ignore_index, bool return_entropy, bool /*inplace_backward*/) {
-  return token_logprobs_forward_impl(logits, targets, temperature, ignore_index, return_entropy,
-                                     forward_kernel);
-}
-
-at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs,
-                                        const std::optional<at::Tensor>& grad_entropy,
-                                        const at::Tensor& logits, const at::Tensor& targets,
-                                        const at::Tensor& lse, const at::Tensor& entropy,
-                                        double temperature, int64_t ignore_index) {
-  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
-  token_logprobs_backward_impl("token_logprobs_backward", grad_logprobs, grad_entropy, logits,
-                               targets, lse, entropy, temperature, ignore_index, dlogits,
-                               backward_kernel);
-  return dlogits;
-}
-
-void token_logprobs_backward_inplace_cuda(const at::Tensor& grad_logprobs,
-                                          const std::optional<at::Tensor>& grad_entropy,
-                                          at::Tensor& logits, const at::Tensor& targets,
-                                          const at::Tensor& lse, const at::Tensor& entropy,
-                                          double temperature, int64_t ignore_index) {
-  constexpr const char* op = "token_logprobs_backward_inplace";
-  check_rows_writable(op, logits);
-  token_logprobs_backward_impl(op, grad_logprobs, grad_entropy, logits, targets, lse, entropy,
-                               temperature, ignore_index, logits, backward_kernel);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lambdapo, CUDA, m) {
-  m.impl("token_logprobs_forward", &token_logprobs_forward_cuda);
-  m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
-  m.impl("token_logprobs_backward_inplace", &token_logprobs_backward_inplace_cuda);
+  m.impl("token_logprobs_forward", &token_logprobs_forward_op<forward_kernel>);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_op<backward_kernel>);
+  m.impl("token_logprobs_backward_inplace", &token_logprobs_backward_inplace_op<backward_kernel>);
 }
 
 }  // namespace lambdapo
