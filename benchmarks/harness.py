@@ -208,9 +208,10 @@ def devices_from_arg(arg: str) -> list[str]:
 
 def main(op: str, description: str, run: Callable[[str, list, int], list[Result]], *,
          cpu_sizes: list, cuda_sizes: list, quick_sizes: list,
-         baseline: str = "torch_eager") -> None:
+         baseline: str | dict[str, str] = "torch_eager") -> None:
     """The command line every bench_<op>.py shares: --device, --quick, --repeats, --no-save;
-    runs ``run(device, sizes, repeats)``, prints the table and appends the rows."""
+    runs ``run(device, sizes, repeats)``, prints the table (ratios against ``baseline``, or
+    ``baseline[device]``) and appends the rows."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--quick", action="store_true", help="small sizes only")
@@ -221,6 +222,7 @@ def main(op: str, description: str, run: Callable[[str, list, int], list[Result]
         env = environment(device)
         sizes = quick_sizes if args.quick else (cuda_sizes if device == "cuda" else cpu_sizes)
         results = run(device, sizes, args.repeats)
-        print_table(results, baseline=baseline, env=env)
+        base = baseline[device] if isinstance(baseline, dict) else baseline
+        print_table(results, baseline=base, env=env)
         if not args.no_save:
             print(f"appended to {append_results(op, results, env)}")

@@ -29,4 +29,14 @@ TORCH_LIBRARY(lambdapo, m) {
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, "
       "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, "
       "float temperature, int ignore_index, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // Semantic density: candidate i is cand_values[cand_starts[i] : + cand_lengths[i]],
+  // compared with reference ref_index[i] (same layout). ngram_overlap returns
+  // (clipped matches, candidate n-gram counts, reference n-gram counts), each [B, max_n].
+  m.def(
+      "ngram_overlap(Tensor cand_values, Tensor cand_starts, Tensor cand_lengths, "
+      "Tensor ref_values, Tensor ref_starts, Tensor ref_lengths, Tensor ref_index, "
+      "int max_n) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lcs_length(Tensor cand_values, Tensor cand_starts, Tensor cand_lengths, "
+      "Tensor ref_values, Tensor ref_starts, Tensor ref_lengths, Tensor ref_index) -> Tensor");
 }

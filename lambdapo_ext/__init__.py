@@ -10,13 +10,27 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lambdapo_ext._loader import build_info, library_error
-from lambdapo_ext.ops import lambda_advantages, linear_token_logprobs, token_logprobs
+from lambdapo_ext.ops import (
+    lambda_advantages,
+    lcs_length,
+    linear_token_logprobs,
+    ngram_overlap,
+    rouge_l,
+    rouge_n,
+    semantic_density,
+    token_logprobs,
+)
 
 __all__ = [
     "__version__",
     "build_info",
     "lambda_advantages",
+    "lcs_length",
     "library_error",
     "linear_token_logprobs",
+    "ngram_overlap",
+    "rouge_l",
+    "rouge_n",
+    "semantic_density",
     "token_logprobs",
 ]

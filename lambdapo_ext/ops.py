@@ -167,6 +167,159 @@ def linear_token_logprobs(
     return (logprobs, entropy) if return_entropy else logprobs
 
 
+SEMANTIC_METRICS = ("rouge_n", "rouge_l")
+
+
+def _as_sequences(seqs, name: str, device: torch.device | None = None):
+    """(values, starts, lengths) int64 of one of the accepted forms; errors name ``name``."""
+    if isinstance(seqs, (list, tuple)) and not (
+            len(seqs) == 2 and all(isinstance(t, Tensor) for t in seqs)):
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        values = torch.tensor([int(t) for s in seqs for t in s], dtype=torch.int64)
+        starts = torch.cumsum(lengths, 0) - lengths
+        if device is not None:
+            values, starts, lengths = values.to(device), starts.to(device), lengths.to(device)
+        return values, starts, lengths
+    if not (isinstance(seqs, tuple) and len(seqs) == 2):
+        raise TypeError(f"{name} must be (values, offsets), (ids, lengths) or a list of lists "
+                        f"of token ids, got {type(seqs).__name__}")
+    ids, index = seqs
+    for label, t in ((f"{name} ids", ids), (f"{name} offsets/lengths", index)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{label} must be an integer tensor, got {t.dtype}")
+    if ids.dim() == 1:  # packed: values [T], offsets [B+1]
+        offsets = index.to(torch.int64)
+        if offsets.dim() != 1 or offsets.numel() < 1:
+            raise ValueError(f"{name} offsets must be 1-D [B+1], got shape {tuple(offsets.shape)}")
+        if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"{name} offsets must be non-decreasing")
+        if bool(offsets[0] < 0) or int(offsets[-1]) > ids.numel():
+            raise ValueError(f"{name} offsets must lie in [0, {ids.numel()}] (the number of "
+                             f"values)")
+        return ids.to(torch.int64), offsets[:-1].contiguous(), (offsets[1:] - offsets[:-1])
+    if ids.dim() == 2:  # padded: ids [B, L], lengths [B]
+        lengths = index.to(torch.int64)
+        if lengths.shape != ids.shape[:1]:
+            raise ValueError(f"{name} lengths must have shape [{ids.shape[0]}], got "
+                             f"{tuple(lengths.shape)}")
+        if lengths.numel() and (bool((lengths < 0).any()) or int(lengths.max()) > ids.shape[1]):
+            raise ValueError(f"{name} lengths must lie in [0, {ids.shape[1]}] (the padded "
+                             f"length)")
+        width = ids.shape[1]
+        starts = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64) * width
+        return ids.to(torch.int64).contiguous().view(-1), starts, lengths
+    raise ValueError(f"{name} ids must be 1-D (packed) or 2-D (padded), got shape "
+                     f"{tuple(ids.shape)}")
+
+
+def _overlap_inputs(cand, ref, ref_index):
+    cand_seq = _as_sequences(cand, "cand")
+    device = cand_seq[0].device
+    ref_seq = _as_sequences(ref, "ref", device)
+    batch, num_refs = cand_seq[1].numel(), ref_seq[1].numel()
+    if ref_index is None:
+        if num_refs != batch:
+            raise ValueError(f"ref_index is needed when the number of references ({num_refs}) "
+                             f"differs from the number of candidates ({batch})")
+        ref_index = torch.arange(batch, device=device)
+    elif not isinstance(ref_index, Tensor):
+        ref_index = torch.as_tensor(ref_index, device=device)
+    if ref_index.is_floating_point():
+        raise TypeError(f"ref_index must be an integer tensor, got {ref_index.dtype}")
+    return (*cand_seq, *ref_seq, ref_index.to(torch.int64))
+
+
+def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None):
+    """Clipped n-gram matches between candidates and their references, n = 1..max_n.
+
+    ``matches[b, n-1] = sum over n-grams g of min(count_cand(g), count_ref(g))``, exactly as
+    Google's ``rouge-score`` counts them on the same tokens.
+
+    Args:
+        cand: candidate token ids: ``(values [T], offsets [B+1])`` packed,
+            ``(ids [B, L], lengths [B])`` padded, or a list of lists. Ids must be >= 0.
+        ref: reference token ids in any of the same forms (R sequences).
+        max_n: largest n-gram order (>= 1).
+        ref_index: ``[B]`` reference row of each candidate (G candidates may share one
+            reference without copying it); default: candidate b uses reference b.
+
+    Returns:
+        ``(matches, cand_counts, ref_counts)``, int64 ``[B, max_n]``: clipped matches, number
+        of n-grams in the candidate, number in its reference.
+
+    Raises:
+        ValueError / TypeError / RuntimeError naming the argument for malformed inputs
+        (offsets not non-decreasing or past the end, lengths > L, ref_index out of range,
+        negative ids, float tensors).
+    """
+    require_library()
+    return torch.ops.lambdapo.ngram_overlap.default(*_overlap_inputs(cand, ref, ref_index),
+                                                    int(max_n))
+
+
+def lcs_length(cand, ref, *, ref_index: Tensor | None = None) -> Tensor:
+    """Length of the longest common subsequence of each candidate and its reference
+    (bit-parallel, 64 reference positions per machine word). Inputs as in
+    :func:`ngram_overlap`. Returns int64 ``[B]``."""
+    require_library()
+    return torch.ops.lambdapo.lcs_length.default(*_overlap_inputs(cand, ref, ref_index))
+
+
+def _f_measure(p: Tensor, r: Tensor, beta: float) -> Tensor:
+    # Same operation order as rouge-score's 2 * p * r / (p + r) when beta = 1.
+    b2 = beta * beta
+    denom = b2 * p + r
+    return torch.where(denom > 0, (1 + b2) * p * r / torch.where(denom > 0, denom, 1), 0.0)
+
+
+def rouge_n(cand, ref, *, max_n: int = 2, beta: float = 1.0,
+            ref_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ROUGE-1..max_n precision, recall and F-measure, float32 ``[B, max_n]`` each.
+
+    ``P = m / max(#cand n-grams, 1)``, ``R = m / max(#ref n-grams, 1)``,
+    ``F = (1 + beta^2) P R / (beta^2 P + R)`` (0 when P = R = 0): rouge-score's definitions
+    (its F is beta = 1), computed in float64 then rounded once. Inputs as in
+    :func:`ngram_overlap`."""
+    if not beta > 0:
+        raise ValueError(f"rouge_n: beta must be > 0, got {beta}")
+    matches, cand_counts, ref_counts = ngram_overlap(cand, ref, max_n=max_n, ref_index=ref_index)
+    m = matches.double()
+    p = m / cand_counts.clamp_min(1).double()
+    r = m / ref_counts.clamp_min(1).double()
+    return p.float(), r.float(), _f_measure(p, r, beta).float()
+
+
+def rouge_l(cand, ref, *, beta: float = 1.0,
+            ref_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ROUGE-L precision ``LCS/|cand|``, recall ``LCS/|ref|`` and F-measure, float32 ``[B]``
+    each; all 0 when either sequence is empty (as rouge-score). Inputs as in
+    :func:`ngram_overlap`."""
+    if not beta > 0:
+        raise ValueError(f"rouge_l: beta must be > 0, got {beta}")
+    require_library()
+    args = _overlap_inputs(cand, ref, ref_index)
+    lcs = torch.ops.lambdapo.lcs_length.default(*args).double()
+    cand_len = args[2].double()
+    ref_len = args[5].index_select(0, args[6]).double()
+    p = torch.where(cand_len > 0, lcs / cand_len.clamp_min(1), 0.0)
+    r = torch.where(ref_len > 0, lcs / ref_len.clamp_min(1), 0.0)
+    return p.float(), r.float(), _f_measure(p, r, beta).float()
+
+
+def semantic_density(cand, ref, *, metric: str = "rouge_n", max_n: int = 2, beta: float = 1.0,
+                     ref_index: Tensor | None = None) -> Tensor:
+    """The semantic-density reward of DESIGN.md section 2, float32 ``[B]`` in [0, 1]: the
+    mean over n = 1..max_n of the ROUGE-n F-measure (``metric="rouge_n"``) or the ROUGE-L
+    F-measure (``metric="rouge_l"``) between each candidate and its reference. Inputs as in
+    :func:`ngram_overlap`."""
+    if metric == "rouge_n":
+        return rouge_n(cand, ref, max_n=max_n, beta=beta, ref_index=ref_index)[2].mean(-1)
+    if metric == "rouge_l":
+        return rouge_l(cand, ref, beta=beta, ref_index=ref_index)[2]
+    raise ValueError(f"semantic_density: metric must be one of {SEMANTIC_METRICS}, got "
+                     f"{metric!r}")
+
+
 def _result_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -270,3 +423,14 @@ if _LOAD_ERROR is None:
 
     torch.library.register_autograd("lambdapo::linear_token_logprobs_forward", _linear_backward,
                                     setup_context=_linear_setup_context)
+
+    @torch.library.register_fake("lambdapo::ngram_overlap")
+    def _ngram_overlap_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
+                            ref_lengths, ref_index, max_n):
+        shape = (cand_starts.shape[0], max_n)
+        return tuple(cand_values.new_empty(shape, dtype=torch.int64) for _ in range(3))
+
+    @torch.library.register_fake("lambdapo::lcs_length")
+    def _lcs_length_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
+                         ref_lengths, ref_index):
+        return cand_values.new_empty(cand_starts.shape, dtype=torch.int64)

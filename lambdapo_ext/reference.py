@@ -122,3 +122,74 @@ def linear_token_logprobs(
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=return_entropy)
+
+
+def _padded(seqs, name: str, device=None) -> tuple[Tensor, Tensor]:
+    """Any accepted token-sequence form as padded ids [B, L] (pad -1) and lengths [B]."""
+    from lambdapo_ext.ops import _as_sequences  # pure Python input handling, no kernels
+
+    values, starts, lengths = _as_sequences(seqs, name, device)
+    width = int(lengths.max()) if lengths.numel() else 0
+    pos = torch.arange(width, device=values.device)
+    inside = pos[None, :] < lengths[:, None]
+    index = (starts[:, None] + pos[None, :]).clamp(max=max(values.numel() - 1, 0))
+    ids = values[index] if values.numel() else torch.zeros_like(index)
+    return torch.where(inside, ids, -1), lengths
+
+
+def _gather_refs(cand, ref, ref_index):
+    cand_ids, cand_len = _padded(cand, "cand")
+    ref_ids, ref_len = _padded(ref, "ref", cand_ids.device)
+    if ref_index is None:
+        ref_index = torch.arange(cand_ids.shape[0], device=cand_ids.device)
+    return cand_ids, cand_len, ref_ids[ref_index], ref_len[ref_index]
+
+
+def _ngram_rows(ids: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The valid n-grams of each row ([K, n]) and the row each belongs to ([K])."""
+    if ids.shape[1] < n:
+        return ids.new_zeros((0, n)), ids.new_zeros((0,))
+    grams = ids.unfold(1, n, 1)                                   # [B, L-n+1, n]
+    valid = torch.arange(grams.shape[1], device=ids.device)[None, :] < (lengths[:, None] - n + 1)
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(valid)
+    return grams[valid], rows[valid]
+
+
+def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None):
+    """Reference of :func:`lambdapo_ext.ngram_overlap`, TensorBLEU-style: the batch's n-grams
+    are numbered with ``torch.unique(dim=0)``, counted per (row, n-gram) with a second
+    ``torch.unique``, and clipped counts matched by binary search."""
+    cand_ids, cand_len, ref_ids, ref_len = _gather_refs(cand, ref, ref_index)
+    batch = cand_ids.shape[0]
+    matches = torch.zeros((batch, max_n), dtype=torch.int64, device=cand_ids.device)
+    for n in range(1, max_n + 1):
+        c_grams, c_rows = _ngram_rows(cand_ids, cand_len, n)
+        r_grams, r_rows = _ngram_rows(ref_ids, ref_len, n)
+        if c_grams.shape[0] == 0 or r_grams.shape[0] == 0:
+            continue
+        _, ids = torch.unique(torch.cat([c_grams, r_grams]), dim=0, return_inverse=True)
+        num = int(ids.max()) + 1
+        c_keys, c_counts = torch.unique(c_rows * num + ids[: len(c_rows)], return_counts=True)
+        r_keys, r_counts = torch.unique(r_rows * num + ids[len(c_rows):], return_counts=True)
+        at = torch.searchsorted(r_keys, c_keys).clamp(max=len(r_keys) - 1)
+        found = r_keys[at] == c_keys
+        clipped = torch.where(found, torch.minimum(c_counts, r_counts[at]), 0)
+        matches[:, n - 1].index_add_(0, c_keys // num, clipped)
+    counts = lambda lengths: (lengths[:, None] - torch.arange(max_n, device=lengths.device)  # noqa: E731
+                              ).clamp(min=0)
+    return matches, counts(cand_len), counts(ref_len)
+
+
+def lcs_length(cand, ref, *, ref_index: Tensor | None = None) -> Tensor:
+    """Reference of :func:`lambdapo_ext.lcs_length`: the O(|c| |t|) dynamic programme, one
+    candidate position at a time over the whole batch (row update = cummax)."""
+    cand_ids, cand_len, ref_ids, ref_len = _gather_refs(cand, ref, ref_index)
+    batch, width = ref_ids.shape
+    prev = torch.zeros((batch, width + 1), dtype=torch.int64, device=cand_ids.device)
+    zero = prev[:, :1]
+    for i in range(cand_ids.shape[1]):
+        match = (ref_ids == cand_ids[:, i:i + 1]) & (ref_ids >= 0)
+        step = torch.where(match, prev[:, :-1] + 1, prev[:, 1:])
+        row = torch.cat([zero, torch.cummax(step, dim=1).values], dim=1)
+        prev = torch.where((i < cand_len)[:, None], row, prev)
+    return prev.gather(1, ref_len[:, None]).squeeze(1)

@@ -1,0 +1,89 @@
+// CPU kernel of lcs_length: bit-parallel LCS (Hyyro 2004), 64 reference positions per
+// word with the carry passed between words; the reference's match masks are built once
+// (reference_masks) and shared by every candidate mapped to it.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "sequence_overlap.h"
+
+namespace lambdapo {
+namespace {
+
+// LCS length of cand[0:n] against a reference of m tokens given its distinct tokens
+// (sorted) and their masks of `words` words each.
+int64_t lcs_bit_parallel(const int64_t* cand, int64_t n, int64_t m, const int64_t* tokens,
+                         int64_t num_tokens, const uint64_t* masks, int64_t words,
+                         std::vector<uint64_t>& v) {
+  if (n == 0 || m == 0) return 0;
+  v.assign(words, ~uint64_t{0});
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* hit = std::lower_bound(tokens, tokens + num_tokens, cand[i]);
+    if (hit == tokens + num_tokens || *hit != cand[i]) continue;  // no match: V unchanged
+    const uint64_t* match = masks + (hit - tokens) * words;
+    uint64_t carry = 0;
+    for (int64_t w = 0; w < words; ++w) {
+      // V = (V + U) | (V - U) with U = V & M; U is a subset of V, so V - U = V & ~U.
+      const uint64_t vw = v[w], u = vw & match[w];
+      const uint64_t sum = vw + u;
+      const uint64_t with_carry = sum + carry;
+      carry = (sum < vw) | (with_carry < sum);
+      v[w] = with_carry | (vw & ~u);
+    }
+  }
+  int64_t ones = 0;  // the LCS is the number of zero bits among the m reference positions
+  for (int64_t w = 0; w < words; ++w) {
+    const int64_t valid = std::min<int64_t>(64, m - 64 * w);
+    const uint64_t keep = valid == 64 ? ~uint64_t{0} : ((uint64_t{1} << valid) - 1);
+    ones += __builtin_popcountll(v[w] & keep);
+  }
+  return m - ones;
+}
+
+at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_starts,
+                          const at::Tensor& cand_lengths, const at::Tensor& ref_values,
+                          const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
+                          const at::Tensor& ref_index) {
+  const Sequences cand{cand_values.contiguous(), cand_starts.contiguous(),
+                       cand_lengths.contiguous()};
+  const Sequences ref{ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()};
+  check_overlap_args("lcs_length", cand, ref, ref_index);
+  const at::Tensor ref_of = ref_index.contiguous();
+  const ReferenceMasks rm = reference_masks(ref);
+  at::Tensor out = at::zeros({cand.starts.numel()}, cand.values.options());
+  const auto plan = candidates_by_reference(ref_of);
+  const int64_t* cv = cand.values.data_ptr<int64_t>();
+  const int64_t* cs = cand.starts.data_ptr<int64_t>();
+  const int64_t* cl = cand.lengths.data_ptr<int64_t>();
+  const int64_t* rl = ref.lengths.data_ptr<int64_t>();
+  const int64_t* tokens = rm.tokens.data_ptr<int64_t>();
+  const int64_t* token_offsets = rm.token_offsets.data_ptr<int64_t>();
+  const int64_t* words = rm.words_per_ref.data_ptr<int64_t>();
+  const int64_t* mask_offsets = rm.mask_offsets.data_ptr<int64_t>();
+  const auto* masks = reinterpret_cast<const uint64_t*>(rm.masks.data_ptr<int64_t>());
+  int64_t* result = out.data_ptr<int64_t>();
+  at::parallel_for(0, static_cast<int64_t>(plan.tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint64_t> v;
+    for (int64_t t = t0; t < t1; ++t) {
+      const CandidateTask& task = plan.tasks[t];
+      const int64_t r = task.ref;
+      for (int64_t k = task.begin; k < task.end; ++k) {
+        const int64_t b = plan.order[k];
+        result[b] = lcs_bit_parallel(cv + cs[b], cl[b], rl[r], tokens + token_offsets[r],
+                                     token_offsets[r + 1] - token_offsets[r],
+                                     masks + mask_offsets[r], words[r], v);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lambdapo, CPU, m) {
+  m.impl("lcs_length", &lcs_length_cpu);
+}
+
+}  // namespace lambdapo

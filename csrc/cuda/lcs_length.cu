@@ -1,0 +1,105 @@
+// CUDA kernel of lcs_length: one thread per candidate runs the bit-parallel LCS (Hyyro
+// 2004) over its reference's match masks, built once per reference (reference_masks) and
+// shared by all its candidates; the state V lives in a per-candidate global scratch row.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "sequence_overlap.h"
+
+namespace lambdapo {
+namespace {
+
+constexpr int kThreads = 128;
+
+__global__ void __launch_bounds__(kThreads)
+lcs_length_kernel(const int64_t* __restrict__ cand_values, const int64_t* __restrict__ cand_starts,
+                  const int64_t* __restrict__ cand_lengths, const int64_t* __restrict__ ref_lengths,
+                  const int64_t* __restrict__ ref_index, const int64_t* __restrict__ tokens,
+                  const int64_t* __restrict__ token_offsets,
+                  const int64_t* __restrict__ words_per_ref,
+                  const int64_t* __restrict__ mask_offsets, const uint64_t* __restrict__ masks,
+                  uint64_t* __restrict__ scratch, int64_t scratch_words, int64_t batch,
+                  int64_t* __restrict__ out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (b >= batch) return;
+  const int64_t r = ref_index[b];
+  const int64_t m = ref_lengths[r], n = cand_lengths[b];
+  if (n == 0 || m == 0) {
+    out[b] = 0;
+    return;
+  }
+  const int64_t words = words_per_ref[r];
+  const int64_t* ref_tokens = tokens + token_offsets[r];
+  const int64_t num_tokens = token_offsets[r + 1] - token_offsets[r];
+  const uint64_t* ref_masks = masks + mask_offsets[r];
+  const int64_t* cand = cand_values + cand_starts[b];
+  uint64_t* v = scratch + b * scratch_words;
+  for (int64_t w = 0; w < words; ++w) v[w] = ~0ull;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t x = cand[i];
+    int64_t lo = 0, hi = num_tokens;  // lower bound of x among the sorted distinct tokens
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (ref_tokens[mid] < x) lo = mid + 1; else hi = mid;
+    }
+    if (lo == num_tokens || ref_tokens[lo] != x) continue;
+    const uint64_t* match = ref_masks + lo * words;
+    uint64_t carry = 0;
+    for (int64_t w = 0; w < words; ++w) {
+      const uint64_t vw = v[w], u = vw & match[w];
+      const uint64_t sum = vw + u;
+      const uint64_t with_carry = sum + carry;
+      carry = (sum < vw) | (with_carry < sum);
+      v[w] = with_carry | (vw & ~u);
+    }
+  }
+  int64_t ones = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    const int64_t valid = m - 64 * w < 64 ? m - 64 * w : 64;
+    const uint64_t keep = valid == 64 ? ~0ull : ((1ull << valid) - 1);
+    ones += __popcll(v[w] & keep);
+  }
+  out[b] = m - ones;
+}
+
+at::Tensor lcs_length_cuda(const at::Tensor& cand_values, const at::Tensor& cand_starts,
+                           const at::Tensor& cand_lengths, const at::Tensor& ref_values,
+                           const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
+                           const at::Tensor& ref_index) {
+  const Sequences cand{cand_values.contiguous(), cand_starts.contiguous(),
+                       cand_lengths.contiguous()};
+  const Sequences ref{ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()};
+  check_overlap_args("lcs_length", cand, ref, ref_index);
+  const c10::cuda::CUDAGuard device_guard(cand.values.device());
+  const at::Tensor ref_of = ref_index.contiguous();
+  const int64_t batch = cand.starts.numel();
+  at::Tensor out = at::zeros({batch}, cand.values.options());
+  if (batch == 0) return out;
+  const ReferenceMasks rm = reference_masks(ref);
+  const int64_t scratch_words =
+      std::max<int64_t>(1, rm.words_per_ref.index_select(0, ref_of).max().item<int64_t>());
+  at::Tensor scratch = at::empty({batch, scratch_words}, cand.values.options());
+  const int64_t blocks = (batch + kThreads - 1) / kThreads;
+  lcs_length_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
+                      c10::cuda::getCurrentCUDAStream()>>>(
+      cand.values.data_ptr<int64_t>(), cand.starts.data_ptr<int64_t>(),
+      cand.lengths.data_ptr<int64_t>(), ref.lengths.data_ptr<int64_t>(),
+      ref_of.data_ptr<int64_t>(), rm.tokens.data_ptr<int64_t>(),
+      rm.token_offsets.data_ptr<int64_t>(), rm.words_per_ref.data_ptr<int64_t>(),
+      rm.mask_offsets.data_ptr<int64_t>(),
+      reinterpret_cast<const uint64_t*>(rm.masks.data_ptr<int64_t>()),
+      reinterpret_cast<uint64_t*>(scratch.data_ptr<int64_t>()), scratch_words, batch,
+      out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lambdapo, CUDA, m) {
+  m.impl("lcs_length", &lcs_length_cuda);
+}
+
+}  // namespace lambdapo

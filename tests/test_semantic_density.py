@@ -1,0 +1,226 @@
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rouge_score import rouge_scorer
+
+from lambdapo_ext import (lcs_length, ngram_overlap, reference, rouge_l, rouge_n,
+                          semantic_density)
+from tests.conftest import skip_without_cuda
+
+
+class WhitespaceTokenizer:
+    """rouge-score on token ids: ids joined by spaces, split back unchanged."""
+
+    def tokenize(self, text):
+        return text.split()
+
+
+SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rouge3", "rouge4", "rougeL"],
+                                  tokenizer=WhitespaceTokenizer())
+NGRAM_SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rouge3", "rouge4"],
+                                        tokenizer=WhitespaceTokenizer())
+
+
+def rouge_score_reference(cands, refs, scorer=SCORER):
+    """{"rouge1": [(p, r, f), ...], ...} from Google's rouge-score, as float32."""
+    out = {}
+    for cand, ref in zip(cands, refs):
+        scores = scorer.score(" ".join(map(str, ref)), " ".join(map(str, cand)))
+        for key, s in scores.items():
+            triple = torch.tensor([s.precision, s.recall, s.fmeasure], dtype=torch.float64)
+            out.setdefault(key, []).append(triple.float())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def random_pairs(count, *, vocab, max_len, seed, long_every=0, long_len=0):
+    rng = random.Random(seed)
+    cands, refs = [], []
+    for i in range(count):
+        length = long_len if long_every and i % long_every == 0 else max_len
+        cands.append([rng.randrange(vocab) for _ in range(rng.randrange(0, length + 1))])
+        refs.append([rng.randrange(vocab) for _ in range(rng.randrange(0, length + 1))])
+    return cands, refs
+
+
+def assert_rouge_n_exact(cands, refs, expected, max_n=4):
+    p, r, f = rouge_n(cands, refs, max_n=max_n)
+    for n in range(max_n):
+        got = torch.stack([p[:, n], r[:, n], f[:, n]], dim=1)
+        assert torch.equal(got, expected[f"rouge{n + 1}"]), f"ROUGE-{n + 1} differs"
+
+
+def test_rouge_n_equals_rouge_score_on_thousands_of_pairs():
+    cands, refs = random_pairs(2000, vocab=12, max_len=300, seed=0, long_every=250,
+                               long_len=4000)
+    assert_rouge_n_exact(cands, refs, rouge_score_reference(cands, refs, NGRAM_SCORER))
+
+
+def test_rouge_l_equals_rouge_score():
+    cands, refs = random_pairs(300, vocab=10, max_len=150, seed=1)
+    expected = rouge_score_reference(cands, refs)["rougeL"]
+    p, r, f = rouge_l(cands, refs)
+    assert torch.equal(torch.stack([p, r, f], dim=1), expected)
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 127, 128, 129, 3000])
+def test_lcs_across_word_boundaries_equals_the_dynamic_programme(length):
+    cands, refs = random_pairs(6, vocab=5, max_len=length, seed=length)
+    refs[0] = [1] * length                      # long runs: carries across every word
+    cands[0] = [1] * (length // 2) + [2] * (length // 2)
+    assert torch.equal(lcs_length(cands, refs), reference.lcs_length(cands, refs))
+
+
+def test_ngram_overlap_equals_torch_unique_reference():
+    cands, refs = random_pairs(300, vocab=20, max_len=200, seed=2)
+    ours = ngram_overlap(cands, refs, max_n=5)
+    ref = reference.ngram_overlap(cands, refs, max_n=5)
+    for a, b in zip(ours, ref):
+        assert a.dtype == torch.int64 and torch.equal(a, b)
+
+
+def test_edge_cases_match_rouge_score():
+    cands = [[], [1, 2], [], [5], [1, 1, 1, 1], [1, 2, 1, 2, 1], [7, 8, 9], [3, 3]]
+    refs = [[], [], [1, 2], [5], [1, 1], [2, 1, 2], [7, 8, 9], [4, 4, 4]]
+    expected = rouge_score_reference(cands, refs)
+    assert_rouge_n_exact(cands, refs, expected)
+    p, r, f = rouge_l(cands, refs)
+    assert torch.equal(torch.stack([p, r, f], dim=1), expected["rougeL"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=30),
+                          st.lists(st.integers(0, 5), max_size=30)), min_size=1, max_size=6))
+def test_hypothesis_against_rouge_score(pairs):
+    cands = [c for c, _ in pairs]
+    refs = [r for _, r in pairs]
+    expected = rouge_score_reference(cands, refs)
+    assert_rouge_n_exact(cands, refs, expected)
+    p, r, f = rouge_l(cands, refs)
+    assert torch.equal(torch.stack([p, r, f], dim=1), expected["rougeL"])
+
+
+def packed(seqs, dtype=torch.int64):
+    lengths = torch.tensor([len(s) for s in seqs])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return torch.tensor([t for s in seqs for t in s], dtype=dtype), offsets
+
+
+def padded(seqs, pad=0):
+    width = max([len(s) for s in seqs] + [1])
+    ids = torch.full((len(seqs), width), pad, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
+    return ids, torch.tensor([len(s) for s in seqs])
+
+
+def test_every_input_form_gives_the_same_result():
+    cands, refs = random_pairs(40, vocab=9, max_len=50, seed=3)
+    expected = ngram_overlap(cands, refs, max_n=3)
+    expected_lcs = lcs_length(cands, refs)
+    for c in (packed(cands), packed(cands, torch.int32), padded(cands)):
+        for r in (packed(refs), padded(refs, pad=-100), refs):
+            got = ngram_overlap(c, r, max_n=3)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+            assert torch.equal(lcs_length(c, r), expected_lcs)
+
+
+def test_one_to_many_groups_share_a_reference():
+    rng = random.Random(4)
+    refs = [[rng.randrange(7) for _ in range(rng.randrange(1, 90))] for _ in range(5)]
+    group = 16
+    cands = [[rng.randrange(7) for _ in range(rng.randrange(0, 90))] for _ in range(5 * group)]
+    ref_index = torch.arange(5).repeat_interleave(group)
+    copied = [refs[i] for i in ref_index.tolist()]
+    for fn in (lambda **kw: rouge_n(max_n=3, **kw), rouge_l):
+        shared = fn(cand=cands, ref=refs, ref_index=ref_index)
+        assert all(torch.equal(a, b) for a, b in zip(shared, fn(cand=cands, ref=copied)))
+    # Shuffled mapping too.
+    perm = torch.randperm(5 * group, generator=torch.Generator().manual_seed(0))
+    shuffled = lcs_length([cands[i] for i in perm.tolist()], refs, ref_index=ref_index[perm])
+    assert torch.equal(shuffled, lcs_length(cands, copied)[perm])
+
+
+def test_semantic_density_definition():
+    cands, refs = random_pairs(50, vocab=8, max_len=40, seed=5)
+    sd = semantic_density(cands, refs)                         # mean of F1, F2
+    assert sd.dtype == torch.float32 and sd.shape == (50,)
+    torch.testing.assert_close(sd, rouge_n(cands, refs, max_n=2)[2].mean(-1))
+    assert torch.equal(semantic_density(cands, refs, metric="rouge_l"), rouge_l(cands, refs)[2])
+    assert ((sd >= 0) & (sd <= 1)).all()
+    same = semantic_density([[1, 2, 3, 4]], [[1, 2, 3, 4]], max_n=4)
+    disjoint = semantic_density([[1, 2, 3]], [[4, 5, 6]], metric="rouge_l")
+    assert same.item() == 1.0 and disjoint.item() == 0.0
+
+
+def test_beta_weights_recall():
+    p, r, f = rouge_n([[1, 2, 3, 4]], [[1, 2]], max_n=1, beta=2.0)
+    assert p.item() == pytest.approx(0.5) and r.item() == 1.0
+    assert f.item() == pytest.approx(5 * 0.5 * 1.0 / (4 * 0.5 + 1.0))
+
+
+def _op_args():
+    cand_values, cand_offsets = packed([[1, 2, 3, 2], [], [4, 4]])
+    ref_values, ref_offsets = packed([[2, 3, 4], [1]])
+    return (cand_values, cand_offsets[:-1], cand_offsets[1:] - cand_offsets[:-1], ref_values,
+            ref_offsets[:-1], ref_offsets[1:] - ref_offsets[:-1], torch.tensor([0, 1, 0]))
+
+
+def test_opcheck():
+    args = _op_args()
+    torch.library.opcheck(torch.ops.lambdapo.ngram_overlap.default, (*args, 3))
+    torch.library.opcheck(torch.ops.lambdapo.lcs_length.default, args)
+
+
+BAD_INPUTS = [
+    (lambda: dict(cand=(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1])), ref=[[1], [2]]),
+     ValueError, "cand offsets must be non-decreasing"),
+    (lambda: dict(cand=(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 5])), ref=[[1], [2]]),
+     ValueError, "cand offsets must lie in"),
+    (lambda: dict(cand=[[1], [2]], ref=(torch.tensor([[1, 2], [3, 4]]), torch.tensor([2, 3]))),
+     ValueError, "ref lengths must lie in"),
+    (lambda: dict(cand=[[1], [2]], ref=[[1]], ref_index=torch.tensor([0, 1])), ValueError,
+     "ref_index must lie in"),
+    (lambda: dict(cand=[[1], [2]], ref=[[1]]), ValueError, "ref_index is needed"),
+    (lambda: dict(cand=[[1, -100]], ref=[[1]]), ValueError, "negative token ids"),
+    (lambda: dict(cand=(torch.tensor([1.0, 2.0]), torch.tensor([0, 2])), ref=[[1]]), TypeError,
+     "cand ids must be an integer tensor"),
+    (lambda: dict(cand=[[1]], ref=[[1]], ref_index=torch.tensor([0.0])), TypeError,
+     "ref_index must be an integer"),
+    (lambda: dict(cand="1 2 3", ref=[[1]]), TypeError, "cand must be"),
+]
+
+
+@pytest.mark.parametrize("make,exc,message", BAD_INPUTS)
+def test_bad_inputs_raise_naming_the_argument(make, exc, message):
+    with pytest.raises(exc, match=message):
+        ngram_overlap(**make())
+    with pytest.raises(exc, match=message):
+        lcs_length(**make())
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="max_n must be >= 1"):
+        ngram_overlap([[1]], [[1]], max_n=0)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        semantic_density([[1]], [[1]], metric="bleu")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        rouge_n([[1]], [[1]], beta=0.0)
+    with pytest.raises(ValueError, match="ref_lengths must be >= 0"):
+        torch.ops.lambdapo.lcs_length(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]),
+                                      torch.tensor([1]), torch.tensor([0]), torch.tensor([-1]),
+                                      torch.tensor([0]))
+
+
+@skip_without_cuda("ngram_overlap")
+def test_cuda_matches_cpu_including_8k_token_sequences():
+    cands, refs = random_pairs(64, vocab=50, max_len=400, seed=6, long_every=16, long_len=8192)
+    ref_index = torch.arange(64)
+    for fn in (lambda c, r, i: ngram_overlap(c, r, max_n=4, ref_index=i),
+               lambda c, r, i: (lcs_length(c, r, ref_index=i),)):
+        cpu = fn(packed(cands), packed(refs), ref_index)
+        gpu = fn(tuple(t.cuda() for t in packed(cands)), tuple(t.cuda() for t in packed(refs)),
+                 ref_index.cuda())
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))
