@@ -37,17 +37,29 @@ class NgramTable {
   }
 
   // Clipped matches of the n-grams of cand[0 : len]: sum over n-grams of min(count in
-  // cand, count in ref).
+  // cand, count in ref). Table state is copied to locals so the hot loop keeps it in
+  // registers (stores through Slot* could otherwise alias it).
   int64_t clipped_matches(const int64_t* cand, int64_t len) {
-    int64_t matches = 0;
-    touched_.clear();
-    for (int64_t i = 0; i + n_ <= len; ++i) {
-      Slot* slot = find(cand + i, ngram_hash(cand + i, n_));
-      if (slot == nullptr) continue;
-      if (slot->cand_count == 0) touched_.push_back(slot);
-      if (slot->cand_count++ < slot->ref_count) ++matches;
+    const int64_t n = n_, mask = mask_;
+    const uint32_t generation = generation_;
+    const int64_t* ref = ref_;
+    Slot* slots = slots_.data();
+    if (static_cast<int64_t>(touched_.size()) < len) touched_.resize(len);
+    Slot** touched = touched_.data();
+    int64_t num_touched = 0, matches = 0;
+    for (int64_t i = 0; i + n <= len; ++i) {
+      const int64_t* gram = cand + i;
+      const uint64_t h = ngram_hash(gram, n);
+      for (int64_t k = static_cast<int64_t>(h) & mask;; k = (k + 1) & mask) {
+        Slot& slot = slots[k];
+        if (slot.generation != generation) break;  // not in the reference
+        if (slot.hash != h || !same_ngram(ref + slot.first, gram, n)) continue;
+        if (slot.cand_count == 0) touched[num_touched++] = &slot;
+        matches += slot.cand_count++ < slot.ref_count;
+        break;
+      }
     }
-    for (Slot* slot : touched_) slot->cand_count = 0;
+    for (int64_t t = 0; t < num_touched; ++t) touched[t]->cand_count = 0;
     return matches;
   }
 
@@ -60,14 +72,6 @@ class NgramTable {
     int32_t ref_count = 0, cand_count = 0;
     uint32_t generation = 0;
   };
-
-  Slot* find(const int64_t* gram, uint64_t h) {
-    for (int64_t i = static_cast<int64_t>(h) & mask_;; i = (i + 1) & mask_) {
-      Slot& slot = slots_[i];
-      if (slot.generation != generation_) return nullptr;
-      if (slot.hash == h && same_ngram(ref_ + slot.first, gram, n_)) return &slot;
-    }
-  }
 
   Slot& find_or_insert(const int64_t* gram, uint64_t h, int64_t position) {
     for (int64_t i = static_cast<int64_t>(h) & mask_;; i = (i + 1) & mask_) {

@@ -98,6 +98,32 @@ int main() {
   expect(at::allclose(linear_lp, full_lp, 1e-5, 1e-5) && at::allclose(linear_h, full_h, 1e-5, 1e-5),
          "linear_token_logprobs equals matmul + token_logprobs");
 
+  // Semantic density: "1 2 3 2" vs "2 3 4": 2 clipped unigram matches, 1 bigram, LCS 2.
+  const at::Tensor cand_values = at::tensor({1, 2, 3, 2}, at::kLong);
+  const at::Tensor ref_values = at::tensor({2, 3, 4}, at::kLong);
+  const at::Tensor zero = at::zeros({1}, at::kLong);
+  const at::Tensor ref_index = at::zeros({1}, at::kLong);
+  const auto overlap = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("lambdapo::ngram_overlap", "")
+                           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t)>();
+  const auto [matches, cand_counts, ref_counts] =
+      overlap.call(cand_values, zero, at::full({1}, 4, at::kLong), ref_values, zero,
+                   at::full({1}, 3, at::kLong), ref_index, 2);
+  expect(matches[0][0].item<int64_t>() == 2 && matches[0][1].item<int64_t>() == 1 &&
+             cand_counts[0][1].item<int64_t>() == 3 && ref_counts[0][1].item<int64_t>() == 2,
+         "ngram_overlap clipped counts");
+  const auto lcs = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lambdapo::lcs_length", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&)>();
+  expect(lcs.call(cand_values, zero, at::full({1}, 4, at::kLong), ref_values, zero,
+                  at::full({1}, 3, at::kLong), ref_index)[0].item<int64_t>() == 2,
+         "lcs_length");
+
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }
