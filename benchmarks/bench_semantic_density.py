@@ -26,7 +26,7 @@ import lambdapo_ext  # noqa: E402
 from lambdapo_ext import reference  # noqa: E402
 
 OP = "semantic_density"
-SIZES = [("pairs", 1024, 1024, 1024), ("groups", 64, 16, 1024)]   # layout, refs, cands/ref, tokens
+SIZES = [("pairs", 1024, 1, 1024), ("groups", 64, 16, 1024)]   # layout, refs, cands/ref, tokens
 QUICK_SIZES = [("pairs", 64, 1, 256), ("groups", 8, 8, 256)]
 ROUGE_L_SAMPLE = 16
 VOCAB = 32000
