@@ -134,6 +134,36 @@ C10_HOST_DEVICE inline bool same_ngram(const int64_t* a, const int64_t* b, int64
   return true;
 }
 
+// One step of Hyyro's bit-parallel LCS (2004) over `words` 64-bit words of state v, for a
+// candidate token whose match mask in the reference is `match`:
+// V = (V + U) | (V - U) with U = V & M; U is a subset of V, so V - U = V & ~U, and only the
+// addition carries between words.
+C10_HOST_DEVICE inline void lcs_step(uint64_t* v, const uint64_t* match, int64_t words) {
+  uint64_t carry = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint64_t vw = v[w], u = vw & match[w];
+    const uint64_t sum = vw + u;
+    const uint64_t with_carry = sum + carry;
+    carry = (sum < vw) | (with_carry < sum);
+    v[w] = with_carry | (vw & ~u);
+  }
+}
+
+// The LCS length from the final state: the zero bits among the m reference positions.
+C10_HOST_DEVICE inline int64_t lcs_from_state(const uint64_t* v, int64_t words, int64_t m) {
+  int64_t ones = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    const int64_t valid = m - 64 * w < 64 ? m - 64 * w : 64;
+    const uint64_t keep = valid == 64 ? ~uint64_t{0} : ((uint64_t{1} << valid) - 1);
+#ifdef __CUDA_ARCH__
+    ones += __popcll(v[w] & keep);
+#else
+    ones += __builtin_popcountll(v[w] & keep);
+#endif
+  }
+  return m - ones;
+}
+
 // Match masks of the bit-parallel LCS, built once per reference: for reference r with
 // distinct tokens tokens[token_offsets[r] : token_offsets[r+1]] (sorted), the mask of its
 // k-th distinct token is words_per_ref[r] 64-bit words at

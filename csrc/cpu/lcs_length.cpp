@@ -22,24 +22,9 @@ int64_t lcs_bit_parallel(const int64_t* cand, int64_t n, int64_t m, const int64_
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* hit = std::lower_bound(tokens, tokens + num_tokens, cand[i]);
     if (hit == tokens + num_tokens || *hit != cand[i]) continue;  // no match: V unchanged
-    const uint64_t* match = masks + (hit - tokens) * words;
-    uint64_t carry = 0;
-    for (int64_t w = 0; w < words; ++w) {
-      // V = (V + U) | (V - U) with U = V & M; U is a subset of V, so V - U = V & ~U.
-      const uint64_t vw = v[w], u = vw & match[w];
-      const uint64_t sum = vw + u;
-      const uint64_t with_carry = sum + carry;
-      carry = (sum < vw) | (with_carry < sum);
-      v[w] = with_carry | (vw & ~u);
-    }
+    lcs_step(v.data(), masks + (hit - tokens) * words, words);
   }
-  int64_t ones = 0;  // the LCS is the number of zero bits among the m reference positions
-  for (int64_t w = 0; w < words; ++w) {
-    const int64_t valid = std::min<int64_t>(64, m - 64 * w);
-    const uint64_t keep = valid == 64 ? ~uint64_t{0} : ((uint64_t{1} << valid) - 1);
-    ones += __builtin_popcountll(v[w] & keep);
-  }
-  return m - ones;
+  return lcs_from_state(v.data(), words, m);
 }
 
 at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_starts,

@@ -45,23 +45,9 @@ lcs_length_kernel(const int64_t* __restrict__ cand_values, const int64_t* __rest
       if (ref_tokens[mid] < x) lo = mid + 1; else hi = mid;
     }
     if (lo == num_tokens || ref_tokens[lo] != x) continue;
-    const uint64_t* match = ref_masks + lo * words;
-    uint64_t carry = 0;
-    for (int64_t w = 0; w < words; ++w) {
-      const uint64_t vw = v[w], u = vw & match[w];
-      const uint64_t sum = vw + u;
-      const uint64_t with_carry = sum + carry;
-      carry = (sum < vw) | (with_carry < sum);
-      v[w] = with_carry | (vw & ~u);
-    }
+    lcs_step(v, ref_masks + lo * words, words);
   }
-  int64_t ones = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    const int64_t valid = m - 64 * w < 64 ? m - 64 * w : 64;
-    const uint64_t keep = valid == 64 ? ~0ull : ((1ull << valid) - 1);
-    ones += __popcll(v[w] & keep);
-  }
-  out[b] = m - ones;
+  out[b] = lcs_from_state(v, words, m);
 }
 
 at::Tensor lcs_length_cuda(const at::Tensor& cand_values, const at::Tensor& cand_starts,
