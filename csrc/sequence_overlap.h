@@ -78,6 +78,23 @@ inline void check_overlap_args(const char* op, const Sequences& cand, const Sequ
   }
 }
 
+// The arguments every overlap op takes, made contiguous and checked.
+struct OverlapInputs {
+  Sequences cand, ref;
+  at::Tensor ref_index;  // [B] int64 in [0, R)
+};
+
+inline OverlapInputs checked_overlap_inputs(
+    const char* op, const at::Tensor& cand_values, const at::Tensor& cand_starts,
+    const at::Tensor& cand_lengths, const at::Tensor& ref_values, const at::Tensor& ref_starts,
+    const at::Tensor& ref_lengths, const at::Tensor& ref_index) {
+  OverlapInputs in{{cand_values.contiguous(), cand_starts.contiguous(), cand_lengths.contiguous()},
+                   {ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()},
+                   ref_index.contiguous()};
+  check_overlap_args(op, in.cand, in.ref, in.ref_index);
+  return in;
+}
+
 // counts[b][n-1] = number of n-grams in a sequence of lengths[b] tokens, n = 1..max_n.
 inline at::Tensor ngram_counts(const at::Tensor& lengths, int64_t max_n) {
   const at::Tensor n = at::arange(1, max_n + 1, lengths.options());

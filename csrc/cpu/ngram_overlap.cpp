@@ -95,12 +95,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
     const at::Tensor& cand_values, const at::Tensor& cand_starts, const at::Tensor& cand_lengths,
     const at::Tensor& ref_values, const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
     const at::Tensor& ref_index, int64_t max_n) {
-  const Sequences cand{cand_values.contiguous(), cand_starts.contiguous(),
-                       cand_lengths.contiguous()};
-  const Sequences ref{ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()};
-  check_overlap_args("ngram_overlap", cand, ref, ref_index);
+  const auto [cand, ref, ref_of] = checked_overlap_inputs(
+      "ngram_overlap", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
+      ref_index);
   TORCH_CHECK_VALUE(max_n >= 1, "ngram_overlap: max_n must be >= 1, got ", max_n);
-  const at::Tensor ref_of = ref_index.contiguous();
   const int64_t batch = cand.starts.numel();
   at::Tensor matches = at::zeros({batch, max_n}, cand.values.options());
   const CandidatePlan tasks = candidates_by_reference(ref_of);

@@ -54,12 +54,10 @@ at::Tensor lcs_length_cuda(const at::Tensor& cand_values, const at::Tensor& cand
                            const at::Tensor& cand_lengths, const at::Tensor& ref_values,
                            const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
                            const at::Tensor& ref_index) {
-  const Sequences cand{cand_values.contiguous(), cand_starts.contiguous(),
-                       cand_lengths.contiguous()};
-  const Sequences ref{ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()};
-  check_overlap_args("lcs_length", cand, ref, ref_index);
+  const auto [cand, ref, ref_of] = checked_overlap_inputs(
+      "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
+      ref_index);
   const c10::cuda::CUDAGuard device_guard(cand.values.device());
-  const at::Tensor ref_of = ref_index.contiguous();
   const int64_t batch = cand.starts.numel();
   at::Tensor out = at::zeros({batch}, cand.values.options());
   if (batch == 0) return out;
