@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace lambdapo {
@@ -99,6 +100,14 @@ inline OverlapInputs checked_overlap_inputs(
 inline at::Tensor ngram_counts(const at::Tensor& lengths, int64_t max_n) {
   const at::Tensor n = at::arange(1, max_n + 1, lengths.options());
   return lengths.unsqueeze(1).sub(n.unsqueeze(0)).add_(1).clamp_min_(0);
+}
+
+// ngram_overlap's outputs around a backend's clipped matches [B, max_n]: the n-gram counts
+// follow from the lengths alone.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_outputs(
+    const OverlapInputs& in, const at::Tensor& matches, int64_t max_n) {
+  return {matches, ngram_counts(in.cand.lengths, max_n),
+          ngram_counts(in.ref.lengths.index_select(0, in.ref_index), max_n)};
 }
 
 // CPU work plan: candidates sorted by their reference (order), in tasks of consecutive

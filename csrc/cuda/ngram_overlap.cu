@@ -61,9 +61,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cuda(
     const at::Tensor& cand_values, const at::Tensor& cand_starts, const at::Tensor& cand_lengths,
     const at::Tensor& ref_values, const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
     const at::Tensor& ref_index, int64_t max_n) {
-  const auto [cand, ref, ref_of] = checked_overlap_inputs(
+  const OverlapInputs inputs = checked_overlap_inputs(
       "ngram_overlap", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
       ref_index);
+  const auto& [cand, ref, ref_of] = inputs;
   TORCH_CHECK_VALUE(max_n >= 1, "ngram_overlap: max_n must be >= 1, got ", max_n);
   const c10::cuda::CUDAGuard device_guard(cand.values.device());
   const int64_t batch = cand.starts.numel();
@@ -80,8 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cuda(
         max_n, capacity, matches.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {matches, ngram_counts(cand.lengths, max_n),
-          ngram_counts(ref.lengths.index_select(0, ref_of), max_n)};
+  return ngram_overlap_outputs(inputs, matches, max_n);
 }
 
 }  // namespace
