@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -52,11 +53,16 @@ def device_name(device: str) -> str:
 
 
 def environment(device: str) -> dict:
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    """Date, device, torch and commit of a run (LAMBDAPO_COMMIT names the commit where the
+    tree is a copy without git, as on a lent GPU machine)."""
+    commit = os.environ.get("LAMBDAPO_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "describe", "--always", "--dirty"],
+                                    capture_output=True, text=True, cwd=Path(__file__).parent,
+                                    timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device,

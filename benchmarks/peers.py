@@ -5,6 +5,9 @@ on the CPU, or when a package is missing, the entry is a string saying why it di
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 # Peers without an entropy output.
@@ -17,7 +20,7 @@ def logits_peers(device: str) -> dict:
         return {name: "CUDA only" for name in ("flash_attn_triton", "liger_kernel")}
     peers = {}
     try:
-        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+        cross_entropy_loss = _flash_attn_triton_cross_entropy()
 
         def flash(x, t, _):
             loss, _ = cross_entropy_loss(x, t, inplace_backward=False)
@@ -32,6 +35,25 @@ def logits_peers(device: str) -> dict:
     except ImportError as exc:
         peers["liger_kernel"] = f"liger-kernel not importable ({exc.name})"
     return peers
+
+
+def _flash_attn_triton_cross_entropy():
+    """flash-attn's Triton cross-entropy. A flash-attn installed without its CUDA build
+    (FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE, or its source tree on the path) cannot import its
+    package __init__, which loads the CUDA attention kernels; the Triton module does not
+    need them, so it is then loaded from its file."""
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+        return cross_entropy_loss
+    except ImportError:
+        spec = importlib.util.find_spec("flash_attn")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+    path = Path(spec.submodule_search_locations[0]) / "ops" / "triton" / "cross_entropy.py"
+    module_spec = importlib.util.spec_from_file_location("flash_attn_triton_cross_entropy", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.cross_entropy_loss
 
 
 def linear_peers(device: str) -> dict:

@@ -26,3 +26,17 @@ def skip_without_cuda(op: str):
     return pytest.mark.skipif(
         not cuda_available_for(op),
         reason=f"needs a GPU and the CUDA kernel of lambdapo::{op}")
+
+
+def devices(op: str) -> list:
+    """["cpu", "cuda"] as pytest params; the CUDA one skips without a GPU or kernel."""
+    return ["cpu", pytest.param("cuda", marks=skip_without_cuda(op))]
+
+
+def to_device(value, device: str):
+    """Moves the tensors of a (nested) tuple/list to ``device``; other values pass through."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from lambdapo_ext import lambda_advantages
 from lambdapo_ext import reference
-from tests.conftest import skip_without_cuda
+from tests.conftest import devices, skip_without_cuda, to_device
 
 NORMALIZE = ("mean", "none", "std")
 
@@ -196,17 +196,19 @@ def _sample_inputs():
     ]
 
 
+@pytest.mark.parametrize("device", devices("lambda_advantages"))
 @pytest.mark.parametrize("args", _sample_inputs())
-def test_opcheck(args):
-    torch.library.opcheck(torch.ops.lambdapo.lambda_advantages.default, args)
+def test_opcheck(args, device):
+    torch.library.opcheck(torch.ops.lambdapo.lambda_advantages.default, to_device(args, device))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", devices("lambda_advantages"))
+def test_torch_compile_fullgraph(device):
     @torch.compile(fullgraph=True)
     def scaled_advantages(rewards, scores):
         return lambda_advantages(rewards, scores, beta=0.7, normalize="std") * 2.0
 
-    rewards, scores = random_groups(4, 10, seed=13)
+    rewards, scores = to_device(random_groups(4, 10, seed=13), device)
     expected = lambda_advantages(rewards, scores, beta=0.7, normalize="std") * 2.0
     torch.testing.assert_close(scaled_advantages(rewards, scores), expected)
 

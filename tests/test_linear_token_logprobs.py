@@ -3,7 +3,7 @@ import torch
 
 from lambdapo_ext import linear_token_logprobs, reference
 from lambdapo_ext.ops import default_chunk_size
-from tests.conftest import skip_without_cuda
+from tests.conftest import devices, skip_without_cuda, to_device
 
 
 def make_inputs(shape, hidden_size, vocab, *, dtype=torch.float32, seed=0, bias=True):
@@ -90,8 +90,10 @@ def test_batch_invariance():
         torch.testing.assert_close(alone[0], batch[row], rtol=1e-6, atol=1e-6)
 
 
-def test_opcheck():
-    hidden, weight, bias, targets, g_lp, g_h = make_inputs((3, 4), 16, 50, seed=7)
+@pytest.mark.parametrize("device", devices("token_logprobs_forward"))
+def test_opcheck(device):
+    hidden, weight, bias, targets, g_lp, g_h = to_device(make_inputs((3, 4), 16, 50, seed=7),
+                                                         device)
     args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias, targets, 1.0, -100,
             True, 5)
     torch.library.opcheck(torch.ops.lambdapo.linear_token_logprobs_forward.default, args)

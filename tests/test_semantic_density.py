@@ -8,7 +8,7 @@ from rouge_score import rouge_scorer
 
 from lambdapo_ext import (lcs_length, ngram_overlap, reference, rouge_l, rouge_n,
                           semantic_density)
-from tests.conftest import skip_without_cuda
+from tests.conftest import devices, skip_without_cuda, to_device
 
 
 class WhitespaceTokenizer:
@@ -168,8 +168,9 @@ def _op_args():
             ref_offsets[:-1], ref_offsets[1:] - ref_offsets[:-1], torch.tensor([0, 1, 0]))
 
 
-def test_opcheck():
-    args = _op_args()
+@pytest.mark.parametrize("device", devices("ngram_overlap"))
+def test_opcheck(device):
+    args = to_device(_op_args(), device)
     torch.library.opcheck(torch.ops.lambdapo.ngram_overlap.default, (*args, 3))
     torch.library.opcheck(torch.ops.lambdapo.lcs_length.default, args)
 

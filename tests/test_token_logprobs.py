@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lambdapo_ext import reference, token_logprobs
-from tests.conftest import skip_without_cuda
+from tests.conftest import devices, skip_without_cuda, to_device
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
@@ -42,10 +42,12 @@ def upstream(shape, seed=1):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
 @pytest.mark.parametrize("shape,vocab", [((5,), 11), ((2, 3), 1000), ((3, 17), 5003)])
-def test_float32_matches_float64_reference(temperature, shape, vocab):
+@pytest.mark.parametrize("device", devices("token_logprobs_forward"))
+def test_float32_matches_float64_reference(temperature, shape, vocab, device):
     logits, targets = make_logits(shape, vocab, seed=vocab)
     g_lp, g_h = upstream(shape)
-    lp, h, grad = ours_and_grads(logits, targets, g_lp, g_h, temperature=temperature)
+    lp, h, grad = to_device(ours_and_grads(*to_device((logits, targets, g_lp, g_h), device),
+                                           temperature=temperature), "cpu")
     rlp, rh, rgrad = reference_and_grads(logits, targets, g_lp, g_h, temperature=temperature)
     assert lp.dtype == h.dtype == torch.float32 and lp.shape == shape
     torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=1e-5)
@@ -54,11 +56,13 @@ def test_float32_matches_float64_reference(temperature, shape, vocab):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_error_is_below_same_dtype_torch(dtype):
+@pytest.mark.parametrize("device", devices("token_logprobs_forward"))
+def test_low_precision_error_is_below_same_dtype_torch(dtype, device):
     shape, vocab = (4, 33), 4099
     logits, targets = make_logits(shape, vocab, dtype=dtype, seed=3)
     g_lp, g_h = upstream(shape)
-    lp, h, grad = ours_and_grads(logits, targets, g_lp, g_h, temperature=0.8)
+    lp, h, grad = to_device(ours_and_grads(*to_device((logits, targets, g_lp, g_h), device),
+                                           temperature=0.8), "cpu")
     rlp, rh, rgrad = reference_and_grads(logits, targets, g_lp, g_h, temperature=0.8)
     tlp, th, tgrad = reference_and_grads(logits, targets, g_lp, g_h, dtype=dtype,
                                          temperature=0.8)
@@ -181,25 +185,29 @@ def _opcheck_samples():
     ]
 
 
+@pytest.mark.parametrize("device", devices("token_logprobs_forward"))
 @pytest.mark.parametrize("args", _opcheck_samples())
-def test_opcheck_forward(args):
+def test_opcheck_forward(args, device):
+    args = to_device(args, device)
     logits = args[0].clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.lambdapo.token_logprobs_forward.default, (logits, *args[1:]))
 
 
-def test_opcheck_backward_ops():
-    logits, targets = make_logits((3, 4), 37, seed=14)
+@pytest.mark.parametrize("device", devices("token_logprobs_backward"))
+def test_opcheck_backward_ops(device):
+    logits, targets = to_device(make_logits((3, 4), 37, seed=14), device)
     lp, h, lse = torch.ops.lambdapo.token_logprobs_forward(logits, targets, 1.0, -100, True, False)
-    g_lp, g_h = upstream((3, 4))
+    g_lp, g_h = to_device(upstream((3, 4)), device)
     args = (g_lp, g_h, logits, targets, lse, h, 1.0, -100)
     torch.library.opcheck(torch.ops.lambdapo.token_logprobs_backward.default, args)
     torch.library.opcheck(torch.ops.lambdapo.token_logprobs_backward_inplace.default,
                           (g_lp, g_h, logits.clone(), targets, lse, h, 1.0, -100))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    logits, targets = make_logits((4, 6), 300, seed=15)
-    g_lp, g_h = upstream((4, 6))
+@pytest.mark.parametrize("device", devices("token_logprobs_forward"))
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    logits, targets = to_device(make_logits((4, 6), 300, seed=15), device)
+    g_lp, g_h = to_device(upstream((4, 6)), device)
 
     @torch.compile(fullgraph=True)
     def loss_fn(x):
@@ -255,13 +263,14 @@ def test_device_mismatch_names_the_argument():
 @skip_without_cuda("token_logprobs_forward")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [7, 4096, 50257, 151936])
-def test_cuda_matches_cpu(dtype, vocab):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_matches_cpu(dtype, vocab, inplace):
     shape = (3, 5)
     logits, targets = make_logits(shape, vocab, dtype=dtype, seed=vocab)
     g_lp, g_h = upstream(shape)
     lp, h, grad = ours_and_grads(logits, targets, g_lp, g_h, temperature=0.9)
     clp, ch, cgrad = ours_and_grads(logits.cuda(), targets.cuda(), g_lp.cuda(), g_h.cuda(),
-                                    temperature=0.9)
+                                    temperature=0.9, inplace_backward=inplace)
     torch.testing.assert_close(clp.cpu(), lp, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ch.cpu(), h, rtol=1e-5, atol=2e-5)
     tol = 1e-6 if dtype == torch.float32 else 1e-2

@@ -1,0 +1,116 @@
+"""Small calls of every CUDA kernel, for compute-sanitizer (memcheck, racecheck, ...).
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitizer_cases.py
+
+Each case is small (the sanitizers slow kernels down by orders of magnitude) but crosses
+the kernels' internal boundaries: partial tiles and blocks, vocabularies that are not a
+multiple of the vector width, references longer than the shared-memory copy, masked and
+ignored entries. Results are checked against the CPU kernels, so a wrong answer fails too.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import lambdapo_ext as lp
+
+
+def _check(name: str, got, expected, **tol) -> None:
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu().float(), e.float(), **tol, msg=lambda m: f"{name}: {m}")
+    print(f"ok  {name}", flush=True)
+
+
+def lambda_advantages_cases(gen: torch.Generator) -> None:
+    for p, g in [(3, 5), (2, 300), (1, 1)]:
+        rewards = torch.randint(0, 2, (p, g), generator=gen).float()
+        scores = -torch.rand(p, g, generator=gen)
+        mask = torch.rand(p, g, generator=gen) > 0.3
+        for normalize in ("mean", "none", "std"):
+            cpu = lp.lambda_advantages(rewards, scores, mask=mask, normalize=normalize)
+            gpu = lp.lambda_advantages(rewards.cuda(), scores.cuda(), mask=mask.cuda(),
+                                       normalize=normalize)
+            _check(f"lambda_advantages P={p} G={g} {normalize}", gpu, cpu, rtol=1e-4, atol=1e-4)
+    ids = torch.randint(0, 7, (400,), generator=gen)
+    rewards, scores = torch.rand(400, generator=gen), -torch.rand(400, generator=gen)
+    _check("lambda_advantages ragged",
+           lp.lambda_advantages(rewards.cuda(), scores.cuda(), group_ids=ids.cuda()),
+           lp.lambda_advantages(rewards, scores, group_ids=ids), rtol=1e-4, atol=1e-4)
+
+
+def token_logprobs_cases(gen: torch.Generator) -> None:
+    for rows, vocab, dtype in [(5, 7, torch.float32), (9, 1000, torch.bfloat16),
+                               (4, 4099, torch.float16), (3, 50257, torch.float32)]:
+        logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+        targets = torch.randint(0, vocab, (rows,), generator=gen)
+        targets[1] = -100
+        upstream = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+        for inplace in (False, True):
+            results = []
+            for device in ("cpu", "cuda"):
+                x = logits.to(device, copy=True).requires_grad_(True)
+                lps, ent = lp.token_logprobs(x, targets.to(device), temperature=0.8,
+                                             return_entropy=True, inplace_backward=inplace)
+                ((lps * upstream[0].to(device)).sum() + (ent * upstream[1].to(device)).sum()
+                 ).backward()
+                results.append((lps, ent, x.grad))
+            tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2,
+                                                                                    atol=1e-3)
+            _check(f"token_logprobs N={rows} V={vocab} {dtype} inplace={inplace}",
+                   results[1], results[0], **tol)
+
+
+def linear_token_logprobs_cases(gen: torch.Generator) -> None:
+    hidden = torch.randn(37, 64, generator=gen)
+    weight = torch.randn(1001, 64, generator=gen) * 0.1
+    bias = torch.randn(1001, generator=gen)
+    targets = torch.randint(0, 1001, (37,), generator=gen)
+    results = []
+    for device in ("cpu", "cuda"):
+        h = hidden.to(device).requires_grad_(True)
+        w = weight.to(device).requires_grad_(True)
+        lps, ent = lp.linear_token_logprobs(h, w, targets.to(device), bias=bias.to(device),
+                                            return_entropy=True, chunk_size=16)
+        (lps.sum() + ent.sum()).backward()
+        results.append((lps, ent, h.grad, w.grad))
+    _check("linear_token_logprobs", results[1], results[0], rtol=1e-4, atol=1e-4)
+
+
+def _packed_cuda(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return torch.tensor([t for s in seqs for t in s], dtype=torch.int64).cuda(), offsets.cuda()
+
+
+def overlap_cases(gen: torch.Generator) -> None:
+    lengths = [0, 1, 3, 63, 64, 65, 200, 5000]    # 5000 > the shared-memory reference copy
+    seqs = [torch.randint(0, 20, (n,), generator=gen).tolist() for n in lengths]
+    cands = [seqs[i] for i in range(len(seqs)) for _ in range(2)]
+    ref_index = torch.tensor([j for j in range(len(seqs)) for _ in range(2)]).roll(1)
+    cpu_n = lp.ngram_overlap(cands, seqs, max_n=4, ref_index=ref_index)
+    cpu_l = lp.lcs_length(cands, seqs, ref_index=ref_index)
+    gpu_cands, gpu_refs = _packed_cuda(cands), _packed_cuda(seqs)
+    _check("ngram_overlap", lp.ngram_overlap(gpu_cands, gpu_refs, max_n=4,
+                                             ref_index=ref_index.cuda()), cpu_n, rtol=0, atol=0)
+    _check("lcs_length", lp.lcs_length(gpu_cands, gpu_refs, ref_index=ref_index.cuda()), cpu_l,
+           rtol=0, atol=0)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no GPU visible to torch", file=sys.stderr)
+        return 2
+    gen = torch.Generator().manual_seed(0)
+    for cases in (lambda_advantages_cases, token_logprobs_cases, linear_token_logprobs_cases,
+                  overlap_cases):
+        cases(gen)
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
