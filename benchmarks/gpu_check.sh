@@ -58,6 +58,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl >> "$OUT/build.log" 2>&1 && export PYTHONPATH=/tmp/site
 fi
 [ -d .gpu/site ] && export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for benchmarks/*.py
 
 if has_stage build; then
   rm -rf build lambdapo_ext/_C*.so

@@ -273,7 +273,9 @@ def test_cuda_matches_cpu(dtype, vocab, inplace):
                                     temperature=0.9, inplace_backward=inplace)
     torch.testing.assert_close(clp.cpu(), lp, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ch.cpu(), h, rtol=1e-5, atol=2e-5)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    # fp32: the two devices sum V terms in different orders; exp() turns the ~log2(V) ulp
+    # difference in the log-normalizer into a relative difference of up to ~2e-5 in p.
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(cgrad.cpu().float(), grad.float(), rtol=tol, atol=1e-6)
 
 
