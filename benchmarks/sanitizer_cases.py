@@ -71,8 +71,8 @@ def linear_token_logprobs_cases(gen: torch.Generator) -> None:
     targets = torch.randint(0, 1001, (37,), generator=gen)
     results = []
     for device in ("cpu", "cuda"):
-        h = hidden.to(device).requires_grad_(True)
-        w = weight.to(device).requires_grad_(True)
+        h = hidden.to(device, copy=True).requires_grad_(True)
+        w = weight.to(device, copy=True).requires_grad_(True)
         lps, ent = lp.linear_token_logprobs(h, w, targets.to(device), bias=bias.to(device),
                                             return_entropy=True, chunk_size=16)
         (lps.sum() + ent.sum()).backward()
