@@ -1,0 +1,86 @@
+"""Group advantage estimators, selectable by name, all with one signature:
+``estimator(rewards [P, G], scores [P, G], config) -> advantages [P, G]`` (float32).
+
+* ``lambdapo``: the pairwise lambda advantage (DESIGN.md section 2) through
+  ``lambdapo_ext.lambda_advantages``; scores are the responses' confidence (mean or sum of
+  their sampled-token log-probs).
+* ``grpo``: (r - mean) / (std + eps), the sample std of the group (as TRL and verl).
+* ``dr_grpo``: r - mean (Dr. GRPO drops the std scaling).
+* ``rloo``: r_i - mean of the others = G / (G - 1) * (r_i - mean).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+import lambdapo_ext
+
+from .config import AlgorithmConfig
+
+EPS = 1e-6
+
+
+def _check(rewards: Tensor, scores: Tensor) -> None:
+    if rewards.dim() != 2 or rewards.shape != scores.shape:
+        raise ValueError(f"rewards and scores must both be [P, G], got {tuple(rewards.shape)} "
+                         f"and {tuple(scores.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"a group needs >= 2 responses, got G={rewards.shape[1]}")
+
+
+def lambdapo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+    return lambdapo_ext.lambda_advantages(rewards.float(), scores.float(),
+                                          beta=config.lambda_beta,
+                                          normalize=config.lambda_normalize)
+
+
+def grpo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+    r = rewards.float()
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + EPS)
+
+
+def dr_grpo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+    r = rewards.float()
+    return r - r.mean(1, keepdim=True)
+
+
+def rloo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+    r = rewards.float()
+    g = r.shape[1]
+    return (r - r.mean(1, keepdim=True)) * (g / (g - 1))
+
+
+ESTIMATORS: dict[str, Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]] = {
+    "lambdapo": lambdapo, "grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
+
+
+def compute_advantages(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+    """Advantages [P, G] of the estimator ``config.adv_estimator``.
+
+    Args:
+        rewards: [P, G] total reward of each response (P prompts, G responses each).
+        scores: [P, G] confidence of each response (used by ``lambdapo`` only).
+        config: the algorithm section (estimator name, lambda_beta, lambda_normalize).
+
+    Raises:
+        ValueError: unknown estimator, mismatched shapes or G < 2.
+    """
+    _check(rewards, scores)
+    if config.adv_estimator not in ESTIMATORS:
+        raise ValueError(f"adv_estimator {config.adv_estimator!r} is not one of "
+                         f"{sorted(ESTIMATORS)}")
+    with torch.no_grad():
+        return ESTIMATORS[config.adv_estimator](rewards, scores, config)
+
+
+def sequence_scores(logprobs: Tensor, mask: Tensor, how: str) -> Tensor:
+    """Confidence of each response: mean (or sum) of its tokens' log-probs. [B, T] -> [B]."""
+    total = (logprobs * mask).sum(-1)
+    if how == "sum":
+        return total
+    if how == "mean":
+        return total / mask.sum(-1).clamp(min=1)
+    raise ValueError(f"lambda_score must be 'mean' or 'sum', got {how!r}")

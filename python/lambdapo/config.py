@@ -1,0 +1,296 @@
+"""The configuration tree of a run: dataclasses with defaults, loadable from YAML, every
+field overridable as ``section.field=value`` on the command line, saved next to the outputs.
+
+Names follow verl / TRL where they have one (``rollout.n`` is ``rollout.group_size`` here
+because LambdaPO's groups are the unit of the advantage; ``clip_low``/``clip_high`` are
+verl's ``clip_ratio_low``/``clip_ratio_high``; ``loss_agg_mode`` is verl's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_MODEL = "builtin:tiny-arithmetic"
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help},
+                     **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or builtin:tiny-arithmetic")
+    dtype: str = _f("float32", "weights dtype: float32 | bfloat16 (bf16 also autocasts)")
+    attn_implementation: str = _f(
+        "auto", "auto (flash_attention_2 when flash-attn and a GPU are there, else sdpa) | sdpa | "
+                "eager | flash_attention_2")
+    trust_remote_code: bool = _f(False, "allow model code from the model directory")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("arithmetic", "arithmetic (built-in) | a .jsonl/.json/.parquet file | a "
+                                    "Hugging Face dataset name or local dataset folder")
+    train_split: str = _f("train", "split of a Hugging Face dataset used for training")
+    eval_dataset: str = _f("", "held-out data (same forms; empty: the built-in eval split, "
+                               "or the 'test' split of a Hugging Face dataset)")
+    eval_split: str = _f("test", "split of a Hugging Face eval dataset")
+    prompt_field: str = _f("prompt", "column holding the prompt")
+    answer_field: str = _f("answer", "column holding the gold answer")
+    solution_field: str = _f("solution", "column holding the reference solution ('' if none)")
+    answer_pattern: str = _f("", "regex whose first group extracts the gold answer from the "
+                                 "answer column (e.g. '####\\s*(.+)$' for GSM8K)")
+    prompt_template: str = _f("{prompt}", "Python format string over the row's columns")
+    chat_template: str = _f("auto", "auto (use the tokenizer's chat template when it has one) "
+                                    "| on | off")
+    num_train: int = _f(20000, "problems generated for the built-in task's train split")
+    num_eval: int = _f(200, "held-out problems (built-in task) or the first rows of eval data")
+    max_prompt_tokens: int = _f(512, "longer prompts are an error naming the row")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = _f("transformers", "generation backend: transformers")
+    group_size: int = _f(8, "responses sampled per prompt (G)")
+    temperature: float = _f(1.0, "sampling temperature (log-probs include it)")
+    top_p: float = _f(1.0, "nucleus sampling mass")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    max_new_tokens: int = _f(64, "response length limit")
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = _f("lambdapo", "lambdapo | grpo | dr_grpo | rloo")
+    lambda_beta: float = _f(1.0, "LambdaPO pair weight sharpness (0: RLOO)")
+    lambda_score: str = _f("mean", "confidence score of a response: mean | sum of its log-probs")
+    lambda_normalize: str = _f("mean", "LambdaPO normalization: mean | none | std")
+    clip_low: float = _f(0.2, "PPO clip: ratio >= 1 - clip_low")
+    clip_high: float = _f(0.2, "PPO clip: ratio <= 1 + clip_high")
+    loss_agg_mode: str = _f("token-mean", "token-mean | seq-mean-token-mean | "
+                                          "seq-mean-token-sum-norm")
+    kl_coef: float = _f(0.0, "k3 KL penalty to a frozen reference (0: no reference loaded)")
+    ppo_epochs: int = _f(1, "passes over each rollout batch")
+    mini_batches: int = _f(1, "optimizer steps per pass (the batch split evenly)")
+
+
+@dataclass
+class RewardConfig:
+    functions: list = _f(["math_verify", "semantic_density"],
+                         "reward functions: math_verify, semantic_density, format, or "
+                         "module:function")
+    weights: dict = _f({}, "weight per function name (default 1; semantic_density: lambda_sd)")
+    lambda_sd: float = _f(0.1, "weight of the semantic density reward")
+    sd_metric: str = _f("rouge_n", "semantic density metric: rouge_n | rouge_l")
+    sd_max_n: int = _f(2, "largest n of ROUGE-N")
+    answer_marker: str = _f("", "text before the final answer (e.g. '####'); empty: \\boxed{} "
+                                "or the last expression, as math-verify extracts it")
+    timeout_s: int = _f(5, "math-verify time limit per parse/verify call (seconds)")
+    on_error: str = _f("raise", "a reward that raises or returns NaN: raise | zero (score 0, "
+                                "logged)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list = _f([0.9, 0.99], "AdamW betas")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    schedule: str = _f("constant", "after warm-up: constant | cosine")
+    max_grad_norm: float = _f(1.0, "gradient norm clip (0: off)")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = _f(40, "training steps (one rollout batch each)")
+    prompts_per_step: int = _f(16, "prompts per step (each sampled group_size times)")
+    micro_batch_size: int = _f(64, "sequences per forward/backward (gradient accumulation)")
+    eval_samples: int = _f(4, "samples per held-out prompt (accuracy = mean over them)")
+    eval_temperature: float = _f(-1.0, "held-out sampling temperature (< 0: rollout's; 0: "
+                                       "greedy)")
+    eval_every: int = _f(0, "also evaluate every N steps (0: before and after only)")
+    save_every: int = _f(0, "checkpoint every N steps (0: at the end only)")
+    output_dir: str = _f("runs/lambdapo", "run directory (metrics, plots, checkpoints)")
+    seed: int = _f(0, "seed of data order, sampling and initialisation")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    log_samples: int = _f(2, "completions written to samples.jsonl per step")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _convert(value: Any, target: Any, key: str) -> Any:
+    """Converts a YAML or command-line value to the field's type, naming the key on error."""
+    origin = typing.get_origin(target) or target
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected a boolean, got {value!r}")
+        if origin in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            converted = origin(value)
+            if origin is int and isinstance(value, float) and value != converted:
+                raise ValueError(f"expected an integer, got {value!r}")
+            return converted
+        if origin is str:
+            return "" if value is None else str(value)
+        if origin in (list, dict):
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip() else origin()
+            if origin is list and isinstance(value, str):
+                value = [value]
+            if not isinstance(value, origin):
+                raise ValueError(f"expected a {origin.__name__}, got {value!r}")
+            return value
+    except (TypeError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"config {key}: {exc}") from None
+    raise ValueError(f"config {key}: unsupported type {target}")
+
+
+def _apply(node: Any, updates: dict, prefix: str = "") -> None:
+    names = {f.name: f for f in dataclasses.fields(node)}
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"config: unknown key {path!r} (known: "
+                             f"{', '.join(prefix + n for n in names)})")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config {path}: expected a mapping, got {value!r}")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(node, key, _convert(value, _field_type(type(node), key), path))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> nested dict ``{"a": {"b": "1"}, "c": "x"}`` (values as text)."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config override {item!r} conflicts with an earlier one")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``
+    (``section.field=value``). Raises ValueError naming the key for unknown keys or values
+    of the wrong type, and for invalid choices (see :func:`validate`)."""
+    config = TrainConfig()
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping at the top level")
+        _apply(config, data)
+    _apply(config, parse_overrides(overrides or []))
+    validate(config)
+    return config
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "data.chat_template": ("auto", "on", "off"),
+    "rollout.engine": ("transformers",),
+    "algorithm.adv_estimator": ("lambdapo", "grpo", "dr_grpo", "rloo"),
+    "algorithm.lambda_score": ("mean", "sum"),
+    "algorithm.lambda_normalize": ("mean", "none", "std"),
+    "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "reward.sd_metric": ("rouge_n", "rouge_l"),
+    "reward.on_error": ("raise", "zero"),
+    "optim.schedule": ("constant", "cosine"),
+}
+
+_POSITIVE = ("rollout.group_size", "rollout.max_new_tokens", "steps", "prompts_per_step",
+             "micro_batch_size", "eval_samples", "algorithm.ppo_epochs",
+             "algorithm.mini_batches", "reward.sd_max_n", "reward.timeout_s")
+
+
+def get(config: TrainConfig, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(config: TrainConfig) -> None:
+    """Raises ValueError naming the first field with an invalid value."""
+    for key, choices in _CHOICES.items():
+        if get(config, key) not in choices:
+            raise ValueError(f"config {key}: {get(config, key)!r} is not one of {choices}")
+    for key in _POSITIVE:
+        if get(config, key) < 1:
+            raise ValueError(f"config {key}: must be >= 1, got {get(config, key)}")
+    if config.rollout.group_size < 2:
+        raise ValueError("config rollout.group_size: needs >= 2 responses per prompt for a "
+                         "group advantage")
+    if not 0 < config.rollout.top_p <= 1:
+        raise ValueError(f"config rollout.top_p: must lie in (0, 1], got {config.rollout.top_p}")
+    if config.rollout.temperature <= 0:
+        raise ValueError("config rollout.temperature: must be > 0 (sampling is required)")
+    for key in ("algorithm.clip_low", "algorithm.clip_high", "algorithm.kl_coef",
+                "reward.lambda_sd", "optim.weight_decay", "optim.max_grad_norm", "optim.lr",
+                "optim.warmup_steps", "eval_every", "save_every", "threads", "log_samples"):
+        if get(config, key) < 0:
+            raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
+    if len(config.optim.betas) != 2:
+        raise ValueError(f"config optim.betas: expected two numbers, got {config.optim.betas}")
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def help_lines(node: Any = None, prefix: str = "") -> list[str]:
+    """One line per field: ``section.field = default  help``."""
+    node = node if node is not None else TrainConfig()
+    lines = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += help_lines(value, prefix=f"{prefix}{f.name}.")
+        else:
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
+            lines.append(f"  {prefix + f.name + ' = ' + shown.strip():<44} "
+                         f"{f.metadata.get('help', '')}")
+    return lines
+
+
+__all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
+           "RewardConfig", "OptimConfig", "load_config", "save_config", "parse_overrides",
+           "validate", "help_lines", "to_dict", "BUILTIN_MODEL"]

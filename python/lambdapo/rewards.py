@@ -1,0 +1,258 @@
+"""Reward functions and their weighted combination.
+
+Every reward function has the signature of TRL's reward functions::
+
+    fn(prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+       **columns: list) -> list[float]
+
+one float per completion. ``columns`` holds the dataset's columns aligned with the
+completions (``answer``, ``solution``, any other column of the data), plus
+``solution_ids`` (the reference solution tokenized by the policy's tokenizer) and
+``group_index`` (which prompt each completion answers). User rewards are given in the
+config as ``module:function`` and may ignore the columns they do not need (take
+``**columns``).
+
+Built-in:
+
+* ``math_verify``: 1.0 when the final answer of the completion equals the gold ``answer``
+  as the ``math-verify`` package parses and compares them, else 0.0. The final answer is
+  what follows the last ``reward.answer_marker`` when one is set, else what math-verify
+  extracts (``\\boxed{}`` first). Each parse/verify call runs under ``reward.timeout_s``
+  (a timed-out sample scores 0 and is counted in the metrics).
+* ``semantic_density``: ``lambdapo_ext.semantic_density`` between the completion's tokens and
+  the reference solution's tokens (weight ``reward.lambda_sd``).
+* ``format``: 1.0 when a final answer can be found at all (boxed, or after the marker).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import signal
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import lambdapo_ext
+
+from .config import RewardConfig
+
+RewardFn = Callable[..., list]
+
+
+class RewardError(RuntimeError):
+    """A reward function raised or returned a non-finite value."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raises TimeoutError in the block after ``seconds`` (SIGALRM; main thread only, where
+    pure-Python code such as sympy is interrupted between bytecodes). Elsewhere it cannot
+    interrupt and the block runs unbounded, with a one-time warning."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        if seconds > 0:
+            _warn_once("reward time limits need the main thread; running without them")
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"exceeded {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def final_answer_text(completion: str, marker: str) -> str | None:
+    """The text that holds the final answer: after the last ``marker`` (if set), else the
+    completion itself when it has a \\boxed{} (math-verify extracts it), else None."""
+    if marker:
+        index = completion.rfind(marker)
+        return completion[index + len(marker):].strip() if index >= 0 else None
+    return completion if _BOXED.search(completion) else None
+
+
+class MathVerifyReward:
+    """1.0 when math-verify finds the completion's final answer equal to the gold answer."""
+
+    def __init__(self, answer_marker: str = "", timeout_s: int = 5):
+        try:
+            import math_verify
+        except ImportError as exc:
+            raise ImportError("the math_verify reward needs the math-verify package: "
+                              "pip install math-verify") from exc
+        self._mv = math_verify
+        self.marker = answer_marker
+        self.timeout_s = timeout_s
+        self.timeouts = 0
+        self._gold_cache: dict[str, list] = {}
+
+    def _parse(self, text: str) -> list:
+        with time_limit(self.timeout_s):
+            return self._mv.parse(text, parsing_timeout=None)
+
+    def _gold(self, answer: str) -> list:
+        if answer not in self._gold_cache:
+            gold = self._parse(answer)
+            if not gold:  # a plain answer such as "42" math-verify may want boxed
+                gold = self._parse(f"\\boxed{{{answer}}}")
+            self._gold_cache[answer] = gold
+        return self._gold_cache[answer]
+
+    def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
+        if "answer" not in columns:
+            raise KeyError("math_verify needs the dataset's 'answer' column")
+        scores = []
+        for completion, answer in zip(completions, columns["answer"]):
+            text = final_answer_text(completion, self.marker)
+            if text is None:
+                scores.append(0.0)
+                continue
+            try:
+                predicted = self._parse(text if not self.marker else f"\\boxed{{{text}}}")
+                with time_limit(self.timeout_s):
+                    ok = bool(predicted) and self._mv.verify(self._gold(str(answer)), predicted,
+                                                             timeout_seconds=None)
+            except TimeoutError:
+                self.timeouts += 1
+                ok = False
+            scores.append(1.0 if ok else 0.0)
+        return scores
+
+
+class SemanticDensityReward:
+    """``lambdapo_ext.semantic_density`` of each completion against its reference solution."""
+
+    def __init__(self, metric: str = "rouge_n", max_n: int = 2):
+        self.metric = metric
+        self.max_n = max_n
+
+    def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
+        if "solution_ids" not in columns:
+            raise KeyError("semantic_density needs reference solutions: set data.solution_field")
+        solutions = columns["solution_ids"]
+        groups = columns.get("group_index")
+        if groups is not None:  # one reference per group, shared by its G completions
+            first = {}
+            for i, g in enumerate(groups):
+                first.setdefault(g, len(first))
+            refs = [None] * len(first)
+            for i, g in enumerate(groups):
+                refs[first[g]] = solutions[i]
+            ref_index = [first[g] for g in groups]
+        else:
+            refs, ref_index = list(solutions), list(range(len(solutions)))
+        import torch
+        values = lambdapo_ext.semantic_density(
+            [list(c) for c in completion_ids], [list(r) for r in refs],
+            metric=self.metric, max_n=self.max_n, ref_index=torch.tensor(ref_index))
+        return values.tolist()
+
+
+class FormatReward:
+    """1.0 when the completion states a final answer where the answer reward looks for it."""
+
+    def __init__(self, answer_marker: str = ""):
+        self.marker = answer_marker
+
+    def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
+        return [0.0 if final_answer_text(c, self.marker) is None else 1.0 for c in completions]
+
+
+def load_user_reward(spec: str) -> RewardFn:
+    """``module:function`` -> the function. Raises ValueError naming the spec."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward {spec!r}: expected a built-in name or module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward {spec!r}: cannot load it ({exc})") from exc
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn
+
+
+@dataclass
+class RewardManager:
+    """Named reward functions with weights; ``score`` returns the weighted total and each
+    function's values."""
+    functions: dict[str, RewardFn]
+    weights: dict[str, float]
+    on_error: str = "raise"
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: RewardConfig) -> "RewardManager":
+        functions: dict[str, RewardFn] = {}
+        for name in config.functions:
+            if name == "math_verify":
+                functions[name] = MathVerifyReward(config.answer_marker, config.timeout_s)
+            elif name == "semantic_density":
+                functions[name] = SemanticDensityReward(config.sd_metric, config.sd_max_n)
+            elif name == "format":
+                functions[name] = FormatReward(config.answer_marker)
+            else:
+                functions[name] = load_user_reward(name)
+        unknown = set(config.weights) - set(functions)
+        if unknown:
+            raise ValueError(f"reward.weights names {sorted(unknown)}, which are not in "
+                             f"reward.functions {config.functions}")
+        weights = {name: float(config.weights.get(
+            name, config.lambda_sd if name == "semantic_density" else 1.0)) for name in functions}
+        return cls(functions, weights, config.on_error)
+
+    def score(self, prompts: list[str], completions: list[str],
+              completion_ids: list[list[int]], columns: dict[str, list],
+              ) -> tuple[list[float], dict[str, list[float]]]:
+        """(total reward per completion, {name: values}). Raises RewardError naming the
+        reward and the sample when a function raises or returns a wrong-length or non-finite
+        result (unless ``on_error == "zero"``: those samples score 0 and are counted)."""
+        n = len(completions)
+        per_function: dict[str, list[float]] = {}
+        for name, fn in self.functions.items():
+            try:
+                values = [float(v) for v in fn(prompts, completions, completion_ids, **columns)]
+                if len(values) != n:
+                    raise RewardError(f"reward {name!r} returned {len(values)} values for {n} "
+                                      f"completions")
+            except RewardError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any user error is reported the same way
+                if self.on_error != "zero":
+                    raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc} "
+                                      f"(on the batch starting with prompt "
+                                      f"{prompts[0][:80]!r})") from exc
+                self.errors[name] = self.errors.get(name, 0) + n
+                values = [0.0] * n
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    if self.on_error != "zero":
+                        raise RewardError(f"reward {name!r} returned {v} for sample {i} (prompt "
+                                          f"{prompts[i][:80]!r}, completion "
+                                          f"{completions[i][:80]!r})")
+                    self.errors[name] = self.errors.get(name, 0) + 1
+                    values[i] = 0.0
+            per_function[name] = values
+        total = [sum(self.weights[name] * per_function[name][i] for name in per_function)
+                 for i in range(n)]
+        return total, per_function

@@ -1,0 +1,166 @@
+"""Generation backends behind one interface.
+
+An engine samples ``n`` responses per prompt and returns them grouped (prompt p's
+responses are rows p*n .. p*n+n-1) with the log-prob of every sampled token under the
+*processed* distribution it was drawn from (logits / temperature, then top-k / top-p), the
+convention of vLLM's processed log-probs.
+
+``TransformersEngine`` runs the policy model itself with a key-value cache, so it always
+serves the current weights; its sampling uses its own ``torch.Generator`` whose state is
+part of a checkpoint (resumed runs draw the same samples).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .policy import autocast_context
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0    # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Rollout:
+    """Responses grouped by prompt: entry p*n + k is prompt p's k-th response."""
+    completion_ids: list[list[int]]     # without padding; ends with EOS when finished
+    logprobs: list[list[float]]         # sampled tokens' processed log-probs
+    finished: list[bool]                # ended with EOS (else cut at max_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        """Samples ``params.n`` responses for each prompt."""
+
+    def sync_weights(self) -> None:
+        """Makes the engine serve the trainer's current weights."""
+
+    def generator_state(self) -> Tensor:
+        """The sampling RNG state (uint8 tensor), for checkpoints."""
+
+    def set_generator_state(self, state: Tensor) -> None: ...
+
+
+def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Log-probs [B, V] of the distribution sampled from: temperature, then top-k, then
+    top-p (the smallest set of tokens with mass >= top_p); removed tokens get -inf."""
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep a token while the mass before it is < top_p (the first is always kept).
+        drop_sorted = probs.cumsum(-1) - probs >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+class TransformersEngine:
+    """Sampling with the policy's own transformers model (key-value cache, batched)."""
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, *, seed: int = 0,
+                 batch_size: int = 256, autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.eos = eos_token_id
+        self.pad = pad_token_id
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        # transformers renamed past_key_values to cache (5.x); accept either.
+        forward_args = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+
+    def sync_weights(self) -> None:
+        """Nothing to do: the engine runs the trainer's model."""
+
+    def generator_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_generator_state(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        expanded = [ids for ids in prompt_ids for _ in range(params.n)]
+        completions, logprobs, finished = [], [], []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(expanded), self.batch_size):
+                c, lp, f = self._generate_batch(expanded[start:start + self.batch_size], params)
+                completions += c
+                logprobs += lp
+                finished += f
+        finally:
+            self.model.train(was_training)
+        return Rollout(completions, logprobs, finished)
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams):
+        device = self.generator.device
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        # Left padding: every row's next token is at the same column.
+        input_ids = torch.full((batch, longest), self.pad, dtype=torch.long, device=device)
+        attention = torch.zeros((batch, longest), dtype=torch.long, device=device)
+        for i, ids in enumerate(prompts):
+            input_ids[i, longest - len(ids):] = torch.tensor(ids, device=device)
+            attention[i, longest - len(ids):] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        tokens = torch.empty((batch, params.max_new_tokens), dtype=torch.long, device=device)
+        token_logprobs = torch.zeros((batch, params.max_new_tokens), device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.full((batch,), params.max_new_tokens, dtype=torch.long, device=device)
+        with autocast_context(device, self.autocast_dtype):
+            out = self.model(input_ids=input_ids, attention_mask=attention,
+                             position_ids=positions, use_cache=True, logits_to_keep=1)
+        steps = 0
+        for t in range(params.max_new_tokens):
+            logits = out.logits[:, -1]
+            if params.temperature == 0:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                next_token = logp.argmax(-1)
+            else:
+                logp = process_logits(logits, params)
+                next_token = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
+            next_token = torch.where(done, self.pad, next_token)
+            tokens[:, t] = next_token
+            token_logprobs[:, t] = logp.gather(-1, next_token.unsqueeze(-1)).squeeze(-1)
+            just_ended = ~done & (next_token == self.eos)
+            lengths = torch.where(just_ended, t + 1, lengths)
+            done |= just_ended
+            steps = t + 1
+            if bool(done.all()) or t + 1 == params.max_new_tokens:
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            with autocast_context(device, self.autocast_dtype):
+                out = self.model(input_ids=next_token.unsqueeze(-1), attention_mask=attention,
+                                 position_ids=positions, use_cache=True,
+                                 **{self._cache_arg: _cache_of(out)})
+        tokens, token_logprobs = tokens[:, :steps].tolist(), token_logprobs[:, :steps].tolist()
+        lengths, done = lengths.clamp(max=steps).tolist(), done.tolist()
+        return ([row[:n] for row, n in zip(tokens, lengths)],
+                [row[:n] for row, n in zip(token_logprobs, lengths)], done)

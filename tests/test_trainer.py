@@ -1,0 +1,178 @@
+"""The training loop on a small random model the tests create: log-prob paths, sampling,
+a short run's outputs, resume equivalence, atomic checkpoints, the command line."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from lambdapo import checkpoint as ckpt
+from lambdapo import cli
+from lambdapo.config import load_config
+from lambdapo.policy import build_batch, load_policy, response_logprobs
+from lambdapo.rollout import SamplingParams, TransformersEngine, process_logits
+from lambdapo.trainer import Trainer
+from tests.tiny_model import make_tiny_model
+
+TIMING = {"tokens_per_s", "gen_time", "train_time", "step_time"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lambdapo")
+    model = make_tiny_model(root / "model")
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as f:
+        for _ in range(64):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b),
+                                "solution": f"{a}+{b}={a + b} \\boxed{{{a + b}}}"}) + "\n")
+    return root, model
+
+
+def overrides(root, model, run, **extra):
+    base = {"model.path": model, "data.dataset": root / "data.jsonl",
+            "data.eval_dataset": root / "data.jsonl", "data.prompt_field": "question",
+            "data.num_eval": 8, "steps": 4, "prompts_per_step": 4, "rollout.group_size": 4,
+            "rollout.max_new_tokens": 10, "eval_samples": 2, "micro_batch_size": 8,
+            "output_dir": root / run, "optim.lr": 0.01}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_fused_logprobs_equal_the_models_logits(workspace):
+    root, model_dir = workspace
+    model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
+                             torch.device("cpu"))
+    prompts = [tok("1+2=")["input_ids"], tok("33+4=")["input_ids"]]
+    responses = [tok("3 \\boxed{3}", add_special_tokens=False)["input_ids"], [5, 6]]
+    batch = build_batch(prompts, responses, tok.pad_token_id, torch.device("cpu"))
+    lp, h = response_logprobs(model, batch, temperature=0.7)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    log_p = torch.log_softmax(logits.float() / 0.7, -1)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        rows = log_p[i, len(p) - 1:len(p) + len(r) - 1]
+        expected = rows.gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(lp[i, :len(r)], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h[i, :len(r)], -(rows.exp() * rows).sum(-1), rtol=1e-5,
+                                   atol=1e-5)
+        assert float(lp[i, len(r):].detach().abs().sum()) == 0
+
+
+def test_process_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda params: torch.isfinite(process_logits(logits, params))[0].tolist()  # noqa
+    assert kept(SamplingParams(top_k=2)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.8)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.81)) == [True, True, True, False]
+    assert kept(SamplingParams(top_p=0.3)) == [True, False, False, False]
+    lp = process_logits(logits, SamplingParams(temperature=2.0))
+    torch.testing.assert_close(lp, torch.log_softmax(logits / 2.0, -1))
+
+
+def test_engine_logprobs_agree_with_the_trainers(workspace):
+    root, model_dir = workspace
+    model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
+                             torch.device("cpu"))
+    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=1)
+    prompts = [tok("1+2=")["input_ids"], tok("33+44=")["input_ids"]]
+    rollout = engine.generate(prompts, SamplingParams(n=3, temperature=0.8, max_new_tokens=12))
+    assert len(rollout.completion_ids) == 6
+    seq_prompts = [p for p in prompts for _ in range(3)]
+    batch = build_batch(seq_prompts, rollout.completion_ids, tok.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        lp, _ = response_logprobs(model, batch, temperature=0.8)
+    for i, sampled in enumerate(rollout.logprobs):
+        torch.testing.assert_close(lp[i, :len(sampled)], torch.tensor(sampled), rtol=1e-4,
+                                   atol=1e-4)
+    # The same seed draws the same samples.
+    again = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=1).generate(
+        prompts, SamplingParams(n=3, temperature=0.8, max_new_tokens=12))
+    assert again.completion_ids == rollout.completion_ids
+
+
+@pytest.mark.slow
+def test_short_run_writes_every_output_and_changes_the_weights(workspace):
+    root, model_dir = workspace
+    config = load_config(None, overrides(root, model_dir, "run", **{"algorithm.kl_coef": 0.05}))
+    trainer = Trainer(config, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.train()
+    run = root / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for key in ("reward", "reward/math_verify", "reward/semantic_density", "accuracy",
+                "advantage/std", "kl", "entropy", "clip_frac", "grad_norm", "tokens_per_s"):
+        assert all(key in m for m in metrics), key
+    assert len({m["reward"] for m in metrics}) > 1
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    for name in ("config.yaml", "curves.png", "samples.jsonl", "summary.json"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-4"
+    assert 0 <= summary["accuracy_before"] <= 1 and summary["steps"] == 4
+    # The checkpoint loads in plain transformers.
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-4")
+    torch.testing.assert_close(reloaded.state_dict()["lm_head.weight"],
+                               trainer.model.state_dict()["lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(workspace):
+    root, model_dir = workspace
+    extra = {"optim.schedule": "cosine", "algorithm.ppo_epochs": 2, "algorithm.mini_batches": 2,
+             "micro_batch_size": 4}
+    full = Trainer(load_config(None, overrides(root, model_dir, "full", save_every=2, **extra)),
+                   progress=False)
+    full.train()
+    resumed = Trainer(load_config(None, overrides(root, model_dir, "resumed", **extra)),
+                      resume=str(root / "full" / "checkpoints" / "step-2"), progress=False)
+    assert resumed.step == 2
+    resumed.train()
+    a = [json.loads(x) for x in (root / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (root / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [3, 4]
+    for ma, mb in zip(a[2:], b):
+        assert {k: v for k, v in ma.items() if k not in TIMING} == \
+               {k: v for k, v in mb.items() if k not in TIMING}
+
+
+def test_a_save_killed_midway_keeps_the_latest_checkpoint(workspace, monkeypatch):
+    root, model_dir = workspace
+    trainer = Trainer(load_config(None, overrides(root, model_dir, "atomic")), progress=False)
+    first = trainer.save()
+    trainer.step = 1
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(ckpt, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert ckpt.find_checkpoint(root / "atomic") == first
+    assert (root / "atomic" / "checkpoints" / ".tmp-step-1").exists()
+    monkeypatch.undo()
+    assert trainer.save().name == "step-1"
+    assert not list((root / "atomic" / "checkpoints").glob(".tmp-*"))
+
+
+def test_cli_help_lists_fields_and_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "rollout.group_size = 8" in out and "algorithm.adv_estimator = lambdapo" in out
+    assert cli.main(["train", "rollout.group_size=zero"]) == 2
+    assert "rollout.group_size" in capsys.readouterr().err
+
+
+def test_cli_eval_reports_pass_at_1_and_mean_at_k(workspace, capsys):
+    root, model_dir = workspace
+    code = cli.main(["eval", "--model", str(model_dir), "--dataset", str(root / "data.jsonl"),
+                     "data.prompt_field=question", "data.num_eval=4", "eval_samples=2",
+                     "rollout.max_new_tokens=6", f"output_dir={root / 'eval'}"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prompts"] == 4 and 0 <= result["pass@1_greedy"] <= 1 and "mean@2" in result
