@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
 import pytest
 
 from lambdapo.tasks import arithmetic
 
+ASSET = Path(arithmetic.__file__).resolve().parents[1] / "assets" / "tiny-arithmetic"
 PROMPT = re.compile(r"^(\d+)([+-])(\d+)=$")
 
 
@@ -114,3 +117,37 @@ def test_math_verify_accepts_the_solutions():
 def test_bad_arguments_raise_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         arithmetic.generate(**kwargs)
+
+
+def test_shipped_model_loads_and_solves_some_eval_problems():
+    if not (ASSET / "config.json").exists():
+        pytest.fail(f"the built-in model is missing from {ASSET}")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_num_threads(2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ASSET)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ASSET)
+    assert model.config.head_dim >= 32  # vLLM's attention backends need it
+    assert len(tokenizer) == model.config.vocab_size
+    assert tokenizer.eos_token_id == model.generation_config.eos_token_id
+    assert tokenizer.pad_token_id == model.generation_config.pad_token_id
+    assert sum(f.stat().st_size for f in ASSET.iterdir()) < 8 * 2**20
+
+    rows = arithmetic.generate("eval", 32, seed=0)
+    # Character-level: tokenizing prompt and solution apart equals tokenizing them together.
+    row = rows[0]
+    assert (tokenizer(row["prompt"])["input_ids"]
+            + tokenizer(row["solution"], add_special_tokens=False)["input_ids"]
+            == tokenizer(row["prompt"] + row["solution"])["input_ids"])
+    ids = tokenizer(row["solution"], add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == row["solution"]
+    assert tokenizer.unk_token_id not in tokenizer(row["prompt"] + row["solution"])["input_ids"]
+
+    tokenizer.padding_side = "left"
+    enc = tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=64)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = [re.findall(r"\\boxed\{([^{}]*)\}", t) for t in texts]
+    correct = sum(bool(a) and a[-1] == r["answer"] for a, r in zip(answers, rows))
+    assert correct >= 4, list(zip(texts, rows))
