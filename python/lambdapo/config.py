@@ -100,7 +100,7 @@ class RewardConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-3, "AdamW learning rate")
+    lr: float = _f(1e-4, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: list = _f([0.9, 0.99], "AdamW betas")
     warmup_steps: int = _f(0, "linear warm-up steps")
@@ -116,7 +116,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = _f(40, "training steps (one rollout batch each)")
+    steps: int = _f(200, "training steps (one rollout batch each)")
     prompts_per_step: int = _f(16, "prompts per step (each sampled group_size times)")
     micro_batch_size: int = _f(64, "sequences per forward/backward (gradient accumulation)")
     eval_samples: int = _f(4, "samples per held-out prompt (accuracy = mean over them)")
@@ -127,7 +127,9 @@ class TrainConfig:
     output_dir: str = _f("runs/lambdapo", "run directory (metrics, plots, checkpoints)")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    threads: int = _f(0, "CPU threads for torch (0: 1 for models under 50M parameters on "
+                                "the CPU, where more threads only add overhead; else torch's "
+                                "default)")
     log_samples: int = _f(2, "completions written to samples.jsonl per step")
 
 
