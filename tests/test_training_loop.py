@@ -189,3 +189,14 @@ def test_compare_writes_a_table_and_a_plot(workspace):
     assert "| lambdapo | 2 |" in table and "| rloo | 2 |" in table
     assert (root / "compare" / "compare.png").stat().st_size > 0
     assert (root / "compare" / "rloo-seed1" / "summary.json").exists()
+
+
+def test_builtin_default_model_and_task_train(tmp_path):
+    """The built-in model and task through the real entry point (a few steps)."""
+    code = cli.main(["train", "--quiet", "steps=2", "data.num_eval=8", "data.num_train=64",
+                     f"output_dir={tmp_path}"])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["accuracy_before"] <= 1
+    config = (tmp_path / "config.yaml").read_text()
+    assert "builtin:tiny-arithmetic" in config and "dataset: arithmetic" in config
