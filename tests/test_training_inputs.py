@@ -171,7 +171,8 @@ def test_user_reward_weights_and_errors(monkeypatch):
     install_module(monkeypatch,
                    length=lambda prompts, completions, completion_ids, **cols:
                    [len(c) for c in completions],
-                   boom=lambda *a, **k: 1 / 0,
+                   boom=lambda prompts, completions, completion_ids, **cols:
+                   [1 / len(c) for c in completions],
                    nan=lambda prompts, completions, completion_ids, **cols:
                    [0.0, math.nan])
     manager = RewardManager.from_config(RewardConfig(
@@ -180,8 +181,9 @@ def test_user_reward_weights_and_errors(monkeypatch):
     assert parts == {"format": [1.0, 0.0], "user_rewards:length": [9.0, 2.0]}
     assert total == [1.0 + 4.5, 1.0]
     boom = RewardManager.from_config(RewardConfig(functions=["user_rewards:boom"]))
-    with pytest.raises(RewardError, match="reward 'user_rewards:boom' raised ZeroDivisionError"):
-        boom.score(["p"], ["c"], [[]], {})
+    with pytest.raises(RewardError, match="reward 'user_rewards:boom' raised "
+                                          "ZeroDivisionError.* on sample 1 \\(prompt 'q'"):
+        boom.score(["p", "q"], ["c", ""], [[], []], {})
     nan = RewardManager.from_config(RewardConfig(functions=["user_rewards:nan"]))
     with pytest.raises(RewardError, match=r"returned nan for sample 1 \(prompt 'q'"):
         nan.score(["p", "q"], ["a", "b"], [[], []], {})
@@ -193,3 +195,18 @@ def test_user_reward_weights_and_errors(monkeypatch):
         RewardManager.from_config(RewardConfig(functions=["user_rewards:missing"]))
     with pytest.raises(ValueError, match="weights names"):
         RewardManager.from_config(RewardConfig(functions=["format"], weights={"x": 1}))
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"q": "1+1=", "a": "2"}, {"q": "2+2=", "a": "4"}, {"q": "3+3=", "a": "6"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(
+        tmp_path / "hf")
+    config = DataConfig(dataset=str(tmp_path / "hf"), prompt_field="q", answer_field="a",
+                        solution_field="")
+    assert [r["prompt"] for r in load_split(config, "train", 0)] == ["1+1=", "2+2=", "3+3="]
+    assert [r["answer"] for r in load_split(config, "eval", 0)] == ["2"]
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_split(DataConfig(dataset=str(tmp_path / "hf"), prompt_field="q", answer_field="a",
+                              solution_field="", train_split="validation"), "train", 0)

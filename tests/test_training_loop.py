@@ -2,6 +2,7 @@
 a short run's outputs, resume equivalence, atomic checkpoints, the command line."""
 
 import json
+import math
 import random
 
 import pytest
@@ -200,3 +201,48 @@ def test_builtin_default_model_and_task_train(tmp_path):
     assert summary["steps"] == 2 and 0 <= summary["accuracy_before"] <= 1
     config = (tmp_path / "config.yaml").read_text()
     assert "builtin:tiny-arithmetic" in config and "dataset: arithmetic" in config
+
+
+def test_logits_fallback_equals_the_fused_path(workspace, monkeypatch):
+    """Models whose head is not a plain linear layer go through token_logprobs on logits."""
+    from lambdapo import policy
+
+    root, model_dir = workspace
+    model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
+                             torch.device("cpu"))
+    batch = build_batch([tok("12+3=")["input_ids"]] * 2, [[5, 6, 7], [8]], tok.pad_token_id,
+                        torch.device("cpu"))
+    fused = response_logprobs(model, batch, temperature=0.9)
+    monkeypatch.setattr(policy, "_plain_linear_head", lambda m: None)
+    fallback = response_logprobs(model, batch, temperature=0.9)
+    for a, b in zip(fused, fallback):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_run(workspace):
+    root, model_dir = workspace
+    trainer = Trainer(load_config(None, overrides(root, model_dir, "bf16", steps=1,
+                                                  **{"model.dtype": "bfloat16"})),
+                      progress=False)
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    assert next(trainer.model.parameters()).dtype == torch.float32   # fp32 master weights
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one(workspace, tmp_path):
+    import shutil
+
+    root, model_dir = workspace
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(model_dir, chat_dir)
+    cfg_path = chat_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}Q:{{ m['content'] }}{% endfor %}A:"
+    cfg_path.write_text(json.dumps(cfg))
+    trainer = Trainer(load_config(None, overrides(root, chat_dir, "chat")), progress=False)
+    ids = trainer._prompt_ids({"prompt": "1+2="})
+    assert trainer.tokenizer.decode(ids, skip_special_tokens=True) == "Q:1+2=A:"
+    off = Trainer(load_config(None, overrides(root, chat_dir, "chat-off",
+                                              **{"data.chat_template": "off"})), progress=False)
+    assert off.tokenizer.decode(off._prompt_ids({"prompt": "1+2="}),
+                                skip_special_tokens=True) == "1+2="

@@ -248,9 +248,11 @@ class RewardManager:
                 raise
             except Exception as exc:  # noqa: BLE001 - any user error is reported the same way
                 if self.on_error != "zero":
+                    i = _first_failing_sample(fn, prompts, completions, completion_ids, columns)
+                    where = (f"sample {i} (prompt {prompts[i][:80]!r}, completion "
+                             f"{completions[i][:80]!r})" if i is not None else "the batch")
                     raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc} "
-                                      f"(on the batch starting with prompt "
-                                      f"{prompts[0][:80]!r})") from exc
+                                      f"on {where}") from exc
                 self.errors[name] = self.errors.get(name, 0) + n
                 values = [0.0] * n
             for i, v in enumerate(values):
@@ -265,3 +267,15 @@ class RewardManager:
         total = [sum(self.weights[name] * per_function[name][i] for name in per_function)
                  for i in range(n)]
         return total, per_function
+
+
+def _first_failing_sample(fn: RewardFn, prompts, completions, completion_ids,
+                          columns: dict[str, list]) -> int | None:
+    """Index of the first sample on which ``fn`` raises alone (None if none does)."""
+    for i in range(len(completions)):
+        try:
+            fn(prompts[i:i + 1], completions[i:i + 1], completion_ids[i:i + 1],
+               **{k: v[i:i + 1] for k, v in columns.items()})
+        except Exception:  # noqa: BLE001
+            return i
+    return None

@@ -99,7 +99,8 @@ class Trainer:
                 ids = self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": text}], add_generation_prompt=True,
                     tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+                # transformers 5 returns a BatchEncoding, 4.x a list of ids.
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             else:
                 ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
             if len(ids) > self.config.data.max_prompt_tokens:
