@@ -140,19 +140,6 @@ inline CandidatePlan candidates_by_reference(const at::Tensor& ref_index_cpu) {
   return plan;
 }
 
-// 64-bit hash of the n ids at p: equal n-grams hash equal; equality of hashes is always
-// confirmed on the ids, so collisions cost time, never correctness.
-C10_HOST_DEVICE inline uint64_t ngram_hash(const int64_t* p, int64_t n) {
-  uint64_t h = 0x9E3779B97F4A7C15ull;
-  for (int64_t k = 0; k < n; ++k) {
-    h ^= static_cast<uint64_t>(p[k]) + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
-  }
-  h ^= h >> 33;
-  h *= 0xFF51AFD7ED558CCDull;
-  h ^= h >> 33;
-  return h;
-}
-
 C10_HOST_DEVICE inline bool same_ngram(const int64_t* a, const int64_t* b, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     if (a[k] != b[k]) return false;
