@@ -22,6 +22,20 @@ struct Sequences {
   at::Tensor lengths;  // [B] int64
 };
 
+// Whether any of the (contiguous int64) values is negative. On the CPU a plain scan, not a
+// torch reduction: after a parallel reduction the OpenMP workers spin for a while, and the
+// kernel that follows ran at half speed at 2 threads on the 2-vCPU dev machine (full speed
+// with GOMP_SPINCOUNT=0 or with this scan).
+inline bool holds_negative(const at::Tensor& values) {
+  const int64_t n = values.numel();
+  if (n == 0) return false;
+  if (!values.is_cpu()) return values.min().item<int64_t>() < 0;
+  const int64_t* v = values.data_ptr<int64_t>();
+  int64_t any_sign = 0;
+  for (int64_t i = 0; i < n; ++i) any_sign |= v[i];
+  return any_sign < 0;
+}
+
 inline void check_sequences(const char* op, const char* name, const Sequences& seq,
                             const at::Device& device) {
   for (const auto& [part, t] : {std::pair<const char*, const at::Tensor&>{"values", seq.values},
@@ -46,7 +60,7 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
                       seq.values.numel(), " ids)");
   }
   // Negative ids are rejected inside the sequences; padding outside them may be anything.
-  if (seq.values.numel() > 0 && seq.values.min().item<int64_t>() < 0) {
+  if (holds_negative(seq.values)) {
     const at::Tensor seg = at::repeat_interleave(at::arange(seq.starts.numel(), seq.starts.options()),
                                                  seq.lengths);
     const at::Tensor first = at::cumsum(seq.lengths, 0).sub_(seq.lengths);
@@ -138,19 +152,6 @@ inline CandidatePlan candidates_by_reference(const at::Tensor& ref_index_cpu) {
     begin = end;
   }
   return plan;
-}
-
-// 64-bit hash of the n ids at p: equal n-grams hash equal; equality of hashes is always
-// confirmed on the ids, so collisions cost time, never correctness.
-C10_HOST_DEVICE inline uint64_t ngram_hash(const int64_t* p, int64_t n) {
-  uint64_t h = 0x9E3779B97F4A7C15ull;
-  for (int64_t k = 0; k < n; ++k) {
-    h ^= static_cast<uint64_t>(p[k]) + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
-  }
-  h ^= h >> 33;
-  h *= 0xFF51AFD7ED558CCDull;
-  h ^= h >> 33;
-  return h;
 }
 
 C10_HOST_DEVICE inline bool same_ngram(const int64_t* a, const int64_t* b, int64_t n) {

@@ -81,6 +81,26 @@ def test_ngram_overlap_equals_torch_unique_reference():
         assert a.dtype == torch.int64 and torch.equal(a, b)
 
 
+def test_token_ids_of_any_size_count_the_same():
+    # Renaming tokens one-to-one leaves every count unchanged. The CPU kernel looks ids below
+    # 2^20 up directly and larger ones in a table: mix both, within and across references.
+    cands, refs = random_pairs(300, vocab=10, max_len=80, seed=7, long_every=60, long_len=2000)
+    rng = random.Random(7)
+    large = [2**20 - 1, 2**20, 2**20 + 1, 2**31, 2**40 + 3]
+    large += [rng.randrange(2**62, 2**63) for _ in range(5)]
+    renames = [list(range(10)), large, [t if t % 3 else large[t] for t in range(10)]]
+
+    def renamed(seqs):
+        return [[renames[i % 3][t] for t in s] for i, s in enumerate(seqs)]
+
+    expected = ngram_overlap(cands, refs, max_n=5)
+    assert all(torch.equal(a, b)
+               for a, b in zip(expected, reference.ngram_overlap(cands, refs, max_n=5)))
+    for got in (ngram_overlap(renamed(cands), renamed(refs), max_n=5),
+                ngram_overlap(packed(renamed(cands)), packed(renamed(refs)), max_n=5)):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_edge_cases_match_rouge_score():
     cands = [[], [1, 2], [], [5], [1, 1, 1, 1], [1, 2, 1, 2, 1], [7, 8, 9], [3, 3]]
     refs = [[], [], [1, 2], [5], [1, 1], [2, 1, 2], [7, 8, 9], [4, 4, 4]]
