@@ -65,6 +65,18 @@ def test_rouge_l_equals_rouge_score():
     assert torch.equal(torch.stack([p, r, f], dim=1), expected)
 
 
+@pytest.mark.slow
+def test_rouge_l_equals_rouge_score_on_thousands_of_pairs():
+    """rouge-score's pure-Python O(nm) LCS bounds the size: 2000 pairs up to 300 tokens,
+    every 500th up to 1500."""
+    cands, refs = random_pairs(2000, vocab=10, max_len=300, seed=11, long_every=500,
+                               long_len=1500)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=WhitespaceTokenizer())
+    expected = rouge_score_reference(cands, refs, scorer)["rougeL"]
+    p, r, f = rouge_l(cands, refs)
+    assert torch.equal(torch.stack([p, r, f], dim=1), expected)
+
+
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 127, 128, 129, 3000])
 def test_lcs_across_word_boundaries_equals_the_dynamic_programme(length):
     cands, refs = random_pairs(6, vocab=5, max_len=length, seed=length)
