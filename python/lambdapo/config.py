@@ -29,7 +29,8 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 @dataclass
 class ModelConfig:
     path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or builtin:tiny-arithmetic")
-    dtype: str = _f("float32", "weights dtype: float32 | bfloat16 (bf16 also autocasts)")
+    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (autocast over fp32 master "
+                               "weights)")
     attn_implementation: str = _f(
         "auto", "auto (flash_attention_2 when flash-attn and a GPU are there, else sdpa) | sdpa | "
                 "eager | flash_attention_2")
