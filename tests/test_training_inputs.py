@@ -7,7 +7,6 @@ import time
 import types
 
 import pytest
-import torch
 
 import lambdapo_ext
 from lambdapo import config as config_lib

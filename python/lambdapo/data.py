@@ -10,7 +10,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import DataConfig
 
@@ -155,6 +155,3 @@ class PromptSampler:
     def load_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._shuffled(self.epoch)
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.rows)
