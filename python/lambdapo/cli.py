@@ -78,10 +78,10 @@ def cmd_eval(args) -> int:
         config.data.dataset = args.dataset
     trainer = Trainer(config, progress=False)
     start = time.perf_counter()
-    greedy_config = config.eval_temperature
+    sampled_temperature = config.eval_temperature
     trainer.config.eval_temperature = 0.0
     pass1 = trainer.evaluate()
-    trainer.config.eval_temperature = greedy_config
+    trainer.config.eval_temperature = sampled_temperature
     sampled = trainer.evaluate()
     k = config.eval_samples
     temperature = config.rollout.temperature if config.eval_temperature < 0 else config.eval_temperature

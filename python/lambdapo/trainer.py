@@ -90,6 +90,7 @@ class Trainer:
             self._resume(resume)
         save_config(config, self.run_dir / "config.yaml")
         self._prompt_cache: dict[str, list[int]] = {}
+        self._solution_cache: dict[str, list[int]] = {}
 
     # ----------------------------------------------------------------------------- data
     def _prompt_ids(self, row: dict) -> list[int]:
@@ -120,14 +121,24 @@ class Trainer:
         columns: dict[str, list] = {}
         for key in rows[0]:
             columns[key] = [row[key] for row in rows for _ in range(n)]
-        solution_ids = [self.tokenizer(row["solution"], add_special_tokens=False)["input_ids"]
-                        for row in rows]
+        solution_ids = [self._solution_ids(row["solution"]) for row in rows]
         columns["solution_ids"] = [ids for ids in solution_ids for _ in range(n)]
         columns["group_index"] = [p for p in range(len(rows)) for _ in range(n)]
         return columns
 
+    def _solution_ids(self, text: str) -> list[int]:
+        if text not in self._solution_cache:
+            self._solution_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._solution_cache[text]
+
     def _decode(self, ids: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _correct(self, per_function, prompts, texts, completion_ids, columns) -> list[float]:
+        """The math_verify reward per completion: reused when it is one of the rewards."""
+        if "math_verify" in per_function:
+            return per_function["math_verify"]
+        return self.accuracy_reward(prompts, texts, completion_ids, **columns)
 
     # ----------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -150,8 +161,8 @@ class Trainer:
         texts = self._decode(rollout.completion_ids)
         columns = self._columns(self.eval_rows, n)
         prompts = [row["prompt"] for row in self.eval_rows for _ in range(n)]
-        correct = self.accuracy_reward(prompts, texts, rollout.completion_ids, **columns)
-        total, _ = self.rewards.score(prompts, texts, rollout.completion_ids, columns)
+        total, per_function = self.rewards.score(prompts, texts, rollout.completion_ids, columns)
+        correct = self._correct(per_function, prompts, texts, rollout.completion_ids, columns)
         return EvalResult(sum(correct) / len(correct), sum(total) / len(total), len(correct))
 
     # ----------------------------------------------------------------------------- train
@@ -170,7 +181,7 @@ class Trainer:
         prompts = [row["prompt"] for row in rows for _ in range(g)]
         columns = self._columns(rows, g)
         total, per_function = self.rewards.score(prompts, texts, rollout.completion_ids, columns)
-        correct = self.accuracy_reward(prompts, texts, rollout.completion_ids, **columns)
+        correct = self._correct(per_function, prompts, texts, rollout.completion_ids, columns)
 
         seq_prompts = [ids for ids in prompt_ids for _ in range(g)]
         responses = rollout.completion_ids
