@@ -40,6 +40,12 @@ def test_config_yaml_overrides_and_round_trip(tmp_path):
     ("steps=2.5", "steps"),
     ("model.trust_remote_code=maybe", "model.trust_remote_code"),
     ("steps", "section.field=value"),
+    ("rollout.engine=sglang", "rollout.engine"),
+    ("rollout.sleep_level=3", "rollout.sleep_level"),
+    ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization"),
+    ("rollout.weight_bucket_mb=0", "rollout.weight_bucket_mb"),
+    ("algorithm.rollout_is=geometric", "algorithm.rollout_is"),
+    ("algorithm.rollout_is_cap=0.5", "algorithm.rollout_is_cap"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):

@@ -246,3 +246,35 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(workspace, tmp_path
                                               **{"data.chat_template": "off"})), progress=False)
     assert off.tokenizer.decode(off._prompt_ids({"prompt": "1+2="}),
                                 skip_special_tokens=True) == "1+2="
+
+
+@pytest.mark.parametrize("level,cap,scale", [("token", 2.0, math.exp(0.3)),
+                                             ("sequence", 2.0, math.exp(0.3)),
+                                             ("token", 1.2, 1.2)])
+def test_rollout_correction_weights_the_update(workspace, level, cap, scale):
+    """An engine whose log-probs sit 0.3 below the trainer's: every token gets weight
+    min(e^0.3, cap), so the first update's gradient is that many times the uncorrected one."""
+    root, model_dir = workspace
+
+    def first_step(rollout_is: str) -> dict:
+        extra = {"algorithm.rollout_is": rollout_is, "algorithm.rollout_is_cap": cap,
+                 "optim.max_grad_norm": 0, "steps": 1}
+        trainer = Trainer(load_config(None, overrides(root, model_dir, f"is-{rollout_is}",
+                                                      **extra)), progress=False)
+        generate = trainer.engine.generate
+
+        def shifted(prompts, params):
+            rollout = generate(prompts, params)
+            rollout.logprobs = [[lp - 0.3 for lp in row] for row in rollout.logprobs]
+            return rollout
+        trainer.engine.generate = shifted
+        return trainer.train_step()
+
+    plain, corrected = first_step("none"), first_step(level)
+    for m in (plain, corrected):
+        assert m["mismatch/abs_mean"] == pytest.approx(0.3, abs=1e-4)
+        assert m["mismatch/abs_max"] == pytest.approx(0.3, abs=1e-4)
+    assert "mismatch/is_mean" not in plain
+    assert corrected["mismatch/is_mean"] == pytest.approx(scale, rel=1e-4)
+    assert corrected["mismatch/is_clipped"] == (1.0 if scale == cap else 0.0)
+    assert corrected["grad_norm"] == pytest.approx(scale * plain["grad_norm"], rel=1e-3)

@@ -8,7 +8,7 @@ import torch
 
 from lambdapo import advantages as adv
 from lambdapo.config import AlgorithmConfig
-from lambdapo.loss import BatchTotals, aggregate, k3_kl, policy_loss
+from lambdapo.loss import BatchTotals, aggregate, k3_kl, policy_loss, rollout_is_weights
 
 
 def algo(**kwargs) -> AlgorithmConfig:
@@ -118,3 +118,58 @@ def test_k3_kl_and_kl_term():
     with pytest.raises(ValueError, match="ref_logprobs"):
         policy_loss(logp, logp, torch.tensor([0.0]), mask, clip_low=0.2, clip_high=0.2,
                     agg_mode="token-mean", totals=BatchTotals(2, 1, 2), kl_coef=0.1)
+
+
+# Trainer (pi_old) and engine (mu) log-probs of two responses, the second one token long.
+TRAINER_LP = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, 0.0, 0.0]])
+ENGINE_LP = torch.tensor([[-1.5, -1.0, -0.5], [-1.5, 9.0, 9.0]])   # 9.0: padding, ignored
+IS_MASK = torch.tensor([[True, True, True], [True, False, False]])
+
+
+def test_token_level_rollout_is_by_hand():
+    w, m = rollout_is_weights(TRAINER_LP, ENGINE_LP, IS_MASK, level="token", cap=1.5)
+    # exp(pi_old - mu): [e^0.5, e^-1, 1] and [e^1.2]; truncated at 1.5; 1 off the response.
+    expected = torch.tensor([[1.5, math.exp(-1.0), 1.0], [1.5, 1.0, 1.0]])
+    torch.testing.assert_close(w, expected)
+    assert m["mismatch/abs_mean"] == pytest.approx((0.5 + 1.0 + 0.0 + 1.2) / 4)
+    assert m["mismatch/abs_max"] == pytest.approx(1.2)
+    assert m["mismatch/is_clipped"] == pytest.approx(2 / 4)
+    assert m["mismatch/is_mean"] == pytest.approx((1.5 + math.exp(-1.0) + 1.0 + 1.5) / 4)
+
+
+def test_sequence_level_rollout_is_uses_the_mean_log_ratio():
+    w, m = rollout_is_weights(TRAINER_LP, ENGINE_LP, IS_MASK, level="sequence", cap=1.5)
+    first = math.exp((0.5 - 1.0 + 0.0) / 3)    # the mean, not the sum, of the log-ratios
+    torch.testing.assert_close(w, torch.tensor([[first] * 3, [1.5, 1.0, 1.0]]))
+    assert m["mismatch/is_clipped"] == pytest.approx(1 / 2)   # share of responses
+    # A long response whose every token is off by +0.1 keeps weight e^0.1 (a sum would
+    # give e^10 and be truncated).
+    long = torch.full((1, 100), -1.0)
+    w_long, _ = rollout_is_weights(long, long - 0.1, torch.ones(1, 100, dtype=torch.bool),
+                                   level="sequence", cap=2.0)
+    torch.testing.assert_close(w_long, torch.full((1, 100), math.exp(0.1)))
+
+
+def test_rollout_is_none_still_measures_and_errors():
+    w, m = rollout_is_weights(TRAINER_LP, ENGINE_LP, IS_MASK, level="none", cap=2.0)
+    assert w is None and m["mismatch/abs_max"] == pytest.approx(1.2)
+    huge = torch.tensor([[100.0]])   # exp would overflow: the weight is the cap
+    w, _ = rollout_is_weights(huge, torch.zeros(1, 1), torch.ones(1, 1), level="token", cap=3.0)
+    assert float(w) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="rollout_is 'tokens'"):
+        rollout_is_weights(TRAINER_LP, ENGINE_LP, IS_MASK, level="tokens", cap=2.0)
+    with pytest.raises(ValueError, match="one shape"):
+        rollout_is_weights(TRAINER_LP, ENGINE_LP[:, :2], IS_MASK, level="token", cap=2.0)
+
+
+def test_is_weights_scale_each_tokens_surrogate():
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_(True)
+    weights = torch.tensor([[0.5, 2.0, 1.0]])
+    kwargs = dict(clip_low=0.2, clip_high=0.2, agg_mode="token-mean",
+                  totals=BatchTotals(3, 1, 3))
+    loss, _ = policy_loss(new, torch.zeros(1, 3), torch.tensor([2.0]),
+                          torch.ones(1, 3, dtype=torch.bool), is_weights=weights, **kwargs)
+    assert float(loss.detach()) == pytest.approx(-(0.5 * 2.4 + 2.0 * 1.0 + 1.0 * 2.2) / 3)
+    loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, -2.0 * 0.5 * 2 / 3,
+                                                        -1.0 * 1.1 * 2 / 3]]))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import config as config_lib
 from .rewards import RewardError
+from .rollout import RolloutEngineError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,8 +61,8 @@ def cmd_train(args) -> int:
     from .trainer import Trainer
 
     config = config_lib.load_config(args.config, args.overrides)
-    trainer = Trainer(config, resume=args.resume, progress=not args.quiet)
-    summary = trainer.train()
+    with Trainer(config, resume=args.resume, progress=not args.quiet) as trainer:
+        summary = trainer.train()
     print(_summary_line(summary))
     print(f"outputs: {config.output_dir}")
     return 0
@@ -76,16 +77,17 @@ def cmd_eval(args) -> int:
     config = config_lib.load_config(args.config, overrides)
     if args.dataset:   # the training data is not needed: point it at the eval data
         config.data.dataset = args.dataset
-    trainer = Trainer(config, progress=False)
-    start = time.perf_counter()
-    sampled_temperature = config.eval_temperature
-    trainer.config.eval_temperature = 0.0
-    pass1 = trainer.evaluate()
-    trainer.config.eval_temperature = sampled_temperature
-    sampled = trainer.evaluate()
+    with Trainer(config, progress=False) as trainer:
+        start = time.perf_counter()
+        sampled_temperature = config.eval_temperature
+        trainer.config.eval_temperature = 0.0
+        pass1 = trainer.evaluate()
+        trainer.config.eval_temperature = sampled_temperature
+        sampled = trainer.evaluate()
     k = config.eval_samples
     temperature = config.rollout.temperature if config.eval_temperature < 0 else config.eval_temperature
-    result = {"model": args.model, "prompts": len(trainer.eval_rows),
+    result = {"model": args.model, "engine": trainer.engine.name,
+              "prompts": len(trainer.eval_rows),
               "pass@1_greedy": pass1.accuracy, f"mean@{k}": sampled.accuracy,
               "temperature": temperature, "mean_reward": sampled.reward,
               "seconds": time.perf_counter() - start}
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
-    except (ValueError, FileNotFoundError, RewardError) as exc:
+    except (ValueError, FileNotFoundError, RewardError, RolloutEngineError) as exc:
         print(f"lambdapo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,7 +28,8 @@ def run_comparison(config_path: str | None, overrides: list[str], *, estimators:
                 config = config_lib.load_config(config_path, list(overrides) + [
                     f"algorithm.adv_estimator={estimator}", f"seed={seed}",
                     f"output_dir={run_dir}"])
-                Trainer(config, progress=True).train()
+                with Trainer(config, progress=True) as trainer:
+                    trainer.train()
             summary = json.loads(summary_path.read_text())
             summary["curve"] = [(m["step"], m["accuracy"]) for m in read_metrics(run_dir)]
             results.setdefault(estimator, []).append(summary)

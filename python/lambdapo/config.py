@@ -60,12 +60,23 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = _f("transformers", "generation backend: transformers")
+    engine: str = _f("transformers", "generation backend: transformers | vllm (colocated "
+                                     "vLLM engine) | auto (vllm when installed)")
     group_size: int = _f(8, "responses sampled per prompt (G)")
     temperature: float = _f(1.0, "sampling temperature (log-probs include it)")
     top_p: float = _f(1.0, "nucleus sampling mass")
     top_k: int = _f(0, "top-k sampling (0: off)")
     max_new_tokens: int = _f(64, "response length limit")
+    gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory (on CPU: of RAM) "
+                                            "it reserves for weights and KV cache")
+    kv_cache_gb: float = _f(0.0, "vllm: KV cache size in GiB (0: what "
+                                 "gpu_memory_utilization leaves after the weights)")
+    max_model_len: int = _f(0, "vllm: longest prompt + response (0: data.max_prompt_tokens "
+                               "+ max_new_tokens, capped at the model's positions)")
+    sleep_level: int = _f(1, "vllm on GPU, between generations: 0 stay resident | 1 offload "
+                             "weights, free KV cache | 2 discard both (weights re-pushed); "
+                             "vLLM's CPU backend cannot sleep and stays resident")
+    weight_bucket_mb: int = _f(256, "vllm: size of one weight push (whole layers per push)")
 
 
 @dataclass
@@ -81,6 +92,10 @@ class AlgorithmConfig:
     kl_coef: float = _f(0.0, "k3 KL penalty to a frozen reference (0: no reference loaded)")
     ppo_epochs: int = _f(1, "passes over each rollout batch")
     mini_batches: int = _f(1, "optimizer steps per pass (the batch split evenly)")
+    rollout_is: str = _f("token", "importance weight between the engine's sampling and the "
+                                  "trainer's log-probs: token | sequence (exp of the mean "
+                                  "per-token log-ratio) | none")
+    rollout_is_cap: float = _f(2.0, "truncation of that weight (verl's rollout_is_threshold)")
 
 
 @dataclass
@@ -225,7 +240,9 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "data.chat_template": ("auto", "on", "off"),
-    "rollout.engine": ("transformers",),
+    "rollout.engine": ("transformers", "vllm", "auto"),
+    "rollout.sleep_level": (0, 1, 2),
+    "algorithm.rollout_is": ("token", "sequence", "none"),
     "algorithm.adv_estimator": ("lambdapo", "grpo", "dr_grpo", "rloo"),
     "algorithm.lambda_score": ("mean", "sum"),
     "algorithm.lambda_normalize": ("mean", "none", "std"),
@@ -237,7 +254,8 @@ _CHOICES = {
 
 _POSITIVE = ("rollout.group_size", "rollout.max_new_tokens", "steps", "prompts_per_step",
              "micro_batch_size", "eval_samples", "algorithm.ppo_epochs",
-             "algorithm.mini_batches", "reward.sd_max_n", "reward.timeout_s")
+             "algorithm.mini_batches", "reward.sd_max_n", "reward.timeout_s",
+             "rollout.weight_bucket_mb")
 
 
 def get(config: TrainConfig, key: str) -> Any:
@@ -260,11 +278,18 @@ def validate(config: TrainConfig) -> None:
                          "group advantage")
     if not 0 < config.rollout.top_p <= 1:
         raise ValueError(f"config rollout.top_p: must lie in (0, 1], got {config.rollout.top_p}")
+    if not 0 < config.rollout.gpu_memory_utilization <= 1:
+        raise ValueError(f"config rollout.gpu_memory_utilization: must lie in (0, 1], got "
+                         f"{config.rollout.gpu_memory_utilization}")
+    if config.algorithm.rollout_is_cap < 1:
+        raise ValueError(f"config algorithm.rollout_is_cap: must be >= 1, got "
+                         f"{config.algorithm.rollout_is_cap}")
     if config.rollout.temperature <= 0:
         raise ValueError("config rollout.temperature: must be > 0 (sampling is required)")
     for key in ("algorithm.clip_low", "algorithm.clip_high", "algorithm.kl_coef",
                 "reward.lambda_sd", "optim.weight_decay", "optim.max_grad_norm", "optim.lr",
-                "optim.warmup_steps", "eval_every", "save_every", "threads", "log_samples"):
+                "optim.warmup_steps", "rollout.max_model_len", "rollout.kv_cache_gb",
+                "eval_every", "save_every", "threads", "log_samples"):
         if get(config, key) < 0:
             raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
     if len(config.optim.betas) != 2:

@@ -12,10 +12,19 @@ mini-batch loss):
 * ``seq-mean-token-mean``: mean over responses of (mean over its tokens);
 * ``seq-mean-token-sum-norm``: mean over responses of (sum over its tokens / max_new_tokens),
   Dr. GRPO's constant normaliser.
+
+Rollout correction: the engine samples from its own copy of the policy (another kernel,
+dtype or batch shape), so its log-probs ``mu`` differ from the trainer's ``pi_old``. The
+surrogate of each token is multiplied by the truncated importance weight
+``min(exp(pi_old - mu), cap)`` (token level) or, per response, by
+``min(exp(mean_t(pi_old - mu)), cap)`` (sequence level; the mean, not the sum, so that
+long responses are not clipped wholesale): truncated importance sampling as in Yao et
+al. (2025) and verl's rollout correction.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +61,62 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
+IS_LEVELS = ("token", "sequence", "none")
+
+
+@torch.no_grad()
+def rollout_is_weights(trainer_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *,
+                       level: str, cap: float) -> tuple[Tensor | None, dict[str, float]]:
+    """Truncated importance weights of the trainer's policy over the engine's sampling
+    distribution, and the mismatch between the two.
+
+    Args:
+        trainer_logprobs: [b, T] the trainer's log-probs of the sampled tokens (pi_old).
+        rollout_logprobs: [b, T] the engine's log-probs of the same tokens (mu).
+        mask: [b, T] 1 on response tokens.
+        level: ``token``, ``sequence`` or ``none`` (no weights; mismatch still measured).
+        cap: upper truncation of the weight (>= 1).
+
+    Returns:
+        (weights [b, T] (1 off the response) or None for ``none``, metrics:
+        ``mismatch/abs_mean`` and ``mismatch/abs_max`` of |pi_old - mu| over response
+        tokens, ``mismatch/is_mean`` the mean weight, ``mismatch/is_clipped`` the share of
+        tokens (token level) or responses (sequence level) whose weight was truncated).
+
+    Raises:
+        ValueError: unknown ``level``, mismatched shapes.
+    """
+    if level not in IS_LEVELS:
+        raise ValueError(f"rollout_is {level!r} is not one of {IS_LEVELS}")
+    if trainer_logprobs.shape != rollout_logprobs.shape or trainer_logprobs.shape != mask.shape:
+        raise ValueError(f"rollout_is_weights: trainer_logprobs {tuple(trainer_logprobs.shape)}, "
+                         f"rollout_logprobs {tuple(rollout_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must have one shape")
+    mask = mask.bool()
+    delta = (trainer_logprobs.float() - rollout_logprobs.float()).masked_fill(~mask, 0.0)
+    tokens = max(int(mask.sum()), 1)
+    metrics = {"mismatch/abs_mean": float(delta.abs().sum()) / tokens,
+               "mismatch/abs_max": float(delta.abs().max()) if delta.numel() else 0.0}
+    if level == "none":
+        return None, metrics
+    if level == "token":
+        log_w = delta
+        clipped = (log_w > math.log(cap)) & mask
+        metrics["mismatch/is_clipped"] = float(clipped.sum()) / tokens
+    else:
+        log_w = (delta.sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(delta)
+        has_tokens = mask.any(-1)
+        clipped = (log_w[:, 0] > math.log(cap)) & has_tokens
+        metrics["mismatch/is_clipped"] = float(clipped.sum()) / max(int(has_tokens.sum()), 1)
+    weights = torch.exp(log_w.clamp(max=math.log(cap))).masked_fill(~mask, 1.0)
+    metrics["mismatch/is_mean"] = float((weights * mask).sum()) / tokens
+    return weights, metrics
+
+
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                 clip_low: float, clip_high: float, agg_mode: str, totals: BatchTotals,
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0,
-                ) -> tuple[Tensor, dict[str, float]]:
+                is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate of one micro-batch.
 
     Args:
@@ -68,6 +129,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
         totals: sizes of the mini-batch this micro-batch belongs to.
         ref_logprobs: [b, T] frozen reference's log-probs, needed when ``kl_coef > 0``.
         kl_coef: weight of the k3 KL term.
+        is_weights: [b, T] rollout-correction weights (no grad) multiplying each token's
+            surrogate (see :func:`rollout_is_weights`); the KL term is not weighted.
 
     Returns:
         (loss share, metric sums over this micro-batch's tokens: ``clipped``, ``kl``,
@@ -82,6 +145,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.to(per_token.dtype)
     metrics = {}
     if kl_coef > 0:
         kl = k3_kl(logprobs, ref_logprobs)

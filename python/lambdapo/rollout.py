@@ -7,7 +7,9 @@ convention of vLLM's processed log-probs.
 
 ``TransformersEngine`` runs the policy model itself with a key-value cache, so it always
 serves the current weights; its sampling uses its own ``torch.Generator`` whose state is
-part of a checkpoint (resumed runs draw the same samples).
+part of a checkpoint (resumed runs draw the same samples). ``VLLMEngine``
+(:mod:`lambdapo.rollout_vllm`) runs a colocated vLLM engine that gets the weights pushed
+after every optimizer step. :func:`build_engine` picks one from ``rollout.engine``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .policy import autocast_context
+from .config import TrainConfig
+from .policy import autocast_context, autocast_dtype
 
 
 @dataclass
@@ -43,7 +46,14 @@ class Rollout:
         return sum(len(c) for c in self.completion_ids)
 
 
+class RolloutEngineError(RuntimeError):
+    """An engine could not be built or failed to generate (the cause is in the message)."""
+
+
 class RolloutEngine(Protocol):
+    name: str
+    generator: torch.Generator   # draws the samples; evaluation reseeds it
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         """Samples ``params.n`` responses for each prompt."""
 
@@ -54,6 +64,36 @@ class RolloutEngine(Protocol):
         """The sampling RNG state (uint8 tensor), for checkpoints."""
 
     def set_generator_state(self, state: Tensor) -> None: ...
+
+    def close(self) -> None:
+        """Frees the engine's resources."""
+
+
+def build_engine(config: TrainConfig, model, tokenizer, model_path: str) -> RolloutEngine:
+    """The engine ``config.rollout.engine`` names (``auto``: vLLM when it is installed,
+    else transformers) around the trainer's ``model``; ``model_path`` is its folder.
+
+    Raises:
+        RolloutEngineError: ``vllm`` was asked for and cannot start (see VLLMEngine).
+    """
+    from .rollout_vllm import VLLMEngine, vllm_available
+
+    rollout = config.rollout
+    name = rollout.engine
+    if name == "auto":
+        name = "vllm" if vllm_available() else "transformers"
+    if name == "transformers":
+        return TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  seed=config.seed, autocast_dtype=autocast_dtype(config.model))
+    max_len = rollout.max_model_len or min(
+        config.data.max_prompt_tokens + rollout.max_new_tokens,
+        getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+    return VLLMEngine(model, model_path, eos_token_id=tokenizer.eos_token_id, seed=config.seed,
+                      dtype=config.model.dtype, max_model_len=max_len,
+                      gpu_memory_utilization=rollout.gpu_memory_utilization,
+                      kv_cache_bytes=int(rollout.kv_cache_gb * 2**30),
+                      sleep_level=rollout.sleep_level, bucket_mb=rollout.weight_bucket_mb,
+                      trust_remote_code=config.model.trust_remote_code)
 
 
 def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -81,6 +121,8 @@ def _cache_of(output):
 class TransformersEngine:
     """Sampling with the policy's own transformers model (key-value cache, batched)."""
 
+    name = "transformers"
+
     def __init__(self, model, eos_token_id: int, pad_token_id: int, *, seed: int = 0,
                  batch_size: int = 256, autocast_dtype: torch.dtype | None = None):
         self.model = model
@@ -96,6 +138,9 @@ class TransformersEngine:
 
     def sync_weights(self) -> None:
         """Nothing to do: the engine runs the trainer's model."""
+
+    def close(self) -> None:
+        """Nothing to free: the model belongs to the trainer."""
 
     def generator_state(self) -> Tensor:
         return self.generator.get_state()

@@ -1,10 +1,11 @@
 """The LambdaPO training loop.
 
-One step: take ``prompts_per_step`` prompts -> sample ``group_size`` responses each ->
-score them -> the trainer's log-probs of the responses (behaviour policy, no grad) ->
-confidence scores and advantages -> ``ppo_epochs`` passes of PPO-clip over
-``mini_batches`` optimizer steps, each accumulated over micro-batches -> the engine serves
-the new weights. Outputs go to one run directory: ``config.yaml``, ``metrics.jsonl``,
+One step: take ``prompts_per_step`` prompts -> sample ``group_size`` responses each with
+the rollout engine (transformers or vLLM) -> score them -> the trainer's log-probs of the
+responses (behaviour policy, no grad) and their importance weights over the engine's
+log-probs (rollout correction) -> confidence scores and advantages -> ``ppo_epochs``
+passes of PPO-clip over ``mini_batches`` optimizer steps, each accumulated over
+micro-batches -> the engine serves the new weights. Outputs go to one run directory: ``config.yaml``, ``metrics.jsonl``,
 ``samples.jsonl``, TensorBoard events, ``curves.png``, ``checkpoints/``.
 """
 
@@ -23,11 +24,11 @@ from . import advantages as adv_lib
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config, to_dict
 from .data import PromptSampler, load_split
-from .loss import BatchTotals, policy_loss
+from .loss import BatchTotals, policy_loss, rollout_is_weights
 from .policy import (autocast_dtype, build_batch, load_policy, pick_device,
-                     response_logprobs)
+                     resolve_model_path, response_logprobs)
 from .rewards import MathVerifyReward, RewardManager
-from .rollout import SamplingParams, TransformersEngine
+from .rollout import SamplingParams, build_engine
 
 
 # Below this size, CPU ops are too small for intra-op threads to pay for their overhead.
@@ -67,8 +68,6 @@ class Trainer:
             self.ref_model.eval().requires_grad_(False)
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
-        self.engine = TransformersEngine(self.model, self.eos, self.pad, seed=config.seed,
-                                         autocast_dtype=self.autocast)
         self.rewards = RewardManager.from_config(config.reward)
         self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
                                                 config.reward.timeout_s)
@@ -86,8 +85,11 @@ class Trainer:
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.elapsed_before = 0.0
+        self.engine = build_engine(config, self.model, self.tokenizer,
+                                   resolve_model_path(config.model.path))
         if resume:
             self._resume(resume)
+            self.engine.sync_weights()
         save_config(config, self.run_dir / "config.yaml")
         self._prompt_cache: dict[str, list[int]] = {}
         self._solution_cache: dict[str, list[int]] = {}
@@ -187,14 +189,19 @@ class Trainer:
         responses = rollout.completion_ids
         old_lp, entropy, ref_lp = self._behaviour_logprobs(seq_prompts, responses)
         mask = torch.zeros_like(old_lp, dtype=torch.bool)
-        for i, r in enumerate(responses):
+        engine_lp = torch.zeros_like(old_lp)
+        for i, (r, lp) in enumerate(zip(responses, rollout.logprobs)):
             mask[i, :len(r)] = True
+            engine_lp[i, :len(r)] = torch.tensor(lp)
+        is_weights, mismatch = rollout_is_weights(old_lp, engine_lp, mask,
+                                                  level=algo.rollout_is, cap=algo.rollout_is_cap)
         scores = adv_lib.sequence_scores(old_lp, mask.float(), algo.lambda_score)
         rewards_t = torch.tensor(total, dtype=torch.float32).view(-1, g)
         advantages = adv_lib.compute_advantages(rewards_t, scores.view(-1, g).cpu(), algo).view(-1)
 
         t1 = time.perf_counter()
-        update = self._update(seq_prompts, responses, old_lp, ref_lp, advantages, mask)
+        update = self._update(seq_prompts, responses, old_lp, ref_lp, advantages, mask,
+                              is_weights)
         self.engine.sync_weights()
         self.step += 1
         tokens = rollout.num_tokens
@@ -212,6 +219,7 @@ class Trainer:
             "response_length": tokens / len(responses),
             "finished": sum(rollout.finished) / len(rollout.finished),
             **update,
+            **mismatch,
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": tokens / max(gen_time, 1e-9),
             "gen_time": gen_time,
@@ -243,7 +251,8 @@ class Trainer:
         ref = torch.cat(chunks_ref) if chunks_ref else None
         return torch.cat(chunks_lp), torch.cat(chunks_h), ref
 
-    def _update(self, prompts, responses, old_lp, ref_lp, advantages, mask) -> dict:
+    def _update(self, prompts, responses, old_lp, ref_lp, advantages, mask,
+                is_weights) -> dict:
         cfg, algo = self.config, self.config.algorithm
         sums = {"clipped": 0.0, "ratio": 0.0, "tokens": 0.0, "kl": 0.0}
         losses, grad_norms = [], []
@@ -272,7 +281,9 @@ class Trainer:
                         clip_low=algo.clip_low, clip_high=algo.clip_high,
                         agg_mode=algo.loss_agg_mode, totals=totals,
                         ref_logprobs=None if ref_lp is None else ref_lp[index, :width].to(self.device),
-                        kl_coef=algo.kl_coef)
+                        kl_coef=algo.kl_coef,
+                        is_weights=None if is_weights is None else
+                        is_weights[index, :width].to(self.device))
                     loss.backward()
                     mini_loss += float(loss.detach())
                     for k, v in m.items():
@@ -367,13 +378,25 @@ class Trainer:
         writer.scalars({"eval/accuracy": after.accuracy, "eval/reward": after.reward}, self.step)
         self.save()
         elapsed = self.elapsed_before + self._elapsed()
-        summary = {"accuracy_before": self.eval_history[0]["accuracy"],
+        summary = {"engine": self.engine.name,
+                   "accuracy_before": self.eval_history[0]["accuracy"],
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
                    "eval_samples": after.samples}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_curves(self.history, self.eval_history, self.run_dir / "curves.png")
         writer.close()
         return summary
+
+
+    def close(self) -> None:
+        """Shuts the rollout engine down (a vLLM engine holds memory until then)."""
+        self.engine.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
