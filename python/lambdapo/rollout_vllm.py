@@ -26,7 +26,6 @@ import gc
 import importlib.util
 import math
 import os
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
