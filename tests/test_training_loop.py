@@ -14,7 +14,7 @@ from lambdapo.config import load_config
 from lambdapo.policy import build_batch, load_policy, response_logprobs
 from lambdapo.rollout import SamplingParams, TransformersEngine, process_logits
 from lambdapo.trainer import Trainer
-from tests.tiny_model import make_tiny_model
+from tiny_model import make_tiny_model
 
 TIMING = {"tokens_per_s", "gen_time", "train_time", "step_time"}
 

@@ -1,0 +1,233 @@
+"""LambdaPO in TRL: ``LambdaPOTrainer``, a ``GRPOTrainer`` whose group advantages are
+LambdaPO's pairwise lambda advantages, and ``LambdaPOConfig``, a ``GRPOConfig`` with the
+LambdaPO settings. Switching a GRPO run is a change of class::
+
+    from lambdapo.integrations.trl import LambdaPOConfig, LambdaPOTrainer
+
+    args = LambdaPOConfig(output_dir="out", num_generations=8, lambda_beta=1.0,
+                          semantic_density_weight=0.1, solution_column="solution")
+    trainer = LambdaPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=[accuracy],
+                              args=args, train_dataset=dataset)
+    trainer.train()
+
+Everything else (generation with transformers or vLLM, the loss, KL, importance sampling,
+accelerate/DeepSpeed/FSDP) is TRL's. A plain ``GRPOConfig`` works too (LambdaPO defaults).
+
+How the advantages are formed, per generation batch: the rewards are the weighted sum of
+the reward functions (TRL's ``reward_weights``; completions every function scored None are
+left out of their group and get advantage 0), and each completion's confidence score is
+the mean (``lambda_score="sum"``: the sum) of its sampled tokens' log-probs: vLLM's
+sampling log-probs when TRL has them, else the policy's log-probs of the completion at
+generation time (TRL's ``old_per_token_logps``, or one no-grad forward pass), both with
+TRL's temperature. Groups may span processes, so scores are gathered like TRL gathers the
+rewards, ``lambdapo_ext.lambda_advantages`` runs on the whole batch, and each process keeps
+its slice. TRL's completion logs and the ``lambdapo/*`` metrics show these advantages.
+
+Needs ``pip install 'lambdapo[trl]'``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import lambdapo_ext
+
+from ..advantages import sequence_scores
+from ..rewards import SemanticDensityReward as _SemanticDensityOnIds
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as exc:   # pragma: no cover - exercised without TRL
+    raise ImportError("lambdapo.integrations.trl needs TRL: pip install 'lambdapo[trl]'") from exc
+
+SCORES = ("mean", "sum")
+NORMALIZE = ("mean", "none", "std")
+
+
+@dataclass
+class LambdaPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus LambdaPO's settings (TRL's ``scale_rewards`` does not apply:
+    ``lambda_normalize`` takes its place)."""
+
+    lambda_beta: float = field(default=1.0, metadata={
+        "help": "Sharpness of the confidence weighting of each pair (0: RLOO)."})
+    lambda_score: str = field(default="mean", metadata={
+        "help": "Confidence score of a completion: mean | sum of its sampled tokens' log-probs."})
+    lambda_normalize: str = field(default="mean", metadata={
+        "help": "mean (divide by G-1) | none | std (then by the group's reward std)."})
+    semantic_density_weight: float = field(default=0.0, metadata={
+        "help": "Weight (lambda_sd) of the semantic-density reward added to reward_funcs "
+                "(0: not added)."})
+    semantic_density_metric: str = field(default="rouge_n", metadata={
+        "help": "rouge_n | rouge_l."})
+    semantic_density_max_n: int = field(default=2, metadata={"help": "Largest n of ROUGE-N."})
+    solution_column: str = field(default="solution", metadata={
+        "help": "Dataset column with the reference solution of the semantic-density reward."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_lambda_settings(self)
+
+
+def check_lambda_settings(args) -> None:
+    """Raises ValueError naming the first invalid LambdaPO setting of ``args``."""
+    beta = float(getattr(args, "lambda_beta", 1.0))
+    if beta != beta or abs(beta) == float("inf"):
+        raise ValueError(f"lambda_beta must be finite, got {beta}")
+    if getattr(args, "lambda_score", "mean") not in SCORES:
+        raise ValueError(f"lambda_score must be one of {SCORES}, got {args.lambda_score!r}")
+    if getattr(args, "lambda_normalize", "mean") not in NORMALIZE:
+        raise ValueError(f"lambda_normalize must be one of {NORMALIZE}, got "
+                         f"{args.lambda_normalize!r}")
+    if getattr(args, "semantic_density_weight", 0.0) < 0:
+        raise ValueError(f"semantic_density_weight must be >= 0, got "
+                         f"{args.semantic_density_weight}")
+    if getattr(args, "semantic_density_metric", "rouge_n") not in ("rouge_n", "rouge_l"):
+        raise ValueError(f"semantic_density_metric must be rouge_n or rouge_l, got "
+                         f"{args.semantic_density_metric!r}")
+
+
+class SemanticDensityReward:
+    """TRL reward function: ``lambdapo_ext.semantic_density`` of each completion's token ids
+    against its reference solution, the dataset column ``solution_column`` tokenized with
+    ``tokenizer`` (completions of one prompt share one reference).
+
+    Args:
+        tokenizer: the policy's tokenizer (LambdaPOTrainer sets it when left None).
+        solution_column: dataset column with the reference solution text.
+        metric, max_n: ``rouge_n`` (mean F1 of n = 1..max_n) or ``rouge_l``.
+
+    Raises (when called):
+        KeyError: the dataset has no ``solution_column``.
+        RuntimeError: no tokenizer was set.
+    """
+
+    __name__ = "semantic_density"
+
+    def __init__(self, tokenizer=None, *, solution_column: str = "solution",
+                 metric: str = "rouge_n", max_n: int = 2):
+        self.tokenizer = tokenizer
+        self.solution_column = solution_column
+        self.score = _SemanticDensityOnIds(metric, max_n)
+        self._ids: dict[str, list[int]] = {}
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        if self.solution_column not in kwargs:
+            raise KeyError(f"semantic_density: the dataset has no column "
+                           f"{self.solution_column!r} (set solution_column)")
+        if self.tokenizer is None:
+            raise RuntimeError("semantic_density: no tokenizer (pass one, or use it through "
+                               "LambdaPOTrainer)")
+        solutions = [str(s) for s in kwargs[self.solution_column]]
+        for text in solutions:
+            if text not in self._ids:
+                self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        groups = {text: i for i, text in reversed(list(enumerate(solutions)))}
+        return self.score(prompts, completions, completion_ids,
+                          solution_ids=[self._ids[t] for t in solutions],
+                          group_index=[groups[t] for t in solutions])
+
+
+class LambdaPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with LambdaPO advantages (module docstring). Takes the same
+    arguments; ``args`` may be a :class:`LambdaPOConfig` or a plain ``GRPOConfig``.
+
+    Raises:
+        ValueError: an invalid LambdaPO setting, or ``multi_objective_aggregation`` other
+            than ``sum_then_normalize`` (LambdaPO compares the weighted sum of the rewards).
+    """
+
+    _tag_names = ["trl", "lambdapo"]
+    _name = "LambdaPO"
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos, **kw):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = LambdaPOConfig(output_dir=f"{str(name).split('/')[-1]}-LambdaPO")
+        check_lambda_settings(args)
+        if args.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("LambdaPOTrainer: multi_objective_aggregation must be "
+                             "'sum_then_normalize' (LambdaPO compares weighted reward sums), "
+                             f"got {args.multi_objective_aggregation!r}")
+        self._semantic_density = None
+        weight = getattr(args, "semantic_density_weight", 0.0)
+        if weight > 0:
+            funcs = [] if reward_funcs is None else (
+                list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+            self._semantic_density = SemanticDensityReward(
+                solution_column=args.solution_column, metric=args.semantic_density_metric,
+                max_n=args.semantic_density_max_n)
+            weights = args.reward_weights or [1.0] * len(funcs)
+            args.reward_weights = list(weights) + [weight]
+            reward_funcs = funcs + [self._semantic_density]
+        super().__init__(model, reward_funcs, args, *pos, **kw)
+        if self._semantic_density is not None:
+            tok = self.processing_class
+            self._semantic_density.tokenizer = getattr(tok, "tokenizer", tok)
+        self._rewards_per_func: torch.Tensor | None = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Gathered over processes (TRL's rows in process order); LambdaPO needs them raw.
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                            completion_ids_list)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        rewards_per_func = self._rewards_per_func
+        device = rewards_per_func.device
+        scored = ~torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+
+        mask = output["completion_mask"].float()
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"].float()
+        logps = self._sampled_logps(output)
+        local_scores = sequence_scores(torch.nan_to_num(logps.float()), mask,
+                                       getattr(self.args, "lambda_score", "mean"))
+        scores = self.accelerator.gather(local_scores).to(device)
+
+        advantages = lambdapo_ext.lambda_advantages(
+            rewards.view(-1, group), scores.view(-1, group), mask=scored.view(-1, group),
+            beta=float(getattr(self.args, "lambda_beta", 1.0)),
+            normalize=getattr(self.args, "lambda_normalize", "mean")).view(-1)
+        local = len(local_scores)
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start:start + local].to(output["advantages"].device)
+
+        # TRL logged its GRPO advantages for these completions: show LambdaPO's instead.
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        metrics = self._metrics[mode]
+        metrics["lambdapo/advantage_mean"].append(float(advantages.mean()))
+        metrics["lambdapo/advantage_std"].append(float(advantages.std()))
+        metrics["lambdapo/advantage_abs_mean"].append(float(advantages.abs().mean()))
+        metrics["lambdapo/score_mean"].append(float(scores[scored].mean()) if scored.any()
+                                              else 0.0)
+        return output
+
+    @torch.no_grad()
+    def _sampled_logps(self, output) -> torch.Tensor:
+        """[B, C] log-probs of the sampled tokens: the sampler's when TRL has them, else the
+        generating policy's (TRL's old log-probs, or a no-grad forward pass now: no update
+        has happened since generation)."""
+        for key in ("sampling_per_token_logps", "old_per_token_logps"):
+            if output.get(key) is not None:
+                return output[key]
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        mode = "train" if self.model.training else "eval"
+        batch_size = (self.args.per_device_train_batch_size if mode == "train"
+                      else self.args.per_device_eval_batch_size)
+        extra = {k: output[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask",
+                                        "image_sizes", "token_type_ids") if k in output}
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, ids, attention, output["completion_ids"].size(1), batch_size=batch_size,
+            **extra)
+        return logps
