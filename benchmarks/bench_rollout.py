@@ -27,7 +27,7 @@ import harness  # noqa: E402
 from lambdapo.config import BUILTIN_MODEL, load_config  # noqa: E402
 from lambdapo.policy import load_policy, resolve_model_path  # noqa: E402
 from lambdapo.rollout import SamplingParams, TransformersEngine  # noqa: E402
-from lambdapo.rollout_vllm import VLLMEngine, vllm_available  # noqa: E402
+from lambdapo.rollout_vllm import VLLMEngine, vllm_import_error  # noqa: E402
 from lambdapo.tasks import arithmetic  # noqa: E402
 
 OP = "rollout"
@@ -61,8 +61,9 @@ def run(device: str, repeats: int, kv_cache_gb: float) -> list[harness.Result]:
     results.append(harness.Result(OP, "transformers", size, device, median_ms=round(ms, 2),
                                   extra={"tokens_per_s": round(tps)}))
     base_tps = tps
-    if not vllm_available():
-        results.append(harness.not_run(OP, "vllm", size, device, "vllm is not installed"))
+    error = vllm_import_error()
+    if error is not None:
+        results.append(harness.not_run(OP, "vllm", size, device, error))
         return results
     start = time.perf_counter()
     engine = VLLMEngine(model, resolve_model_path(BUILTIN_MODEL),

