@@ -163,6 +163,11 @@ def test_the_example_config_composes_and_its_reward_loads(tmp_path):
     assert cfg.algorithm.adv_estimator == "lambdapo" and cfg.algorithm.lambda_beta == 1.0
     assert cfg.actor_rollout_ref.rollout.calculate_log_probs
     assert cfg.actor_rollout_ref.actor.strategy == "fsdp"   # verl's defaults underneath
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    OmegaConf.resolve(cfg)
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg),
+                    use_critic=need_critic(cfg))   # what main_ppo checks before training
     reward = cfg.reward.custom_reward_function
     fn = load_extern_object(module_path=reward.path, object_name=reward.name)
     assert fn is adapter.compute_score and reward.reward_kwargs.solution_key == "answer"
