@@ -141,7 +141,11 @@ class VLLMEngine:
             raise RolloutEngineError(
                 f"vLLM could not start an engine for the model at {model_path}: "
                 f"{type(exc).__name__}: {exc}") from exc
-        self.push_check = self.verify_weight_push()
+        try:
+            self.push_check = self.verify_weight_push()
+        except RolloutEngineError:
+            self.close()
+            raise
         self._sleep()
 
     # ------------------------------------------------------------------ weights
