@@ -169,14 +169,16 @@ def test_cli_help_lists_fields_and_errors_are_one_line(capsys):
     assert "rollout.group_size" in capsys.readouterr().err
 
 
-def test_cli_eval_reports_pass_at_1_and_mean_at_k(workspace, capsys):
+def test_cli_eval_reports_pass_at_1_and_mean_at_k(workspace, capsys, tmp_path, monkeypatch):
     root, model_dir = workspace
+    monkeypatch.chdir(tmp_path)
     code = cli.main(["eval", "--model", str(model_dir), "--dataset", str(root / "data.jsonl"),
                      "data.prompt_field=question", "data.num_eval=4", "eval_samples=2",
-                     "rollout.max_new_tokens=6", f"output_dir={root / 'eval'}"])
+                     "rollout.max_new_tokens=6"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompts"] == 4 and 0 <= result["pass@1_greedy"] <= 1 and "mean@2" in result
+    assert not list(tmp_path.iterdir())   # eval writes no run folder (runs/lambdapo)
 
 
 @pytest.mark.slow

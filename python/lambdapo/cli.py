@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,19 +72,22 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .trainer import Trainer
 
-    overrides = list(args.overrides) + [f"model.path={args.model}", "steps=1"]
-    if args.dataset:
-        overrides.append(f"data.eval_dataset={args.dataset}")
-    config = config_lib.load_config(args.config, overrides)
-    if args.dataset:   # the training data is not needed: point it at the eval data
-        config.data.dataset = args.dataset
-    with Trainer(config, progress=False) as trainer:
-        start = time.perf_counter()
-        sampled_temperature = config.eval_temperature
-        trainer.config.eval_temperature = 0.0
-        pass1 = trainer.evaluate()
-        trainer.config.eval_temperature = sampled_temperature
-        sampled = trainer.evaluate()
+    # The trainer writes its config into output_dir: a scratch folder, not a run's.
+    with tempfile.TemporaryDirectory(prefix="lambdapo-eval-") as scratch:
+        overrides = list(args.overrides) + [f"model.path={args.model}", "steps=1",
+                                             f"output_dir={scratch}"]
+        if args.dataset:
+            overrides.append(f"data.eval_dataset={args.dataset}")
+        config = config_lib.load_config(args.config, overrides)
+        if args.dataset:   # the training data is not needed: point it at the eval data
+            config.data.dataset = args.dataset
+        with Trainer(config, progress=False) as trainer:
+            start = time.perf_counter()
+            sampled_temperature = config.eval_temperature
+            trainer.config.eval_temperature = 0.0
+            pass1 = trainer.evaluate()
+            trainer.config.eval_temperature = sampled_temperature
+            sampled = trainer.evaluate()
     k = config.eval_samples
     temperature = config.rollout.temperature if config.eval_temperature < 0 else config.eval_temperature
     result = {"model": args.model, "engine": trainer.engine.name,
