@@ -61,7 +61,7 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: str = _f("transformers", "generation backend: transformers | vllm (colocated "
-                                     "vLLM engine) | auto (vllm when installed)")
+                                     "vLLM engine) | auto (vllm when it imports)")
     group_size: int = _f(8, "responses sampled per prompt (G)")
     temperature: float = _f(1.0, "sampling temperature (log-probs include it)")
     top_p: float = _f(1.0, "nucleus sampling mass")

@@ -5,8 +5,9 @@ the rollout engine (transformers or vLLM) -> score them -> the trainer's log-pro
 responses (behaviour policy, no grad) and their importance weights over the engine's
 log-probs (rollout correction) -> confidence scores and advantages -> ``ppo_epochs``
 passes of PPO-clip over ``mini_batches`` optimizer steps, each accumulated over
-micro-batches -> the engine serves the new weights. Outputs go to one run directory: ``config.yaml``, ``metrics.jsonl``,
-``samples.jsonl``, TensorBoard events, ``curves.png``, ``checkpoints/``.
+micro-batches -> the engine serves the new weights. Outputs go to one run directory:
+``config.yaml``, ``metrics.jsonl``, ``samples.jsonl``, TensorBoard events, ``curves.png``,
+``checkpoints/``.
 """
 
 from __future__ import annotations
