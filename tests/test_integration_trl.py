@@ -171,3 +171,15 @@ def test_the_gsm8k_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert "rewards/accuracy/mean" in result.stdout + result.stderr
+
+
+def test_scores_prefer_the_samplers_log_probs(tmp_path):
+    """With TRL's vLLM the sampler's log-probs are the scores, else TRL's old log-probs."""
+    model_dir = make_tiny_model(tmp_path / "model")
+    trainer = LambdaPOTrainer(model=str(model_dir), reward_funcs=digit_reward,
+                              args=config(tmp_path, semantic_density_weight=0.0),
+                              train_dataset=dataset())
+    sampling, old = torch.full((2, 3), -0.5), torch.full((2, 3), -0.25)
+    assert trainer._sampled_logps({"sampling_per_token_logps": sampling,
+                                   "old_per_token_logps": old}) is sampling
+    assert trainer._sampled_logps({"old_per_token_logps": old}) is old
