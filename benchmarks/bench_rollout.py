@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def throughput(engine, prompts, params, repeats: int) -> tuple[float, float]:
         start = time.perf_counter()
         tokens += engine.generate(prompts, params).num_tokens
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3, tokens / sum(times)
+    return statistics.median(times) * 1e3, tokens / sum(times)
 
 
 def run(device: str, repeats: int, kv_cache_gb: float) -> list[harness.Result]:
@@ -81,7 +82,7 @@ def run(device: str, repeats: int, kv_cache_gb: float) -> list[harness.Result]:
         engine.close()
     results.append(harness.Result(OP, "vllm", size, device, median_ms=round(ms, 2), extra={
         "tokens_per_s": round(tps), "vs_transformers": round(tps / base_tps, 2),
-        "push_ms": round(sorted(pushes)[len(pushes) // 2], 2), "start_s": round(start_s, 1),
+        "push_ms": round(statistics.median(pushes), 2), "start_s": round(start_s, 1),
         "kv_cache_gb": kv_cache_gb}))
     return results
 

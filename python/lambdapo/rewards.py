@@ -177,6 +177,20 @@ class SemanticDensityReward:
         return values.tolist()
 
 
+def semantic_density_to_texts(completion_ids: list[list[int]], solutions: list[str],
+                              tokenize: Callable[[str], list[int]], *, metric: str = "rouge_n",
+                              max_n: int = 2) -> list[float]:
+    """``lambdapo_ext.semantic_density`` of each completion against its reference solution
+    given as text (the adapters' case: a dataset column, verl's ``extra_info``). Equal texts
+    share one reference, tokenized once with ``tokenize``."""
+    import torch
+    first: dict[str, int] = {}
+    ref_index = [first.setdefault(text, len(first)) for text in solutions]
+    return lambdapo_ext.semantic_density(
+        [list(c) for c in completion_ids], [tokenize(text) for text in first], metric=metric,
+        max_n=max_n, ref_index=torch.tensor(ref_index)).tolist()
+
+
 class FormatReward:
     """1.0 when the completion states a final answer where the answer reward looks for it."""
 

