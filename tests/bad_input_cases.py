@@ -323,6 +323,10 @@ def linear_token_logprobs_cases() -> list[Case]:
              lambda d: _ltlp(_hidden(d, n=1).expand(N, H), _weight(d), _targets(d)), ("hidden",),
              equal_to=lambda d: _ltlp(_hidden(d, n=1).expand(N, H).contiguous(), _weight(d),
                                       _targets(d))),
+        Case(op, "memory", "weight_expanded_rows",
+             lambda d: _ltlp(_hidden(d), _weight(d, v=1).expand(V, H), _targets(d)), ("weight",),
+             equal_to=lambda d: _ltlp(_hidden(d), _weight(d, v=1).expand(V, H).contiguous(),
+                                      _targets(d))),
         Case(op, "memory", "targets_strided",
              lambda d: _ltlp(_hidden(d), _weight(d), _targets(d, n=2 * N)[::2]), ("targets",),
              equal_to=lambda d: _ltlp(_hidden(d), _weight(d),
@@ -363,10 +367,20 @@ def _with(tensor: torch.Tensor, index, value) -> torch.Tensor:
     return tensor
 
 
+def _flat(device: str, n: int = 6) -> torch.Tensor:
+    return torch.randn(n, device=device)
+
+
+def _group_ids(device: str, n: int = 6) -> torch.Tensor:
+    return torch.arange(n, device=device) % 2
+
+
+def _expanded_mask(device: str) -> torch.Tensor:
+    return _long([[1, 0, 1, 1]], device).bool().expand(P, G)
+
+
 def lambda_advantages_cases() -> list[Case]:
     op = "lambda_advantages"
-    ids = lambda d, n=6: torch.arange(n, device=d) % 2  # noqa: E731
-    flat = lambda d, n=6: torch.randn(n, device=d)  # noqa: E731
     return [
         Case(op, "shape", "scores_shape_differs",
              lambda d: _la(_rewards(d), _scores(d, g=G + 1)), ("scores",)),
@@ -378,12 +392,12 @@ def lambda_advantages_cases() -> list[Case]:
              lambda d: _la(torch.randn(2, P, G, device=d), -torch.rand(2, P, G, device=d)),
              ("rewards",)),
         Case(op, "shape", "rewards_1d_without_group_ids",
-             lambda d: _la(flat(d), flat(d)), ("rewards", "group_ids")),
+             lambda d: _la(_flat(d), _flat(d)), ("rewards", "group_ids")),
         Case(op, "shape", "group_ids_with_2d_rewards",
-             lambda d: _la(_rewards(d), _scores(d), group_ids=ids(d, P * G)),
+             lambda d: _la(_rewards(d), _scores(d), group_ids=_group_ids(d, P * G)),
              ("rewards", "group_ids")),
         Case(op, "shape", "group_ids_length_differs",
-             lambda d: _la(flat(d), flat(d), group_ids=ids(d, 5)), ("group_ids",)),
+             lambda d: _la(_flat(d), _flat(d), group_ids=_group_ids(d, 5)), ("group_ids",)),
         Case(op, "dtype", "bool_rewards",
              lambda d: _la(_rewards(d) > 0, _scores(d)), ("rewards",)),
         Case(op, "dtype", "int_scores",
@@ -391,17 +405,17 @@ def lambda_advantages_cases() -> list[Case]:
         Case(op, "dtype", "float_mask",
              lambda d: _la(_rewards(d), _scores(d), mask=torch.ones(P, G, device=d)), ("mask",)),
         Case(op, "dtype", "float_group_ids",
-             lambda d: _la(flat(d), flat(d), group_ids=ids(d).float()), ("group_ids",)),
+             lambda d: _la(_flat(d), _flat(d), group_ids=_group_ids(d).float()), ("group_ids",)),
         Case(op, "device", "scores_on_cpu",
              lambda d: _la(_rewards(d), _scores("cpu")), ("scores",), cuda_only=True),
         Case(op, "device", "mask_on_cpu",
              lambda d: _la(_rewards(d), _scores(d), mask=torch.ones(P, G, dtype=torch.bool)),
              ("mask",), cuda_only=True),
         Case(op, "device", "group_ids_on_cpu",
-             lambda d: _la(flat(d), flat(d), group_ids=ids("cpu")), ("group_ids",),
+             lambda d: _la(_flat(d), _flat(d), group_ids=_group_ids("cpu")), ("group_ids",),
              cuda_only=True),
         Case(op, "range", "negative_group_ids",
-             lambda d: _la(flat(d), flat(d), group_ids=_long([0, 0, -1, -1, 1, 1], d)),
+             lambda d: _la(_flat(d), _flat(d), group_ids=_long([0, 0, -1, -1, 1, 1], d)),
              ("group_ids",)),
         Case(op, "nonfinite", "nan_reward",
              lambda d: _la(_with(_rewards(d), (1, 2), math.nan), _scores(d)), ("rewards",)),
@@ -424,7 +438,7 @@ def lambda_advantages_cases() -> list[Case]:
              lambda d: _la(_rewards(d, g=0), _scores(d, g=0)),
              check=_shapes((P, 0), torch.float32)),
         Case(op, "empty", "ragged_zero_members",
-             lambda d: _la(flat(d, 0), flat(d, 0), group_ids=ids(d, 0)),
+             lambda d: _la(_flat(d, 0), _flat(d, 0), group_ids=_group_ids(d, 0)),
              check=_shapes((0,), torch.float32)),
         Case(op, "scalar", "normalize_unknown",
              lambda d: _la(_rewards(d), _scores(d), normalize="median"), ("normalize",)),
@@ -438,12 +452,13 @@ def lambda_advantages_cases() -> list[Case]:
              equal_to=lambda d: _la(_rewards(d), _scores(d, p=G, g=P).t().contiguous())),
         Case(op, "memory", "mask_expanded",
              lambda d: _la(_rewards(d), _scores(d),
-                           mask=_long([[1, 0, 1, 1]], d).bool().expand(P, G)), ("mask",),
+                           mask=_expanded_mask(d)), ("mask",),
              equal_to=lambda d: _la(_rewards(d), _scores(d),
-                                    mask=_long([[1, 0, 1, 1]], d).bool().expand(P, G).contiguous())),
+                                    mask=_expanded_mask(d).contiguous())),
         Case(op, "memory", "group_ids_strided",
-             lambda d: _la(flat(d), flat(d), group_ids=ids(d, 12)[::2]), ("group_ids",),
-             equal_to=lambda d: _la(flat(d), flat(d), group_ids=ids(d, 12)[::2].contiguous())),
+             lambda d: _la(_flat(d), _flat(d), group_ids=_group_ids(d, 12)[::2]), ("group_ids",),
+             equal_to=lambda d: _la(_flat(d), _flat(d),
+                                    group_ids=_group_ids(d, 12)[::2].contiguous())),
     ]
 
 
@@ -784,6 +799,10 @@ def run_isolated(requests: list[tuple[str, str]], jobs: int,
                  timeout_s: int) -> Iterable[dict[str, str]]:
     """Judges each (case id, device) in a forked child, ``jobs`` at a time; yields verdicts
     with "case" and "device" as the children finish."""
+    # A CUDA context does not survive fork: only the children may create one.
+    if torch.cuda.is_initialized():
+        raise RuntimeError("run_isolated: CUDA is initialized in this process; the children "
+                           "could not use it")
     pending = list(reversed(requests))
     running: dict[int, tuple[str, str, int, Any]] = {}
     while pending or running:

@@ -6,9 +6,10 @@ CUDA a small valid call afterwards still works. The cases and the forking server
 are in tests/bad_input_cases.py.
 
 As a script (for benchmarks/gpu_check.sh on a GPU machine), prints a table of case -> verdict
-and exits non-zero on any failure:
+and exits non-zero on any failure; --device all (the default) runs the CPU cases, and the CUDA
+ones when a GPU is visible:
 
-    python tests/test_bad_inputs.py --device cuda [--jobs 4]
+    python tests/test_bad_inputs.py [--device cpu|cuda|all] [--jobs 4] [-k token_logprobs/]
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ def test_harness_tells_each_failure_apart(case_server):
     assert verdicts == {case.id: expected for expected, case in cases.SELFTEST_CASES.items()}
 
 
+def test_an_argument_is_named_by_a_whole_word():
+    assert cases.names_argument("lcs_length: ref_values holds negative token ids", ["ref"])
+    assert cases.names_argument("cand offsets must be non-decreasing", ["cand"])
+    assert not cases.names_argument("lcs_length: ref_index must lie in [0, 1)", ["ref"])
+    assert not cases.names_argument("logits must be float32", ["targets", "logit"])
+
+
 def test_every_public_op_has_every_class():
     assert PUBLIC_OPS == sorted(cases.DISPATCH_OPS), "a public op without bad-input cases"
     for op in PUBLIC_OPS:
@@ -118,9 +126,10 @@ def test_issue_13_cases_are_present():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run every bad-input case on one device, each "
-                                                 "in its own process; print case -> verdict.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = argparse.ArgumentParser(description="Run every bad-input case, each in its own "
+                                                 "process; print case -> verdict.")
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="all: the CPU, and CUDA when a GPU is visible")
     parser.add_argument("--jobs", type=int, default=JOBS, help="cases running at once")
     parser.add_argument("--timeout", type=int, default=cases.DEFAULT_TIMEOUT_S,
                         help="seconds per case")
@@ -132,24 +141,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU visible: torch.cuda.is_available() is False")
         return 2
-    skipped = sorted({c.op for c in cases.CASES if not backend_present(c.op, args.device)})
-    requests = [(c.id, args.device) for c in cases.CASES
-                if args.device in c.devices and c.op not in skipped and args.only in c.id]
+    devices = (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]) \
+        if args.device == "all" else [args.device]
+    requests, skipped = [], set()
+    for device in devices:
+        for c in cases.CASES:
+            if device in c.devices and args.only in c.id:
+                if backend_present(c.op, device):
+                    requests.append((c.id, device))
+                else:
+                    skipped.add(f"{c.op} on {device}")
     start = time.perf_counter()
     with cases.CaseServer() as server:
-        verdicts = {v["case"]: v for v in server.run(requests, jobs=args.jobs,
-                                                     timeout_s=args.timeout)}
+        verdicts = {(v["case"], v["device"]): v
+                    for v in server.run(requests, jobs=args.jobs, timeout_s=args.timeout)}
     width = max(len(case_id) for case_id, _ in requests)
     failed = 0
-    for case_id, _ in requests:
-        v = verdicts[case_id]
+    for case_id, device in requests:
+        v = verdicts[(case_id, device)]
         failed += v["verdict"] != "ok"
         detail = v["detail"] if v["verdict"] != "ok" else v["detail"][:80]
-        print(f"{case_id:<{width}}  {v['verdict']:<14} {detail}")
+        print(f"{case_id:<{width}}  {device:<4}  {v['verdict']:<14} {detail}")
     if skipped:
-        print(f"skipped (no {args.device} kernel): {', '.join(skipped)}")
-    print(f"{len(requests)} cases on {args.device}: {len(requests) - failed} ok, {failed} failed "
-          f"({time.perf_counter() - start:.1f} s)")
+        print(f"skipped (no kernel): {', '.join(sorted(skipped))}")
+    counts = {}
+    for v in verdicts.values():
+        counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
+    print(f"{len(requests)} cases on {'+'.join(devices)}: {failed} failed "
+          f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}) in "
+          f"{time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
 
 
