@@ -26,6 +26,7 @@ reject them naming the argument, or must give the result of the contiguous input
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -636,29 +637,32 @@ def _smoke_call(op: str, device: str) -> Any:
     return getattr(lp, op)(_cand(device), _ref(device), ref_index=_both(device))
 
 
-# Cases that check the checker: each must get the verdict named after it.
+# Cases that check the checker: (the verdict each must get, the case).
 def _raise(exc: BaseException):
     raise exc
 
 
-SELFTEST_CASES = {
-    "crash": Case("selftest", "harness", "crash",
-                  lambda d: os.kill(os.getpid(), signal.SIGSEGV), ("x",)),
-    "timeout": Case("selftest", "harness", "timeout",
-                    lambda d: signal.pause(), ("x",)),
-    "accepted": Case("selftest", "harness", "accepted", lambda d: None, ("x",)),
-    "wrong-error": Case("selftest", "harness", "wrong-error",
-                        lambda d: 1 // 0, ("x",)),
-    "unnamed": Case("selftest", "harness", "unnamed",
-                    lambda d: _raise(ValueError("selftest: xylophone is bad")), ("x",)),
-    "rejected-valid": Case("selftest", "harness", "rejected-valid",
-                           lambda d: _raise(ValueError("x")), check=lambda r: None),
-    "wrong-result": Case("selftest", "harness", "wrong-result",
-                         lambda d: torch.ones(2), ("x",), equal_to=lambda d: torch.zeros(2)),
-    "ok": Case("selftest", "harness", "ok",
-               lambda d: _raise(RuntimeError("selftest: x must be 0")), ("x",)),
-}
-for _case in SELFTEST_CASES.values():
+def _selftest(name: str, call: Callable[[str], Any], **kwargs) -> Case:
+    return Case("selftest", "harness", name, call, **kwargs)
+
+
+SELFTEST_CASES: list[tuple[str, Case]] = [
+    ("crash", _selftest("sigsegv", lambda d: os.kill(os.getpid(), signal.SIGSEGV), names=("x",))),
+    ("crash", _selftest("abort", lambda d: os.abort(), names=("x",))),
+    ("timeout", _selftest("hang", lambda d: signal.pause(), names=("x",))),
+    ("died", _selftest("exit", lambda d: os._exit(3), names=("x",))),
+    ("accepted", _selftest("accepted", lambda d: None, names=("x",))),
+    ("wrong-error", _selftest("zero_division", lambda d: 1 // 0, names=("x",))),
+    ("unnamed", _selftest("unnamed", lambda d: _raise(ValueError("selftest: y is bad")),
+                          names=("x",))),
+    ("rejected-valid", _selftest("rejected_valid", lambda d: _raise(ValueError("x")),
+                                 check=lambda result: None)),
+    ("wrong-result", _selftest("wrong_result", lambda d: torch.ones(2), names=("x",),
+                               equal_to=lambda d: torch.zeros(2))),
+    ("ok", _selftest("named", lambda d: _raise(RuntimeError("selftest: x must be 0")),
+                     names=("x",))),
+]
+for _expected, _case in SELFTEST_CASES:
     CASES_BY_ID[_case.id] = _case
 
 
@@ -766,6 +770,7 @@ def _start_child(case_id: str, device: str, timeout_s: int) -> tuple[int, int, A
             os.dup2(devnull, 0)
             os.dup2(stderr_file.fileno(), 1)  # stdout carries the server's answers
             os.dup2(stderr_file.fileno(), 2)
+            faulthandler.enable()  # a fatal signal prints the Python stack, then kills
             signal.alarm(timeout_s)  # default action of SIGALRM: terminate
             verdict = judge(CASES_BY_ID[case_id], device)
             os.write(write_fd, json.dumps(verdict).encode())
@@ -782,16 +787,15 @@ def _finish_child(status: int, read_fd: int, stderr_file) -> dict[str, str]:
         chunks.append(chunk)
     os.close(read_fd)
     stderr_file.seek(0)
-    stderr_tail = stderr_file.read().decode(errors="replace")[-DETAIL_CHARS:]
+    stderr = stderr_file.read().decode(errors="replace")
     stderr_file.close()
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
         verdict = "timeout" if sig == signal.SIGALRM else "crash"
-        return {"verdict": verdict, "detail": _short(f"killed by {sig.name}; stderr: "
-                                                     f"{stderr_tail}")}
+        return {"verdict": verdict, "detail": _short(f"killed by {sig.name}; stderr: {stderr}")}
     if not chunks or os.WEXITSTATUS(status) != 0:
         return {"verdict": "died", "detail": _short(
-            f"exit status {os.WEXITSTATUS(status)} without a verdict; stderr: {stderr_tail}")}
+            f"exit status {os.WEXITSTATUS(status)} without a verdict; stderr: {stderr}")}
     return json.loads(b"".join(chunks))
 
 

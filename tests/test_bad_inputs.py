@@ -97,9 +97,9 @@ def test_bad_input_is_rejected_by_name_without_a_crash(selected_verdicts, case_i
 
 
 def test_harness_tells_each_failure_apart(case_server):
-    requests = [(case.id, "cpu") for case in cases.SELFTEST_CASES.values()]
+    requests = [(case.id, "cpu") for _, case in cases.SELFTEST_CASES]
     verdicts = {v["case"]: v["verdict"] for v in case_server.run(requests, jobs=2, timeout_s=2)}
-    assert verdicts == {case.id: expected for expected, case in cases.SELFTEST_CASES.items()}
+    assert verdicts == {case.id: expected for expected, case in cases.SELFTEST_CASES}
 
 
 def test_an_argument_is_named_by_a_whole_word():
