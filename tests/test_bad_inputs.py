@@ -85,7 +85,7 @@ def selected_verdicts(request, case_server):
 
 def _failure(verdict: dict) -> str:
     case = cases.CASES_BY_ID[verdict["case"]]
-    seen = f" (issue 13: {case.issue})" if case.issue else ""
+    seen = f" [seen before: {case.issue}]" if case.issue else ""
     return f"{verdict['case']} on {verdict['device']}: {verdict['verdict']}{seen}: " \
            f"{verdict['detail']}"
 
