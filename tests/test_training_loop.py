@@ -181,19 +181,6 @@ def test_cli_eval_reports_pass_at_1_and_mean_at_k(workspace, capsys, tmp_path, m
     assert not list(tmp_path.iterdir())   # eval writes no run folder (runs/lambdapo)
 
 
-@pytest.mark.slow
-def test_compare_writes_a_table_and_a_plot(workspace):
-    from lambdapo.compare import run_comparison
-
-    root, model_dir = workspace
-    report = run_comparison(None, overrides(root, model_dir, "unused", steps=2),
-                            estimators=["lambdapo", "rloo"], seeds=2, output=root / "compare")
-    table = report.read_text()
-    assert "| lambdapo | 2 |" in table and "| rloo | 2 |" in table
-    assert (root / "compare" / "compare.png").stat().st_size > 0
-    assert (root / "compare" / "rloo-seed1" / "summary.json").exists()
-
-
 def test_builtin_default_model_and_task_train(tmp_path):
     """The built-in model and task through the real entry point (a few steps)."""
     code = cli.main(["train", "--quiet", "steps=2", "data.num_eval=8", "data.num_train=64",

@@ -2,7 +2,8 @@
 
     lambdapo train [--config FILE] [--resume [PATH]] [section.field=value ...]
     lambdapo eval --model PATH [--dataset NAME_OR_FILE] [section.field=value ...]
-    lambdapo compare [--seeds N] [--estimators a,b,...] [section.field=value ...]
+    lambdapo compare [--seeds N] [--methods a,b,...] [--baseline NAME] [--jobs N]
+                     [--method NAME:key=value,...] [section.field=value ...]
 
 ``lambdapo train --help`` lists every config field with its default.
 """
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import config as config_lib
+from .compare import DEFAULT_BASELINE, DEFAULT_METHODS, METHODS
 from .rewards import RewardError
 from .rollout import RolloutEngineError
 
@@ -42,11 +44,21 @@ def _parser() -> argparse.ArgumentParser:
                                       "built-in arithmetic eval split)")
     ev.add_argument("--config", help="YAML file")
     ev.add_argument("overrides", nargs="*", metavar="section.field=value")
-    cmp = sub.add_parser("compare", help="the same budget with several advantage estimators "
-                                         "and seeds: a table and a PNG", **common)
-    cmp.add_argument("--config", help="YAML file")
-    cmp.add_argument("--seeds", type=int, default=3)
-    cmp.add_argument("--estimators", default="lambdapo,grpo,dr_grpo,rloo")
+    cmp = sub.add_parser("compare", help="several methods at the same budget over several "
+                                         "seeds: statistics, a table and a PNG", **common)
+    cmp.add_argument("--config", help="YAML file (the base of every method)")
+    cmp.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per method; runs "
+                     "already in --output are reused, so raising N extends a comparison")
+    cmp.add_argument("--methods", "--estimators", dest="methods",
+                     default=",".join(DEFAULT_METHODS),
+                     help=f"comma-separated method names; built in: {', '.join(METHODS)}")
+    cmp.add_argument("--method", action="append", default=[], metavar="NAME:key=value,...",
+                     help="define a method by its overrides (repeatable); list it in --methods "
+                          "or it is appended")
+    cmp.add_argument("--baseline", default=DEFAULT_BASELINE,
+                     help="method the paired differences are taken against")
+    cmp.add_argument("--jobs", type=int, default=0,
+                     help="training processes at a time, one torch thread each (0: one per core)")
     cmp.add_argument("--output", default="runs/compare", help="folder for the runs and report")
     cmp.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser
@@ -100,10 +112,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_comparison
+    from .compare import parse_method, run_comparison
 
-    run_comparison(args.config, args.overrides, estimators=args.estimators.split(","),
-                   seeds=args.seeds, output=Path(args.output))
+    custom = dict(parse_method(text) for text in args.method)
+    methods = [m for m in args.methods.split(",") if m]
+    methods += [name for name in custom if name not in methods]
+    run_comparison(args.config, args.overrides, methods=methods, seeds=args.seeds,
+                   output=Path(args.output), baseline=args.baseline, jobs=args.jobs or None,
+                   custom_methods=custom)
     return 0
 
 

@@ -382,7 +382,7 @@ class Trainer:
         summary = {"engine": self.engine.name,
                    "accuracy_before": self.eval_history[0]["accuracy"],
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
-                   "eval_samples": after.samples}
+                   "eval_samples": after.samples, "eval_history": self.eval_history}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_curves(self.history, self.eval_history, self.run_dir / "curves.png")
         writer.close()
