@@ -16,25 +16,28 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_token_logprobs_forward(
     const at::Tensor& logits, const at::Tensor& targets, double temperature,
-    int64_t ignore_index, bool return_entropy) {
+    int64_t ignore_index, bool return_entropy, bool validate) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lambdapo::token_logprobs_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, double, int64_t, bool, bool)>();
-  return op.call(logits, targets, temperature, ignore_index, return_entropy, false);
+                           const at::Tensor&, const at::Tensor&, double, int64_t, bool, bool,
+                           bool)>();
+  return op.call(logits, targets, temperature, ignore_index, return_entropy, false, validate);
 }
 
 void call_token_logprobs_backward_inplace(const at::Tensor& grad_logprobs,
                                           const std::optional<at::Tensor>& grad_entropy,
                                           at::Tensor& logits, const at::Tensor& targets,
                                           const at::Tensor& lse, const at::Tensor& entropy,
-                                          double temperature, int64_t ignore_index) {
+                                          double temperature, int64_t ignore_index,
+                                          bool validate) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lambdapo::token_logprobs_backward_inplace", "")
                        .typed<void(const at::Tensor&, const std::optional<at::Tensor>&,
                                    at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, double, int64_t)>();
-  op.call(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index);
+                                   const at::Tensor&, double, int64_t, bool)>();
+  op.call(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index,
+          validate);
 }
 
 void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight,
@@ -89,7 +92,7 @@ void accumulate_weight_grad(at::Tensor& grad_weight, const at::Tensor& dlogits,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double temperature, int64_t ignore_index, bool return_entropy,
-    int64_t chunk_size) {
+    int64_t chunk_size, bool validate) {
   check_linear_args(hidden, weight, bias, targets, chunk_size);
   const int64_t rows = targets.numel();
   const at::Tensor h = hidden.reshape({rows, hidden.size(-1)});
@@ -102,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_forward(
     const at::Tensor logits = chunk_logits(h.narrow(0, start, n), weight, bias);
     auto [lp_c, h_c, lse_c] = call_token_logprobs_forward(logits, t.narrow(0, start, n),
                                                           temperature, ignore_index,
-                                                          return_entropy);
+                                                          return_entropy, validate);
     logprobs.narrow(0, start, n).copy_(lp_c);
     lse.narrow(0, start, n).copy_(lse_c);
     if (return_entropy) entropy.narrow(0, start, n).copy_(h_c);
@@ -117,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
-    double temperature, int64_t ignore_index, int64_t chunk_size) {
+    double temperature, int64_t ignore_index, int64_t chunk_size, bool validate) {
   check_linear_args(hidden, weight, bias, targets, chunk_size);
   const int64_t rows = targets.numel();
   const at::Tensor h = hidden.reshape({rows, hidden.size(-1)});
@@ -142,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
         g_lp.narrow(0, start, n),
         g_h.has_value() ? std::optional<at::Tensor>(g_h->narrow(0, start, n)) : std::nullopt,
         logits, t.narrow(0, start, n), lse_flat.narrow(0, start, n),
-        g_h.has_value() ? h_flat.narrow(0, start, n) : h_flat, temperature, ignore_index);
+        g_h.has_value() ? h_flat.narrow(0, start, n) : h_flat, temperature, ignore_index,
+        validate);
     const at::Tensor& dlogits = logits;
     at::Tensor grad_hidden_chunk = grad_hidden.narrow(0, start, n);
     at::mm_out(grad_hidden_chunk, dlogits, weight);

@@ -30,10 +30,10 @@ int64_t lcs_bit_parallel(const int64_t* cand, int64_t n, int64_t m, const int64_
 at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_starts,
                           const at::Tensor& cand_lengths, const at::Tensor& ref_values,
                           const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
-                          const at::Tensor& ref_index) {
+                          const at::Tensor& ref_index, bool validate) {
   const auto [cand, ref, ref_of] = checked_overlap_inputs(
       "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
-      ref_index);
+      ref_index, validate);
   const ReferenceMasks rm = reference_masks(ref);
   at::Tensor out = at::zeros({cand.starts.numel()}, cand.values.options());
   const auto plan = candidates_by_reference(ref_of);
