@@ -4,13 +4,15 @@
 // tiles. Backward: a (row, column chunk) grid overwrites the tile with dlogits. The 16-bit
 // hidden/weight gradient accumulation is a cuBLAS matmul with fp32 output and beta = 1.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDABlas.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "linear_token_logprobs.h"
 
@@ -218,15 +220,21 @@ BlasOperand blas_operand(const at::Tensor& x) {
   return {'t', x.stride(1)};
 }
 
-template <typename scalar_t>
+// c (fp32, row-major rows) = a @ b (+ c when accumulate) for 16-bit a, b, in one cuBLAS
+// call with fp32 output and compute (at::cuda::blas::gemm is not exported by libtorch_cuda).
+// Row-major C [m, n] = A [m, k] B [k, n] is column-major C^T [n, m] = B^T A^T.
 void gemm_fp32_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   TORCH_CHECK(c.stride(1) == 1, linear::kOp, ": internal error, fp32 accumulator not row-major");
   const BlasOperand ob = blas_operand(b), oa = blas_operand(a);
-  // Row-major C [m, n] = A [m, k] B [k, n]  <=>  column-major C^T [n, m] = B^T A^T.
-  at::cuda::blas::gemm<scalar_t, float>(
-      ob.trans, oa.trans, c.size(1), c.size(0), a.size(1), 1.0f,
-      b.data_ptr<scalar_t>(), ob.ld, a.data_ptr<scalar_t>(), oa.ld, accumulate ? 1.0f : 0.0f,
-      c.data_ptr<float>(), c.stride(0));
+  const cudaDataType_t type = a.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+  const auto to_op = [](char trans) { return trans == 'n' ? CUBLAS_OP_N : CUBLAS_OP_T; };
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      handle, to_op(ob.trans), to_op(oa.trans), static_cast<int>(c.size(1)),
+      static_cast<int>(c.size(0)), static_cast<int>(a.size(1)), &alpha, b.data_ptr(), type,
+      static_cast<int>(ob.ld), a.data_ptr(), type, static_cast<int>(oa.ld), &beta, c.data_ptr(),
+      CUDA_R_32F, static_cast<int>(c.stride(0)), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 struct CudaKernels {
@@ -280,13 +288,15 @@ struct CudaKernels {
       if (!accumulate) c.zero_();
       return;
     }
-    if (a.scalar_type() == at::kBFloat16) {
-      gemm_fp32_out<at::BFloat16>(c, a, b, accumulate);
-    } else {
-      TORCH_CHECK(a.scalar_type() == at::kHalf, linear::kOp,
-                  ": internal error, fp32 accumulation of ", a.scalar_type());
-      gemm_fp32_out<at::Half>(c, a, b, accumulate);
-    }
+    TORCH_CHECK(linear::is_16_bit(a.scalar_type()) && b.scalar_type() == a.scalar_type() &&
+                    c.scalar_type() == at::kFloat,
+                linear::kOp, ": internal error, fp32 accumulation of ", a.scalar_type());
+    const int64_t int_max = std::numeric_limits<int>::max();
+    TORCH_CHECK(c.size(0) <= int_max && c.size(1) <= int_max && a.size(1) <= int_max &&
+                    c.stride(0) <= int_max && a.stride(0) <= int_max && a.stride(1) <= int_max &&
+                    b.stride(0) <= int_max && b.stride(1) <= int_max,
+                linear::kOp, ": a matmul dimension exceeds cuBLAS's 32-bit sizes");
+    gemm_fp32_out(c, a, b, accumulate);
   }
 };
 
