@@ -75,6 +75,8 @@ def run(device: str, sizes, repeats: int) -> list[harness.Result]:
                                    _bare_matmuls(hidden, weight, mode), repeats=repeats)
             mode_results = [bare]
             for name, impl in impls.items():
+                if name == "torch_compile" and mode == "frozen":
+                    continue  # in no target; its recompilation would cost the GPU run minutes
                 if isinstance(impl, str):
                     results.append(harness.not_run(OP, name, size, device, impl))
                     continue
