@@ -26,17 +26,18 @@ TORCH_LIBRARY(lambdapo, m) {
       "token_logprobs_backward_inplace(Tensor grad_logprobs, Tensor? grad_entropy, "
       "Tensor(a!) logits, Tensor targets, Tensor lse, Tensor entropy, float temperature, "
       "int ignore_index, bool validate=True) -> ()");
-  // Composite over chunks of rows (matmul, then the two ops above): returns
-  // (logprobs, entropy, lse) and (grad_hidden, grad_weight, grad_bias or empty).
+  // Over tiles of chunk_size rows x vocab_chunk_size vocabulary entries (one tile of
+  // logits at a time): returns (logprobs, entropy, lse) and (grad_hidden, grad_weight,
+  // grad_bias); a gradient left out of output_mask (or grad_bias without bias) is empty.
   m.def(
       "linear_token_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor targets, float temperature, int ignore_index, bool return_entropy, "
-      "int chunk_size, bool validate=True) -> (Tensor, Tensor, Tensor)");
+      "int chunk_size, int vocab_chunk_size, bool validate=True) -> (Tensor, Tensor, Tensor)");
   m.def(
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, "
       "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, "
-      "float temperature, int ignore_index, int chunk_size, bool validate=True) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float temperature, int ignore_index, int chunk_size, int vocab_chunk_size, "
+      "bool[3] output_mask, bool validate=True) -> (Tensor, Tensor, Tensor)");
   // Semantic density: candidate i is cand_values[cand_starts[i] : + cand_lengths[i]],
   // compared with reference ref_index[i] (same layout). ngram_overlap returns
   // (clipped matches, candidate n-gram counts, reference n-gram counts), each [B, max_n].

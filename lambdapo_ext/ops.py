@@ -8,9 +8,11 @@ from torch import Tensor
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 NORMALIZE_MODES = ("mean", "none", "std")
-# Logits memory for one chunk of linear_token_logprobs when chunk_size is not given.
-CPU_CHUNK_BYTES = 64 * 2**20
-CUDA_CHUNK_BYTES_MAX = 2 * 2**30
+# Logits memory of one linear_token_logprobs tile when the chunk sizes are not given, and
+# the fewest vocabulary entries a default tile spans.
+CPU_TILE_BYTES = 64 * 2**20
+CUDA_TILE_BYTES_MAX = 128 * 2**20
+LINEAR_MIN_VOCAB_CHUNK = 4096
 
 
 def lambda_advantages(
@@ -120,21 +122,35 @@ def token_logprobs(
 
 
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
-                       query_free_memory: bool = True) -> int:
-    """Rows per chunk of linear_token_logprobs: a chunk's logits take at most 64 MiB on the
-    CPU, and on CUDA an eighth of free memory capped at 2 GiB. Without
-    ``query_free_memory`` (no driver call, so safe inside a CUDA-graph capture) the CUDA
-    budget is a sixteenth of the device's total memory, capped the same."""
+                       query_free_memory: bool = True) -> tuple[int, int]:
+    """Tile of :func:`linear_token_logprobs` when ``chunk_size`` / ``vocab_chunk_size`` are
+    not given: ``(rows per chunk, vocabulary entries per chunk)``.
+
+    A tile's logits take at most 64 MiB on the CPU, and on CUDA at most 128 MiB or an eighth
+    of free memory. Without ``query_free_memory`` (no driver call, so safe inside a
+    CUDA-graph capture and free of host syncs) the CUDA budget is the 128 MiB cap. Tiles
+    span up to all rows (so that each vocabulary block's weight gradient is one matmul over
+    every row) but at least ``LINEAR_MIN_VOCAB_CHUNK`` vocabulary entries, rounded to a
+    multiple of 128 for the matmuls.
+
+    Raises:
+        ValueError: ``vocab`` < 1 (an lm-head ``weight`` with no rows).
+    """
+    if vocab < 1:
+        raise ValueError(f"linear_token_logprobs: weight must have at least one row (a "
+                         f"vocabulary of V > 0), got V = {vocab}")
     if device.type == "cuda":
+        budget = CUDA_TILE_BYTES_MAX
         if query_free_memory:
-            budget = torch.cuda.mem_get_info(device)[0] // 8
-        else:
-            budget = torch.cuda.get_device_properties(device).total_memory // 16
-        budget = min(budget, CUDA_CHUNK_BYTES_MAX)
+            budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
     else:
-        budget = CPU_CHUNK_BYTES
-    bytes_per_row = vocab * (torch.finfo(dtype).bits // 8)
-    return max(1, min(max(rows, 1), budget // bytes_per_row))
+        budget = CPU_TILE_BYTES
+    elements = max(1, budget // dtype.itemsize)  # any dtype: the op names a bad one
+    chunk = max(1, min(rows, elements // LINEAR_MIN_VOCAB_CHUNK))
+    vocab_chunk = min(vocab, max(1, elements // chunk))
+    if vocab_chunk < vocab and vocab_chunk >= 128:
+        vocab_chunk -= vocab_chunk % 128
+    return chunk, vocab_chunk
 
 
 def linear_token_logprobs(
@@ -147,41 +163,54 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     validate: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without materializing the
-    ``[N, V]`` logits: rows are processed in chunks, and backward recomputes each chunk's
-    logits.
+    ``[N, V]`` logits: forward and backward walk tiles of ``chunk_size`` rows x
+    ``vocab_chunk_size`` vocabulary entries, and backward recomputes each tile's logits.
+
+    Gradients flow to whichever of ``hidden``, ``weight`` and ``bias`` require them, and
+    only those are computed: a frozen lm-head costs no weight-gradient matmul and no
+    ``[V, H]`` buffer. Each vocabulary block's weight gradient is written once in the
+    weight's dtype (no fp32 ``[V, H]`` accumulator); the hidden gradient of 16-bit inputs
+    accumulates over blocks in an fp32 ``[N, H]`` buffer.
 
     Args:
         hidden: ``[..., H]`` final hidden states (float32, float16, bfloat16 or float64).
-        weight: lm-head weight ``[V, H]``, same dtype and device as ``hidden``.
+        weight: lm-head weight ``[V, H]`` (V > 0), same dtype and device as ``hidden``.
         targets: ``[...]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` lm-head bias.
         temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
-        chunk_size: rows per chunk; by default from N, V and free memory
-            (:func:`default_chunk_size`).
-        validate: as in :func:`token_logprobs`; ``False`` also sizes default chunks
+        chunk_size: rows per tile; ``vocab_chunk_size``: vocabulary entries per tile. Either
+            left out comes from :func:`default_chunk_size` (a bounded tile of logits).
+        validate: as in :func:`token_logprobs`; ``False`` also sizes default tiles
             without asking the driver for free memory.
 
     Returns:
         ``logprobs`` ``[...]`` float32 (float64 for float64 inputs), or
-        ``(logprobs, entropy)`` when ``return_entropy``. Gradients flow to ``hidden``,
-        ``weight`` and ``bias`` (weight/bias gradients accumulated in fp32 over chunks and
-        returned in the parameter's dtype).
+        ``(logprobs, entropy)`` when ``return_entropy``. Gradients have the dtype of their
+        input.
 
     Raises:
-        ValueError: bad targets, temperature or chunk_size (messages name the argument).
+        ValueError: bad targets, temperature, chunk sizes, or a ``weight`` with no rows
+            (messages name the argument).
         RuntimeError: dtype, shape or device mismatches, or the compiled library is
             unavailable.
     """
     require_library()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(targets.numel(), weight.shape[0], weight.dtype,
-                                        weight.device, query_free_memory=validate)
+    if weight.dim() == 2 and weight.shape[0] == 0:
+        raise ValueError(f"linear_token_logprobs: weight must have at least one row (a "
+                         f"vocabulary of V > 0), got shape {tuple(weight.shape)}")
+    if chunk_size is None or vocab_chunk_size is None:
+        default_rows, default_vocab = default_chunk_size(
+            targets.numel(), weight.shape[0], weight.dtype, weight.device,
+            query_free_memory=validate)
+        chunk_size = default_rows if chunk_size is None else chunk_size
+        vocab_chunk_size = default_vocab if vocab_chunk_size is None else vocab_chunk_size
     logprobs, entropy, _ = torch.ops.lambdapo.linear_token_logprobs_forward.default(
         hidden, weight, bias, targets, float(temperature), int(ignore_index),
-        bool(return_entropy), int(chunk_size), bool(validate))
+        bool(return_entropy), int(chunk_size), int(vocab_chunk_size), bool(validate))
     return (logprobs, entropy) if return_entropy else logprobs
 
 
@@ -417,40 +446,51 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("lambdapo::linear_token_logprobs_forward")
     def _linear_token_logprobs_forward_fake(hidden, weight, bias, targets, temperature,
                                             ignore_index, return_entropy, chunk_size,
-                                            validate=True):
+                                            vocab_chunk_size, validate=True):
         return _fake_logprob_outputs(hidden, return_entropy)
 
     @torch.library.register_fake("lambdapo::linear_token_logprobs_backward")
     def _linear_token_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, bias,
                                              targets, lse, entropy, temperature, ignore_index,
-                                             chunk_size, validate=True):
-        grad_bias = weight.new_empty(weight.shape[:1] if bias is not None else (0,))
-        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+                                             chunk_size, vocab_chunk_size, output_mask,
+                                             validate=True):
+        need_hidden, need_weight, need_bias = output_mask
+        return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+                weight.new_empty(weight.shape if need_weight else (0,)),
+                weight.new_empty(weight.shape[:1] if need_bias and bias is not None else (0,)))
 
     def _linear_setup_context(ctx, inputs, output):
         (hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_size,
-         *rest) = inputs
+         vocab_chunk_size, validate) = inputs
         _, entropy, lse = output
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
-        ctx.validate = rest[0] if rest else True
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.chunk_size, ctx.vocab_chunk_size = chunk_size, vocab_chunk_size
+        ctx.validate = validate
         ctx.return_entropy = return_entropy
         ctx.set_materialize_grads(False)
 
     def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        # Only the gradients autograd asks for are computed (a frozen lm-head: no weight
+        # gradient matmul, no [V, H] buffer).
+        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                       bias is not None and ctx.needs_input_grad[2]]
         if not ctx.return_entropy:
             grad_entropy = None
-        if grad_logprobs is None and grad_entropy is None:
-            return (None,) * 9
+        if (grad_logprobs is None and grad_entropy is None) or not any(output_mask):
+            return (None,) * 10
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
         grad_hidden, grad_weight, grad_bias = (
             torch.ops.lambdapo.linear_token_logprobs_backward.default(
                 grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                ctx.temperature, ctx.ignore_index, ctx.chunk_size, ctx.validate))
-        return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
-                None, None, None, None, None, None)
+                ctx.temperature, ctx.ignore_index, ctx.chunk_size, ctx.vocab_chunk_size,
+                output_mask, ctx.validate))
+        return (grad_hidden if output_mask[0] else None,
+                grad_weight if output_mask[1] else None,
+                grad_bias if output_mask[2] else None,
+                None, None, None, None, None, None, None)
 
     torch.library.register_autograd("lambdapo::linear_token_logprobs_forward", _linear_backward,
                                     setup_context=_linear_setup_context)

@@ -46,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs(const at::T
                        .findSchemaOrThrow("lambdapo::linear_token_logprobs_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const at::Tensor&, double, int64_t, bool, int64_t, bool)>();
-  return op.call(hidden, weight, std::nullopt, targets, 1.0, -100, true, 3, true);
+                           const at::Tensor&, double, int64_t, bool, int64_t, int64_t, bool)>();
+  return op.call(hidden, weight, std::nullopt, targets, 1.0, -100, true, 3, 256, true);
 }
 
 }  // namespace
@@ -90,7 +90,7 @@ int main() {
   expect(at::allclose(entropy, -(log_p.exp() * log_p).sum(-1), 1e-5, 1e-5),
          "entropy from the same pass");
 
-  // linear_token_logprobs in chunks of 3 rows equals the full matmul.
+  // linear_token_logprobs in tiles of 3 rows x 256 vocabulary entries equals the full matmul.
   const at::Tensor hidden = at::randn({7, 16});
   const at::Tensor weight = at::randn({1000, 16});
   const at::Tensor linear_targets = at::randint(0, 1000, {7});
