@@ -156,13 +156,13 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
-        expanded = [ids for ids in prompt_ids for _ in range(params.n)]
         completions, logprobs, finished = [], [], []
         was_training = self.model.training
         self.model.eval()
+        per_batch = max(1, self.batch_size // params.n)   # whole groups per batch
         try:
-            for start in range(0, len(expanded), self.batch_size):
-                c, lp, f = self._generate_batch(expanded[start:start + self.batch_size], params)
+            for start in range(0, len(prompt_ids), per_batch):
+                c, lp, f = self._generate_batch(prompt_ids[start:start + per_batch], params)
                 completions += c
                 logprobs += lp
                 finished += f
@@ -171,15 +171,16 @@ class TransformersEngine:
         return Rollout(completions, logprobs, finished)
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams):
+        """Samples ``params.n`` responses for each of ``prompts``: the prompts are run once
+        (prefill) and their cache repeated, then rows p*n .. p*n+n-1 decode prompt p."""
         device = self.generator.device
-        batch, longest = len(prompts), max(len(p) for p in prompts)
+        longest, batch = max(len(p) for p in prompts), len(prompts) * params.n
         width = longest + params.max_new_tokens
         # Left padding: every row's next token is at the same column. The attention mask is
         # allocated for the whole generation once and filled column by column.
         input_ids = torch.tensor([[self.pad] * (longest - len(p)) + p for p in prompts])
-        attention = torch.zeros((batch, width), dtype=torch.long)
-        attention[:, :longest] = input_ids != self.pad
-        for i, ids in enumerate(prompts):   # a prompt may itself contain the pad id
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, ids in enumerate(prompts):
             attention[i, longest - len(ids):longest] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention[:, :longest].cumsum(-1) - 1).clamp(min=0)
@@ -194,9 +195,16 @@ class TransformersEngine:
             out = self.model(input_ids=input_ids, attention_mask=attention[:, :longest],
                              position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = _cache_of(out)
+        logits = out.logits[:, -1]
+        if params.n > 1:
+            cache.batch_repeat_interleave(params.n)
+            logits = logits.repeat_interleave(params.n, dim=0)
+            attention = attention.repeat_interleave(params.n, dim=0)
+            positions = positions.repeat_interleave(params.n, dim=0)
         next_position = positions[:, -1:] + 1
         for t in range(params.max_new_tokens):
-            logits = out.logits[:, -1]
+            if t:
+                logits = out.logits[:, -1]
             if params.temperature == 0:
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 next_token = logp.argmax(-1)

@@ -32,10 +32,6 @@ from .rewards import MathVerifyReward, RewardManager
 from .rollout import SamplingParams, build_engine
 
 
-# Below this size, CPU ops are too small for intra-op threads to pay for their overhead.
-SMALL_MODEL_PARAMS = 50_000_000
-
-
 @dataclass
 class EvalResult:
     accuracy: float      # mean over prompts and samples of the math_verify reward
@@ -59,9 +55,6 @@ class Trainer:
         self.device = pick_device(config.device)
         self.autocast = autocast_dtype(config.model)
         self.model, self.tokenizer = load_policy(config.model, self.device)
-        if not config.threads and self.device.type == "cpu" and \
-                sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
-            torch.set_num_threads(1)
         self.model.train()
         self.ref_model = None
         if config.algorithm.kl_coef > 0:
