@@ -16,7 +16,7 @@ from lambdapo.rollout import SamplingParams, TransformersEngine, process_logits
 from lambdapo.trainer import Trainer
 from tiny_model import make_tiny_model
 
-TIMING = {"tokens_per_s", "gen_time", "train_time", "step_time"}
+TIMING = {"tokens_per_s", "gen_time", "middle_time", "train_time", "step_time"}
 
 
 @pytest.fixture(scope="module")

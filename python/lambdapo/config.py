@@ -143,9 +143,8 @@ class TrainConfig:
     output_dir: str = _f("runs/lambdapo", "run directory (metrics, plots, checkpoints)")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    threads: int = _f(0, "CPU threads for torch (0: 1 for models under 50M parameters on "
-                                "the CPU, where more threads only add overhead; else torch's "
-                                "default)")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default, one per core, the "
+                         "fastest on an idle machine even for the built-in model)")
     log_samples: int = _f(2, "completions written to samples.jsonl per step")
 
 
