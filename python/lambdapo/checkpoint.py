@@ -67,9 +67,10 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise RunDirectoryLocked(
-            f"output_dir {run_dir} is in use by another lambdapo run (pid {holder}); wait "
-            f"for it to finish or choose another output_dir") from None
+        advice = ("close the Trainer that uses it first" if holder == str(os.getpid()) else
+                  "wait for it to finish or choose another output_dir")
+        raise RunDirectoryLocked(f"output_dir {run_dir} is in use by another lambdapo run "
+                                 f"(pid {holder}); {advice}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

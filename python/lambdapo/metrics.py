@@ -55,6 +55,9 @@ class MetricsWriter:
         for key, value in values.items():
             self.tb.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        self.tb.flush()
+
     def close(self) -> None:
         self.tb.close()
 

@@ -60,6 +60,7 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.lock_run_dir(self.run_dir).close()   # fail fast when another run holds it
         if config.threads:
             torch.set_num_threads(config.threads)
         random.seed(config.seed)
@@ -396,6 +397,7 @@ class Trainer:
                 writer.scalars({"eval/accuracy": result.accuracy,
                                 "eval/reward": result.reward}, self.step)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                writer.flush()   # the events up to a checkpoint survive a kill after it
                 self.save()
         bar.close()
         after = self.evaluate()
