@@ -31,6 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import LambdapoWarning
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -115,7 +117,7 @@ def verify_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"checkpoint {folder}: not a lambdapo checkpoint (no "
                                   f"{MANIFEST_FILE} and no {STATE_FILE})")
         warnings.warn(f"checkpoint {folder} has no {MANIFEST_FILE} (written by an older "
-                      f"lambdapo): its files cannot be verified", stacklevel=2)
+                      f"lambdapo): its files cannot be verified", LambdapoWarning, stacklevel=2)
         return
     try:
         files = json.loads(path.read_text())["files"]

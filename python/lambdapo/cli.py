@@ -177,14 +177,16 @@ def _importable_working_directory() -> None:
         sys.path.append(cwd)
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"lambdapo: warning: {message}\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _importable_working_directory()
-    shown_as, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    shown_as = warnings.formatwarning
+
+    def one_line(message, category, *args, **kwargs) -> str:
+        if issubclass(category, config_lib.LambdapoWarning):
+            return f"lambdapo: warning: {message}\n"
+        return shown_as(message, category, *args, **kwargs)
+    warnings.formatwarning = one_line
     try:
         return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except (ValueError, FileNotFoundError, RewardError, RolloutEngineError,

@@ -19,6 +19,11 @@ import yaml
 BUILTIN_MODEL = "builtin:tiny-arithmetic"
 
 
+class LambdapoWarning(UserWarning):
+    """Something a user should know about a run that does not stop it (the command line
+    prints these on one line)."""
+
+
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help},
@@ -403,5 +408,6 @@ def help_lines(node: Any = None, prefix: str = "") -> list[str]:
 
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
-           "RewardConfig", "OptimConfig", "CheckpointConfig", "load_config", "save_config", "parse_overrides",
-           "validate", "help_lines", "to_dict", "config_changes", "BUILTIN_MODEL"]
+           "RewardConfig", "OptimConfig", "CheckpointConfig", "load_config", "save_config",
+           "parse_overrides", "validate", "help_lines", "to_dict", "config_changes",
+           "LambdapoWarning", "BUILTIN_MODEL"]

@@ -24,7 +24,7 @@ import torch
 
 from . import advantages as adv_lib
 from . import checkpoint as ckpt
-from .config import TrainConfig, config_changes, save_config, to_dict
+from .config import LambdapoWarning, TrainConfig, config_changes, save_config, to_dict
 from .data import PromptSampler, load_split
 from .loss import BatchTotals, policy_loss, rollout_is_weights
 from .policy import (autocast_dtype, build_batch, load_policy, pick_device,
@@ -353,7 +353,7 @@ class Trainer:
                              f"(another output_dir), or allow it (--allow-config-change)")
         if breaking or harmless:
             warnings.warn(f"resuming {folder} with a changed config: "
-                          f"{'; '.join(breaking + harmless)}", stacklevel=3)
+                          f"{'; '.join(breaking + harmless)}", LambdapoWarning, stacklevel=3)
         ckpt.load_weights_into(self.model, folder)
         self.step = int(state["step"])
         self.sampler.load_state(state["sampler"])
