@@ -123,6 +123,33 @@ def test_resaving_a_step_killed_at_every_point_keeps_latest_complete(tmp_path, m
     assert k >= 6, calls   # every write, both renames, the pointer, both deletions
 
 
+def test_a_first_save_killed_at_every_point_leaves_no_partial_checkpoint(tmp_path,
+                                                                         monkeypatch):
+    class Killed(BaseException):
+        pass
+
+    def fault():
+        raise Killed()
+
+    for k in range(20):
+        run = tmp_path / f"run{k}"
+        inject_fault(monkeypatch, k, fault)
+        try:
+            fake_save(run, 1, 1.0)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.undo()
+        if finished or (run / "checkpoints" / "step-1").exists():
+            assert latest_value(run) == 1.0, k
+        else:
+            with pytest.raises(FileNotFoundError, match="no 'latest'"):
+                ckpt.find_checkpoint(run)
+        if finished:
+            break
+    assert k >= 4
+
+
 def save_killed_at(run: Path, k: int) -> int:
     """In a forked child: the two first saves, then the re-save with the process killed
     (``os._exit``: no cleanup, no ``finally``, as ``kill -9``) at fault point k. Returns

@@ -210,7 +210,11 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     folders = _step_folders(root)
     doomed = [path for _, path in folders[:-keep_last] if path.name != latest]
     for path in doomed:
-        shutil.rmtree(path)
+        # Renamed first: a kill mid-delete leaves a .tmp-* folder (removed by the next
+        # save), never a step-N folder with files missing.
+        trash = root / f".tmp-pruned-{path.name}"
+        os.rename(path, trash)
+        shutil.rmtree(trash)
     return doomed
 
 
@@ -276,6 +280,11 @@ def find_checkpoint(path: str | Path) -> Path:
                                   f"{root}")
     if (path / STATE_FILE).exists():
         return path
+    for root in (path / "checkpoints", path):
+        # Killed between the first checkpoint's rename and writing latest: a step-N folder
+        # exists only once complete.
+        if root.is_dir() and _step_folders(root):
+            return _step_folders(root)[-1][1]
     if (path / "checkpoints").is_dir():
         raise FileNotFoundError(f"{path}: checkpoints/ has no 'latest' (the run stopped "
                                 f"before its first checkpoint; see save_every)")

@@ -89,7 +89,7 @@ def plot_curves(history: list[dict], eval_history: list[dict], path: Path,
 
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [m["step"] for m in history]
-    span = max(1, round(len(history) / 20))
+    span = max(1, round(len(history) / 10))
     for key, label, color in (("reward", "reward", "tab:blue"),
                               ("accuracy", "training accuracy", "tab:orange")):
         values = [m[key] for m in history]

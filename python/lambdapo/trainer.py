@@ -412,7 +412,8 @@ class Trainer:
                    "eval_samples": after.samples}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_curves(self.history, self.eval_history, self.run_dir / "curves.png",
-                    title=f"{cfg.algorithm.adv_estimator}: {self.run_dir}")
+                    title=f"{self.run_dir} (adv_estimator={cfg.algorithm.adv_estimator}, "
+                          f"seed {cfg.seed})")
         writer.close()
         return summary
 
