@@ -65,7 +65,7 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     handle = open(path, "a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
@@ -73,6 +73,9 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
                   "wait for it to finish or choose another output_dir")
         raise RunDirectoryLocked(f"output_dir {run_dir} is in use by another lambdapo run "
                                  f"(pid {holder}); {advice}") from None
+    except OSError as exc:   # a file system without locks (some network mounts)
+        warnings.warn(f"output_dir {run_dir} cannot be locked ({exc.strerror}): a second run "
+                      f"on it would not be detected", LambdapoWarning, stacklevel=2)
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
