@@ -342,7 +342,9 @@ def test_a_run_killed_between_checkpoints_resumes_without_repeated_steps(workspa
     assert tensorboard_steps(killed, "eval/accuracy") == [0, 1, 2, 3, 4]
     # A fresh run in the same folder starts its outputs over.
     fresh = load_config(None, overrides(root, model, "killed", steps=1))
-    with Trainer(fresh, progress=False) as trainer:
+    with pytest.warns(UserWarning, match="holds an earlier run's checkpoints"):
+        trainer = Trainer(fresh, progress=False)
+    with trainer:
         trainer.train()
     assert [m["step"] for m in read_rows(killed / "metrics.jsonl")] == [1]
     assert [s["step"] for s in read_rows(killed / "samples.jsonl")] == [1, 1]

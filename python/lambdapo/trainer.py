@@ -103,6 +103,10 @@ class Trainer:
             if resume:
                 self._resume(resume, allow_config_change)
                 self.engine.sync_weights()
+            elif (self.run_dir / "checkpoints" / "latest").exists():
+                warnings.warn(f"output_dir {self.run_dir} holds an earlier run's checkpoints; "
+                              f"this run starts over and replaces them as it saves (--resume "
+                              f"continues that run instead)", LambdapoWarning, stacklevel=2)
             save_config(config, self.run_dir / "config.yaml")
         except BaseException:
             self._lock.close()
