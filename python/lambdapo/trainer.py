@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 
 from . import advantages as adv_lib
 from . import checkpoint as ckpt
-from .config import TrainConfig, save_config, to_dict
+from .config import LambdapoWarning, TrainConfig, config_changes, save_config, to_dict
 from .data import PromptSampler, load_split
 from .loss import BatchTotals, policy_loss, rollout_is_weights
 from .policy import (autocast_dtype, build_batch, load_policy, pick_device,
@@ -40,14 +41,22 @@ class EvalResult:
 
 
 class Trainer:
-    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it."""
+    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it.
+
+    ``resume``: a checkpoint folder or run directory to continue from (``"auto"``:
+    ``output_dir``'s latest checkpoint). A resumed run whose config differs from the
+    checkpoint's in a field outside :data:`lambdapo.config.RESUMABLE_CHANGES` raises
+    ValueError unless ``allow_config_change``; the other differences are warned about.
+    The trainer holds a lock on ``output_dir`` until :meth:`close`
+    (:class:`lambdapo.checkpoint.RunDirectoryLocked` if another run holds it)."""
 
     def __init__(self, config: TrainConfig, *, resume: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, allow_config_change: bool = False):
         self.config = config
         self.progress = progress
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.lock_run_dir(self.run_dir).close()   # fail fast when another run holds it
         if config.threads:
             torch.set_num_threads(config.threads)
         random.seed(config.seed)
@@ -81,10 +90,20 @@ class Trainer:
         self.elapsed_before = 0.0
         self.engine = build_engine(config, self.model, self.tokenizer,
                                    resolve_model_path(config.model.path))
-        if resume:
-            self._resume(resume)
-            self.engine.sync_weights()
-        save_config(config, self.run_dir / "config.yaml")
+        # Locked before the first write into output_dir; released here if __init__ fails.
+        self._lock = ckpt.lock_run_dir(self.run_dir)
+        try:
+            if resume:
+                self._resume(resume, allow_config_change)
+                self.engine.sync_weights()
+            elif (self.run_dir / "checkpoints" / "latest").exists():
+                warnings.warn(f"output_dir {self.run_dir} holds an earlier run's checkpoints; "
+                              f"this run starts over and replaces them as it saves (--resume "
+                              f"continues that run instead)", LambdapoWarning, stacklevel=2)
+            save_config(config, self.run_dir / "config.yaml")
+        except BaseException:
+            self._lock.close()
+            raise
         self._prompt_cache: dict[str, list[int]] = {}
         self._solution_cache: dict[str, list[int]] = {}
 
@@ -369,13 +388,23 @@ class Trainer:
                "torch": torch.get_rng_state()}
         return ckpt.save_checkpoint(self.run_dir, self.step, model=self.model,
                                     tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, rng=rng, state=state)
+                                    scheduler=self.scheduler, rng=rng, state=state,
+                                    keep_last=self.config.checkpoint.keep_last)
 
-    def _resume(self, where: str) -> None:
+    def _resume(self, where: str, allow_config_change: bool = False) -> None:
         folder = ckpt.find_checkpoint(self.run_dir if where == "auto" else where)
-        ckpt.load_weights_into(self.model, folder)
+        ckpt.verify_checkpoint(folder)
         state, rng = ckpt.load_checkpoint(folder, optimizer=self.optimizer,
                                           scheduler=self.scheduler, device=self.device)
+        breaking, harmless = config_changes(state.get("config", {}), to_dict(self.config))
+        if breaking and not allow_config_change:
+            raise ValueError(f"--resume {folder}: the config differs from the checkpoint's "
+                             f"in {'; '.join(breaking)}. Undo the change, start a new run "
+                             f"(another output_dir), or allow it (--allow-config-change)")
+        if breaking or harmless:
+            warnings.warn(f"resuming {folder} with a changed config: "
+                          f"{'; '.join(breaking + harmless)}", LambdapoWarning, stacklevel=3)
+        ckpt.load_weights_into(self.model, folder)
         self.step = int(state["step"])
         self.sampler.load_state(state["sampler"])
         self.history = state["history"]
@@ -392,11 +421,12 @@ class Trainer:
         """Runs the remaining steps; returns a summary (accuracy before/after, time)."""
         from tqdm.auto import tqdm
 
-        from .metrics import MetricsWriter, plot_curves
+        from .metrics import MetricsWriter, plot_curves, truncate_jsonl
 
         cfg = self.config
         self._start = time.perf_counter()
-        writer = MetricsWriter(self.run_dir, resume=self.step > 0, last_step=self.step)
+        writer = MetricsWriter(self.run_dir, last_step=self.step)
+        truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         if not self.eval_history:
             before = self.evaluate()
             self.eval_history.append({"step": 0, "accuracy": before.accuracy,
@@ -417,6 +447,7 @@ class Trainer:
                 writer.scalars({"eval/accuracy": result.accuracy,
                                 "eval/reward": result.reward}, self.step)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                writer.flush()   # the events up to a checkpoint survive a kill after it
                 self.save()
         bar.close()
         after = self.evaluate()
@@ -430,14 +461,18 @@ class Trainer:
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
                    "eval_samples": after.samples, "eval_history": self.eval_history}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_curves(self.history, self.eval_history, self.run_dir / "curves.png")
+        plot_curves(self.history, self.eval_history, self.run_dir / "curves.png",
+                    title=f"{self.run_dir} (adv_estimator={cfg.algorithm.adv_estimator}, "
+                          f"seed {cfg.seed})")
         writer.close()
         return summary
 
 
     def close(self) -> None:
-        """Shuts the rollout engine down (a vLLM engine holds memory until then)."""
+        """Shuts the rollout engine down (a vLLM engine holds memory until then) and
+        releases the lock on ``output_dir``."""
         self.engine.close()
+        self._lock.close()
 
     def __enter__(self) -> "Trainer":
         return self
