@@ -207,3 +207,37 @@ def test_pretrain_script_reproduces_the_shipped_checkpoint(name, tmp_path):
                    env={"PYTHONPATH": str(REPO / "python"), "PATH": "/usr/bin:/bin"})
     for file in CHECKPOINT_FILES:
         assert (tmp_path / file).read_bytes() == (shipped / file).read_bytes(), (name, file)
+
+
+def test_reasoning_gym_source_without_the_package_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # import raises ImportError
+    config = DataConfig(dataset="reasoning_gym:basic_arithmetic", num_train=4)
+    with pytest.raises(ValueError, match="pip install reasoning-gym"):
+        load_split(config, "train", seed=0)
+
+
+def test_reasoning_gym_source_rows_splits_and_verifier():
+    pytest.importorskip("reasoning_gym")
+    from lambdapo.data import DataError
+    from lambdapo.tasks.reasoning_gym_source import verifier_reward
+    config = DataConfig(dataset="reasoning_gym:basic_arithmetic", num_train=300, num_eval=40)
+    train, held_out = load_split(config, "train", seed=1), load_split(config, "eval", seed=1)
+    assert len(train) == 300 and len(held_out) == 40
+    assert train == load_split(config, "train", seed=1)  # a pure function of the seed
+    assert train != load_split(config, "train", seed=2)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    for row in held_out:
+        assert row["answer"] == row["rg_entry"]["answer"] and row["solution"] == ""
+    rows = held_out[:4]
+    completions = [f"so \\boxed{{{r['answer']}}}" for r in rows]
+    completions += [f"\\boxed{{{rows[0]['answer']}1}}", f"the answer is {rows[0]['answer']}"]
+    rows += [rows[0], rows[0]]
+    scores = verifier_reward([r["prompt"] for r in rows], completions, None,
+                             rg_entry=[r["rg_entry"] for r in rows])
+    # The task's own verifier: full marks for the gold answer, less for a wrong one (this
+    # task gives partial credit), nothing without a \boxed{} answer.
+    assert scores[:4] == [1.0] * 4 and scores[4] < 1.0 and scores[5] == 0.0
+    with pytest.raises(DataError, match="no task 'no_such_task'"):
+        load_split(DataConfig(dataset="reasoning_gym:no_such_task"), "train", seed=0)
+    with pytest.raises(KeyError, match="rg_entry"):
+        verifier_reward(["p"], ["\\boxed{1}"], None, answer=["1"])
