@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -204,7 +205,7 @@ def test_pretrain_script_reproduces_the_shipped_checkpoint(name, tmp_path):
     args = _recorded_command(shipped / "README.md")
     subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain_builtin_model.py"), *args,
                     "--out", str(tmp_path)], check=True, cwd=REPO, capture_output=True,
-                   env={"PYTHONPATH": str(REPO / "python"), "PATH": "/usr/bin:/bin"})
+                   env={**os.environ, "PYTHONPATH": str(REPO / "python")})
     for file in CHECKPOINT_FILES:
         assert (tmp_path / file).read_bytes() == (shipped / file).read_bytes(), (name, file)
 

@@ -40,9 +40,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("arithmetic", "arithmetic | chain (built-in tasks) | a .jsonl/.json/"
-                                    ".parquet file | a Hugging Face dataset name or local "
-                                    "dataset folder")
+    dataset: str = _f("arithmetic", "arithmetic | chain (built-in tasks) | reasoning_gym:<task> "
+                                    "(pip install reasoning-gym) | a .jsonl/.json/.parquet "
+                                    "file | a Hugging Face dataset name or local dataset folder")
     train_split: str = _f("train", "split of a Hugging Face dataset used for training")
     eval_dataset: str = _f("", "held-out data (same forms; empty: the built-in eval split, "
                                "or the 'test' split of a Hugging Face dataset)")
