@@ -33,7 +33,8 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or builtin:tiny-arithmetic")
+    path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or "
+                                  "builtin:tiny-arithmetic | builtin:tiny-chain")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (autocast over fp32 master "
                                "weights)")
     attn_implementation: str = _f(
@@ -44,8 +45,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("arithmetic", "arithmetic (built-in) | a .jsonl/.json/.parquet file | a "
-                                    "Hugging Face dataset name or local dataset folder")
+    dataset: str = _f("arithmetic", "arithmetic | chain (built-in tasks) | reasoning_gym:<task> "
+                                    "(pip install reasoning-gym) | a .jsonl/.json/.parquet "
+                                    "file | a Hugging Face dataset name or local dataset folder")
     train_split: str = _f("train", "split of a Hugging Face dataset used for training")
     eval_dataset: str = _f("", "held-out data (same forms; empty: the built-in eval split, "
                                "or the 'test' split of a Hugging Face dataset)")
