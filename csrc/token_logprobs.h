@@ -5,8 +5,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lambdapo {
@@ -70,12 +72,22 @@ inline std::vector<int64_t> leading_shape(const at::Tensor& logits) {
   return std::vector<int64_t>(sizes.begin(), sizes.end() - 1);
 }
 
-// Rows may share memory (stride 0) for reading, never for writing gradients in place.
+// Rows may share memory (stride 0, or strides shorter than a row) for reading, never for
+// writing gradients in place. Sufficient test: with the dimensions of size > 1 sorted by
+// stride, each stride passes the last element reachable through the smaller ones.
 inline void check_rows_writable(const char* op, const at::Tensor& logits) {
-  for (int64_t d = 0; d + 1 < logits.dim(); ++d) {
-    TORCH_CHECK(logits.size(d) <= 1 || logits.stride(d) != 0, op,
-                ": in-place backward needs logits whose rows do not overlap (dimension ", d,
-                " has stride 0)");
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < logits.dim(); ++d) {
+    if (logits.size(d) > 1) dims.emplace_back(logits.stride(d), logits.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // largest offset reachable through the dimensions seen so far
+  for (const auto& [stride, size] : dims) {
+    TORCH_CHECK(stride > reach, op,
+                ": in-place backward needs logits whose rows do not overlap in memory (got "
+                "sizes ", logits.sizes(), " and strides ", logits.strides(),
+                "); pass inplace_backward=False or contiguous logits");
+    reach += (size - 1) * stride;
   }
 }
 

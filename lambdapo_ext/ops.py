@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -333,8 +335,8 @@ def rouge_n(cand, ref, *, max_n: int = 2, beta: float = 1.0, ref_index: Tensor |
     ``F = (1 + beta^2) P R / (beta^2 P + R)`` (0 when P = R = 0): rouge-score's definitions
     (its F is beta = 1), computed in float64 then rounded once. Inputs and ``validate`` as
     in :func:`ngram_overlap`."""
-    if not beta > 0:
-        raise ValueError(f"rouge_n: beta must be > 0, got {beta}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"rouge_n: beta must be finite and > 0, got {beta}")
     matches, cand_counts, ref_counts = ngram_overlap(cand, ref, max_n=max_n, ref_index=ref_index,
                                                      validate=validate)
     m = matches.double()
@@ -348,8 +350,8 @@ def rouge_l(cand, ref, *, beta: float = 1.0, ref_index: Tensor | None = None,
     """ROUGE-L precision ``LCS/|cand|``, recall ``LCS/|ref|`` and F-measure, float32 ``[B]``
     each; all 0 when either sequence is empty (as rouge-score). Inputs and ``validate`` as in
     :func:`ngram_overlap`."""
-    if not beta > 0:
-        raise ValueError(f"rouge_l: beta must be > 0, got {beta}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"rouge_l: beta must be finite and > 0, got {beta}")
     require_library()
     args = _overlap_inputs(cand, ref, ref_index, validate)
     lcs = torch.ops.lambdapo.lcs_length.default(*args, bool(validate)).double()
