@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from lambdapo_ext import _vocab_parallel
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 NORMALIZE_MODES = ("mean", "none", "std")
@@ -84,6 +85,7 @@ def token_logprobs(
     return_entropy: bool = False,
     inplace_backward: bool = False,
     validate: bool = True,
+    process_group=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of the target tokens under softmax(logits / temperature), fused.
 
@@ -105,6 +107,13 @@ def token_logprobs(
             sync on CUDA, in forward and backward). ``False`` trusts the targets: no host
             sync, CUDA-graph capturable; a target out of range then gives a NaN log-prob
             (never an out-of-bounds read).
+        process_group: a ``torch.distributed`` group over which the vocabulary is split
+            (tensor-parallel lm-heads): rank r's ``logits`` are the ids
+            ``[r * V_r, (r + 1) * V_r)`` of a vocabulary of ``W * V_r``, ``targets`` are
+            global ids, the same on every rank. Outputs equal the unsharded op's on every
+            rank; the backward gives each rank its shard's gradient. Two all-reduces of
+            per-row fp32 values per forward, none in the backward; every rank must call.
+            A group of size 1 is the single-device op. Runs eagerly (no torch.compile).
 
     Returns:
         ``logprobs`` ``[...]`` float32 (float64 for float64 logits), or
@@ -112,11 +121,18 @@ def token_logprobs(
 
     Raises:
         ValueError: a target outside ``[0, V)`` that is not ``ignore_index`` (with
-            ``validate``), or a temperature <= 0 (messages name the argument).
-        RuntimeError: wrong dtype, shape, device or layout of ``logits``/``targets``, or
-            the compiled library is unavailable.
+            ``validate``), a temperature <= 0, or (with ``validate`` and a process group)
+            shards of unequal size (messages name the argument).
+        RuntimeError: wrong dtype, shape, device or layout of ``logits``/``targets``, the
+            compiled library is unavailable, or a process group without an initialized
+            ``torch.distributed``.
     """
     require_library()
+    if process_group is not None and _vocab_parallel.group_size(process_group) > 1:
+        return _vocab_parallel.token_logprobs(
+            logits, targets, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, inplace_backward=inplace_backward,
+            validate=validate, process_group=process_group)
     logprobs, entropy, _ = torch.ops.lambdapo.token_logprobs_forward.default(
         logits, targets, float(temperature), int(ignore_index), bool(return_entropy),
         bool(inplace_backward), bool(validate))
@@ -167,6 +183,7 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     validate: bool = True,
+    process_group=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without materializing the
     ``[N, V]`` logits: forward and backward walk tiles of ``chunk_size`` rows x
@@ -188,6 +205,9 @@ def linear_token_logprobs(
             left out comes from :func:`default_chunk_size` (a bounded tile of logits).
         validate: as in :func:`token_logprobs`; ``False`` also sizes default tiles
             without asking the driver for free memory.
+        process_group: vocabulary-parallel lm-head, as in :func:`token_logprobs`: each
+            rank holds its rows ``[r * V_r, (r + 1) * V_r)`` of ``weight`` (and ``bias``)
+            and the full ``hidden``; the hidden gradient is all-reduced once in backward.
 
     Returns:
         ``logprobs`` ``[...]`` float32 (float64 for float64 inputs), or
@@ -210,6 +230,11 @@ def linear_token_logprobs(
             query_free_memory=validate)
         chunk_size = default_rows if chunk_size is None else chunk_size
         vocab_chunk_size = default_vocab if vocab_chunk_size is None else vocab_chunk_size
+    if process_group is not None and _vocab_parallel.group_size(process_group) > 1:
+        return _vocab_parallel.linear_token_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size, validate=validate, process_group=process_group)
     logprobs, entropy, _ = torch.ops.lambdapo.linear_token_logprobs_forward.default(
         hidden, weight, bias, targets, float(temperature), int(ignore_index),
         bool(return_entropy), int(chunk_size), int(vocab_chunk_size), bool(validate))
