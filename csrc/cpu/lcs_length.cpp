@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <utility>
 #include <vector>
 
 #include "sequence_overlap.h"
@@ -24,22 +25,57 @@
 namespace lambdapo {
 namespace {
 
-// V = (V + (V & M)) | (V & ~M) over `words` words: the step of lcs_step, with the carry
-// kept in the flags on x86-64 (add-with-carry) instead of recomputed by comparisons.
-inline void lcs_step_words(uint64_t* __restrict v, const uint64_t* __restrict match,
-                           int64_t words) {
+// V = (V + (V & M)) | (V & ~M) over words 64-bit words: the step of lcs_step, with the
+// carry kept in the flags on x86-64 (add-with-carry) instead of recomputed by comparisons.
+inline unsigned char lcs_step_word(unsigned char carry, uint64_t& v, uint64_t match) {
 #if defined(__x86_64__) || defined(_M_X64)
-  unsigned char carry = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    const uint64_t vw = v[w], mw = match[w];
-    unsigned long long sum;
-    carry = _addcarry_u64(carry, vw, vw & mw, &sum);
-    v[w] = sum | (vw & ~mw);
-  }
+  unsigned long long sum;
+  carry = _addcarry_u64(carry, v, v & match, &sum);
 #else
-  lcs_step(v, match, words);
+  const uint64_t partial = v + (v & match), sum = partial + carry;
+  carry = (partial < v) | (sum < partial);
 #endif
+  v = sum | (v & ~match);
+  return carry;
 }
+
+// All steps of one candidate, rows[s] the offset of step s's mask row. kWords > 0: the
+// reference has exactly kWords words, V lives in registers and the word loop is unrolled;
+// kWords == 0: any number of words, V in memory.
+template <int64_t kWords>
+void lcs_steps(uint64_t* __restrict v_out, const uint64_t* __restrict masks,
+               const int64_t* __restrict rows, int64_t steps, int64_t words) {
+  if constexpr (kWords > 0) {
+    uint64_t v[kWords];
+    for (int64_t w = 0; w < kWords; ++w) v[w] = ~uint64_t{0};
+    for (int64_t s = 0; s < steps; ++s) {
+      const uint64_t* match = masks + rows[s];
+      unsigned char carry = 0;
+#pragma GCC unroll 16
+      for (int64_t w = 0; w < kWords; ++w) carry = lcs_step_word(carry, v[w], match[w]);
+    }
+    for (int64_t w = 0; w < kWords; ++w) v_out[w] = v[w];
+  } else {
+    for (int64_t w = 0; w < words; ++w) v_out[w] = ~uint64_t{0};
+    for (int64_t s = 0; s < steps; ++s) {
+      const uint64_t* match = masks + rows[s];
+      unsigned char carry = 0;
+      for (int64_t w = 0; w < words; ++w) carry = lcs_step_word(carry, v_out[w], match[w]);
+    }
+  }
+}
+
+template <int64_t... kWords>
+void lcs_steps_any(std::integer_sequence<int64_t, kWords...>, uint64_t* v, const uint64_t* masks,
+                   const int64_t* rows, int64_t steps, int64_t words) {
+  const bool unrolled =
+      ((words == kWords + 1 ? (lcs_steps<kWords + 1>(v, masks, rows, steps, words), true)
+                            : false) || ...);
+  if (!unrolled) lcs_steps<0>(v, masks, rows, steps, words);
+}
+
+// References up to kUnrolledWords * 64 tokens get a word loop unrolled for their length.
+constexpr int64_t kUnrolledWords = 16;
 
 // One reference's match masks: mask row k (words_ words) has bit j set where ref[j] is the
 // token with dense id k.
@@ -67,9 +103,9 @@ class ReferenceMatchMasks {
       rows_[steps] = id * words_;
       steps += id >= 0;
     }
-    v_.assign(words_, ~uint64_t{0});
-    const uint64_t* masks = masks_.data();
-    for (int64_t s = 0; s < steps; ++s) lcs_step_words(v_.data(), masks + rows_[s], words_);
+    v_.resize(words_);
+    lcs_steps_any(std::make_integer_sequence<int64_t, kUnrolledWords>{}, v_.data(),
+                  masks_.data(), rows_.data(), steps, words_);
     return lcs_from_state(v_.data(), words_, len_);
   }
 
