@@ -1,17 +1,25 @@
 """Build of the lambdapo extension (lambdapo_ext._C) against the installed torch.
 
-CPU kernels are always built. CUDA kernels are built when nvcc and a CUDA build of torch
-are present (a GPU is not needed); LAMBDAPO_FORCE_CPU=1 skips them. TORCH_CUDA_ARCH_LIST
-is honoured (default "8.0;9.0"); MAX_JOBS is sized from cores and memory when unset.
+CPU kernels are always built, with OpenMP against torch's own libgomp when torch's parallel
+backend is OpenMP. CUDA kernels are built when nvcc and a CUDA build of torch are present (a
+GPU is not needed); LAMBDAPO_FORCE_CPU=1 skips them. TORCH_CUDA_ARCH_LIST is honoured
+(default "8.0;9.0"); MAX_JOBS is sized from cores and memory when unset.
+
+Objects are kept in build/temp-<torch>-<cpu|cuda>/ of the source tree, so a reinstall
+recompiles only what changed. The C++ runtime is always linked shared: the built library
+is checked for a private copy of libstdc++ (lambdapo_ext/_runtime_check.py).
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 from setuptools import setup
@@ -84,15 +92,128 @@ _size_max_jobs(WITH_CUDA)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ARCH_LIST = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else ""
+TORCH_LIB = Path(torch.__file__).parent / "lib"
+# Objects live here between builds, so a reinstall recompiles only what changed.
+BUILD_TEMP = ROOT / "build" / f"temp-torch{torch.__version__}-{'cuda' if WITH_CUDA else 'cpu'}"
+
+# Linking these (inherited from the environment or Python's sysconfig) would put a private
+# copy of libstdc++ in the library; lambdapo_ext/_runtime_check.py says why that breaks.
+STATIC_CXX_RUNTIME_FLAGS = ("-static-libstdc++", "-static")
+
+
+def _runtime_check():
+    """lambdapo_ext/_runtime_check.py, loaded without importing the package."""
+    spec = importlib.util.spec_from_file_location(
+        "lambdapo_runtime_check", ROOT / "lambdapo_ext" / "_runtime_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags that make at::parallel_for run on torch's own OpenMP runtime.
+
+    ATen's parallel_for is a header template whose `#pragma omp parallel` is ignored without
+    -fopenmp. Linking torch's bundled libgomp (same soname as the one torch loads) instead
+    of the compiler's keeps a single OpenMP runtime in the process."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return [], []
+    bundled = sorted(TORCH_LIB.glob("libgomp*.so*"))
+    link = [str(bundled[0])] if bundled else ["-fopenmp"]
+    return ["-fopenmp"], link
+
+
+def _progress_stream():
+    """The terminal when there is one: pip hides a build backend's own output."""
+    if os.environ.get("LAMBDAPO_BUILD_PROGRESS", "1") in ("0", ""):
+        return None
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return sys.stderr
+
+
+class _CompileProgress:
+    """Prints a line per object file as ninja finishes it (ninja's own progress goes to
+    pip's hidden log), and the elapsed time at the end."""
+
+    def __init__(self, sources: list[str], build_temp: Path):
+        self.sources, self.build_temp = sources, build_temp
+        self.stream = _progress_stream()
+        self.start = time.time()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _say(self, text: str) -> None:
+        if self.stream is not None:
+            print(f"lambdapo build: {text}", file=self.stream, flush=True)
+
+    def _finished_objects(self) -> list[Path]:
+        return [o for o in self.build_temp.rglob("*.o") if o.stat().st_mtime >= self.start]
+
+    def _watch(self) -> None:
+        seen: set[Path] = set()
+        while not self.done.wait(2.0):
+            for obj in sorted(set(self._finished_objects()) - seen):
+                seen.add(obj)
+                self._say(f"[{len(seen)}/{len(self.sources)}] {obj.stem} "
+                          f"({time.time() - self.start:.0f} s)")
+
+    def __enter__(self):
+        self._say(f"compiling up to {len(self.sources)} files with MAX_JOBS="
+                  f"{os.environ.get('MAX_JOBS')} (objects kept in {self.build_temp}; "
+                  f"a cold build takes a few minutes on 2 cores"
+                  f"{', plus ~100 s per .cu file' if WITH_CUDA else ''})")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        rebuilt = len(self._finished_objects())
+        self._say(f"done in {time.time() - self.start:.0f} s ({rebuilt} of {len(self.sources)} "
+                  f"files compiled, the rest reused)")
+        if self.stream not in (None, sys.stderr):
+            self.stream.close()
 
 
 class BuildExtensionWithRecord(BuildExtension.with_options(use_ninja=True)):
-    """Writes _build.py beside the built library: what it was built against, read by
-    lambdapo_ext before loading it."""
+    """Keeps objects between builds, links the shared C++ runtime, shows progress, checks the
+    result, and writes _build.py beside the built library: what it was built against, read
+    by lambdapo_ext before loading it."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(BUILD_TEMP)
+
+    def build_extensions(self):
+        for attr in ("linker_so", "linker_so_cxx", "compiler_so", "compiler_so_cxx"):
+            command = getattr(self.compiler, attr, None)
+            if command:
+                dropped = [f for f in command if f in STATIC_CXX_RUNTIME_FLAGS]
+                if dropped:
+                    print(f"lambdapo: dropping {dropped} from the inherited {attr} (the C++ "
+                          f"runtime must be the shared one torch uses)", file=sys.stderr)
+                    setattr(self.compiler, attr,
+                            [f for f in command if f not in STATIC_CXX_RUNTIME_FLAGS])
+        super().build_extensions()
 
     def build_extension(self, ext):
-        super().build_extension(ext)
-        (Path(self.get_ext_fullpath(ext.name)).parent / "_build.py").write_text(_build_record())
+        with _CompileProgress(ext.sources, Path(self.build_temp)):
+            super().build_extension(ext)
+        library = self.get_ext_fullpath(ext.name)
+        try:
+            private = _runtime_check().private_cxx_runtime_symbols(library)
+        except FileNotFoundError as exc:
+            print(f"lambdapo: skipping the C++ runtime check: {exc}", file=sys.stderr)
+            private = []
+        if private:
+            os.remove(library)
+            sys.exit("lambdapo: the built library carries a private copy of the C++ runtime "
+                     f"({len(private)} libstdc++ symbols, e.g. {private[:3]}); it would break "
+                     "error messages or crash. Something on the link line links libstdc++ "
+                     "statically (LDFLAGS, LDSHARED, the compiler's specs): remove it.")
+        (Path(library).parent / "_build.py").write_text(_build_record())
 
     def copy_extensions_to_source(self):
         # --inplace and editable installs: the library is copied into the source package.
@@ -111,10 +232,12 @@ def _build_record() -> str:
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
+    openmp_compile, openmp_link = _openmp_flags()
+    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno"] + openmp_compile
     kwargs = dict(
         name="lambdapo_ext._C",
         include_dirs=[str(ROOT / "csrc")],
+        extra_link_args=openmp_link,
         py_limited_api=True,
     )
     if not WITH_CUDA:

@@ -4,7 +4,7 @@
 # card's ceilings and run the benchmarks. Logs and results go to $OUT; a short summary is
 # printed last. From the repository root:
 #
-#   benchmarks/gpu_check.sh                       # all stages: build tests sanitizer bench
+#   benchmarks/gpu_check.sh                       # all stages: build badinputs tests sanitizer bench
 #   benchmarks/gpu_check.sh tests bench:token_logprobs,lambda_advantages
 #
 # GPU_CHECK_BUDGET (seconds, default 1800) bounds the whole script: each stage is cut short
@@ -21,7 +21,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
-STAGES=${*:-build tests sanitizer bench}
+STAGES=${*:-build badinputs tests sanitizer bench}
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 seconds_left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -51,6 +51,14 @@ has_stage() { [[ " $STAGES " == *" $1 "* || " $STAGES " == *" $1:"* ]]; }
   $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
   nvcc --version | tail -1
   nproc
+  # What decides how the C++ runtime is linked (issue 13): compiler, its libstdc++ (a linker
+  # script would pull static parts), the flags setuptools inherits.
+  ${CXX:-c++} --version | head -1
+  libstdcxx=$(${CXX:-c++} -print-file-name=libstdc++.so)
+  echo "libstdc++.so: $libstdcxx -> $(readlink -f "$libstdcxx")"
+  file -L "$libstdcxx" 2>/dev/null | grep -q text && { echo "linker script:"; cat "$libstdcxx"; }
+  echo "env CXXFLAGS='${CXXFLAGS:-}' LDFLAGS='${LDFLAGS:-}' LDSHARED='${LDSHARED:-}'"
+  $PY -c "import sysconfig as s; print({k: s.get_config_var(k) for k in ('CC', 'CXX', 'LDSHARED', 'LDCXXSHARED', 'LDFLAGS')})"
 } > "$OUT/build.log" 2>&1
 head -2 "$OUT/build.log" | tail -1 | tee -a "$SUMMARY"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -66,6 +74,7 @@ if has_stage build; then
     $PY setup.py build_ext --inplace || { cat "$SUMMARY"; tail -40 "$OUT/build.log"; exit 1; }
   tar -czf "$OUT/lambdapo_ext_build.tar.gz" lambdapo_ext/_C*.so lambdapo_ext/_build.py
 fi
+$PY -m lambdapo_ext._runtime_check 2>&1 | tee -a "$SUMMARY"
 $PY - <<'PY' 2>&1 | tee -a "$SUMMARY" || exit 1
 import torch, lambdapo_ext
 from lambdapo_ext._loader import has_kernel
@@ -76,6 +85,15 @@ print(f"lambdapo_ext loaded={info['loaded']} torch={info['torch_version']} cuda=
       f"arch={info.get('cuda_arch_list')} CUDA kernels: {len(cuda)}/{len(ops)} ops")
 assert info["loaded"] and cuda, info
 PY
+
+if has_stage badinputs; then
+  # Every bad-input class of every op, each in its own process, CPU and CUDA (issue 13).
+  for device in cpu cuda; do
+    run_stage "bad inputs ($device)" 240 "$OUT/badinputs.log" \
+      $PY tests/test_bad_inputs.py --device "$device"
+  done
+  grep -E "^(bad inputs|[0-9]+ cases)" "$OUT/badinputs.log" | tail -2 | tee -a "$SUMMARY"
+fi
 
 if has_stage tests; then
   run_stage "pytest (CUDA cases)" 300 "$OUT/pytest.log" \
