@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -152,6 +153,24 @@ inline CandidatePlan candidates_by_reference(const at::Tensor& ref_index_cpu) {
     begin = end;
   }
   return plan;
+}
+
+// Runs run_task(state, task) for every task of the plan on all threads, a State per thread.
+// Each thread claims the next task when done with its last, rather than a fixed share: on a
+// machine shared with other work, a thread that is descheduled for a while no longer holds
+// up the whole op with the tasks it was handed up front.
+template <typename State, typename RunTask>
+void for_each_task(const CandidatePlan& plan, const RunTask& run_task) {
+  const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    State state;
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < num_tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      run_task(state, plan.tasks[t]);
+    }
+  });
 }
 
 C10_HOST_DEVICE inline bool same_ngram(const int64_t* a, const int64_t* b, int64_t n) {

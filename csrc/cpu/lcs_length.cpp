@@ -132,15 +132,12 @@ at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_
   const int64_t* rs = ref.starts.data_ptr<int64_t>();
   const int64_t* rl = ref.lengths.data_ptr<int64_t>();
   int64_t* result = out.data_ptr<int64_t>();
-  at::parallel_for(0, static_cast<int64_t>(plan.tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    ReferenceMatchMasks masks;
-    for (int64_t t = t0; t < t1; ++t) {
-      const CandidateTask& task = plan.tasks[t];
-      masks.build(rv + rs[task.ref], rl[task.ref]);
-      for (int64_t k = task.begin; k < task.end; ++k) {
-        const int64_t b = plan.order[k];
-        result[b] = masks.lcs(cv + cs[b], cl[b]);
-      }
+  for_each_task<ReferenceMatchMasks>(plan, [&](ReferenceMatchMasks& masks,
+                                                const CandidateTask& task) {
+    masks.build(rv + rs[task.ref], rl[task.ref]);
+    for (int64_t k = task.begin; k < task.end; ++k) {
+      const int64_t b = plan.order[k];
+      result[b] = masks.lcs(cv + cs[b], cl[b]);
     }
   });
   return out;

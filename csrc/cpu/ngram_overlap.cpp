@@ -30,20 +30,32 @@ class ReferenceGrams {
   void build(const int64_t* ref, int64_t len, int64_t max_n) {
     levels_ = std::min(max_n, len);
     tables_.resize(max_n - 1);
+    ref_slots_.resize(max_n - 1);
     ref_counts_.resize(max_n);
     unigram_ids_.resize(len);
-    gram_ids_.resize(len);
     const int64_t distinct = tokens_.assign(ref, len, unigram_ids_.data());
-    count_ids(unigram_ids_.data(), len, distinct, ref_counts_[0]);
-    std::copy(unigram_ids_.begin(), unigram_ids_.end(), gram_ids_.begin());
+    ref_counts_[0].assign(2 * (kMissSlots + distinct), 0);
+    count_ids(unigram_ids_.data(), len, ref_counts_[0]);
+    const int64_t* prefix_ids = unigram_ids_.data();
     for (int64_t n = 2; n <= levels_; ++n) {
+      // The last reference built at this order left its n-grams in `slots`: they are cleared
+      // slot by slot, so that a table sized for 4x the n-grams costs O(n-grams) per
+      // reference, not O(table). (Orders past levels_ keep theirs until they are built.)
       const int64_t count = len - n + 1;
       KeySlots& table = tables_[n - 2];
-      table.reset(count);
-      for (int64_t i = 0; i < count; ++i) {
-        gram_ids_[i] = table.insert(pair_key(gram_ids_[i], unigram_ids_[i + n - 1]));
+      std::vector<int64_t>& slots = ref_slots_[n - 2];
+      std::vector<int32_t>& counts = ref_counts_[n - 1];
+      if (table.reset(count, slots.data(), static_cast<int64_t>(slots.size()))) {
+        counts.assign(2 * (kMissSlots + table.capacity()), 0);
+      } else {
+        for (const int64_t slot : slots) counts[2 * (kMissSlots + slot)] = 0;
       }
-      count_ids(gram_ids_.data(), count, table.capacity(), ref_counts_[n - 1]);
+      slots.resize(count);
+      for (int64_t i = 0; i < count; ++i) {
+        slots[i] = table.insert(pair_key(prefix_ids[i], unigram_ids_[i + n - 1]));
+      }
+      count_ids(slots.data(), count, counts);
+      prefix_ids = slots.data();
     }
   }
 
@@ -90,38 +102,43 @@ class ReferenceGrams {
     return static_cast<uint64_t>(prefix) << 32 | static_cast<uint64_t>(last);
   }
 
-  // counts[kMissSlots + id] = occurrences of id among ids[0:len], id in [0, num_ids).
-  static void count_ids(const int64_t* ids, int64_t len, int64_t num_ids,
-                        std::vector<int32_t>& counts) {
-    counts.assign(kMissSlots + num_ids, 0);
-    for (int64_t i = 0; i < len; ++i) ++counts[kMissSlots + ids[i]];
+  // Adds the occurrences of ids[0:len] to counts[2 * (kMissSlots + id)]; the entry after
+  // each count is use_up's count of it used (0 between candidates), in the same cache line.
+  static void count_ids(const int64_t* ids, int64_t len, std::vector<int32_t>& counts) {
+    for (int64_t i = 0; i < len; ++i) ++counts[2 * (kMissSlots + ids[i])];
   }
 
-  // How many of ids[0:len] (-1 for a miss) find an occurrence left in a copy of ref_counts.
-  // Misses take the zero counters in turn, so that consecutive misses do not wait on each
-  // other's store and nothing branches on hit or miss.
-  int64_t use_up(const int64_t* ids, int64_t len, const std::vector<int32_t>& ref_counts) {
-    remaining_.assign(ref_counts.begin(), ref_counts.end());
-    int32_t* remaining = remaining_.data();
+  // Counter of ids[i] (-1 for a miss): misses take the zero counters in turn, so that
+  // consecutive misses do not wait on each other's store and nothing branches on hit or miss.
+  static int64_t counter_of(const int64_t* ids, int64_t i) {
+    const int64_t miss = ids[i] >> 63;  // all ones for -1
+    return 2 * (((kMissSlots + ids[i]) & ~miss) | (i & (kMissSlots - 1) & miss));
+  }
+
+  // How many of ids[0:len] find an occurrence in the reference not used by an earlier one.
+  // The used counts go back to 0 afterwards, touching only this candidate's counters (a
+  // copy of the whole count array per candidate cost more than the lookups).
+  static int64_t use_up(const int64_t* ids, int64_t len, std::vector<int32_t>& ref_counts) {
+    int32_t* counts = ref_counts.data();
     int64_t matches = 0;
     for (int64_t i = 0; i < len; ++i) {
-      const int64_t miss = ids[i] >> 63;  // all ones for -1
-      const int64_t counter = ((kMissSlots + ids[i]) & ~miss) | (i & (kMissSlots - 1) & miss);
-      const int32_t available = remaining[counter] > 0;
+      int32_t* counter = counts + counter_of(ids, i);
+      const int32_t available = counter[1] < counter[0];
       matches += available;
-      remaining[counter] -= available;
+      counter[1] += available;
     }
+    for (int64_t i = 0; i < len; ++i) counts[counter_of(ids, i) + 1] = 0;
     return matches;
   }
 
   int64_t levels_ = 0;  // orders n with at least one n-gram in the reference
   TokenIds tokens_;
   std::vector<KeySlots> tables_;                  // tables_[n-2]: the n-grams, n >= 2
+  std::vector<std::vector<int64_t>> ref_slots_;   // ref_slots_[n-2]: slots of ref n-grams
   std::vector<std::vector<int32_t>> ref_counts_;  // ref_counts_[n-1]: see count_ids
   std::vector<int64_t> unigram_ids_, gram_ids_;   // by position in the sequence at hand
   std::vector<uint64_t> lookup_keys_;             // the candidate n-grams looked up,
   std::vector<int64_t> lookup_positions_, lookup_ids_;  // their positions and ids
-  std::vector<int32_t> remaining_;                // use_up's copy of ref_counts
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
@@ -147,15 +164,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
                       " has ", rl[task.ref], " tokens; at most 2^29 are supported");
   }
   int64_t* out = matches.data_ptr<int64_t>();
-  at::parallel_for(0, static_cast<int64_t>(tasks.tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    ReferenceGrams grams;
-    for (int64_t t = t0; t < t1; ++t) {
-      const CandidateTask& task = tasks.tasks[t];
-      grams.build(rv + rs[task.ref], rl[task.ref], max_n);
-      for (int64_t k = task.begin; k < task.end; ++k) {
-        const int64_t b = tasks.order[k];
-        grams.clipped_matches(cv + cs[b], cl[b], out + b * max_n);
-      }
+  for_each_task<ReferenceGrams>(tasks, [&](ReferenceGrams& grams, const CandidateTask& task) {
+    grams.build(rv + rs[task.ref], rl[task.ref], max_n);
+    for (int64_t k = task.begin; k < task.end; ++k) {
+      const int64_t b = tasks.order[k];
+      grams.clipped_matches(cv + cs[b], cl[b], out + b * max_n);
     }
   });
   return ngram_overlap_outputs(inputs, matches, max_n);

@@ -12,16 +12,26 @@
 namespace lambdapo {
 
 // Open-addressing set of 64-bit keys (never ~0): linear probing at load <= 1/4 without
-// wrap-around (a run of occupied slots is at most max_keys long, so max_keys + 1 slots past
-// the last home keep every probe in bounds). A key's slot index is its dense id.
+// wrap-around (a run of occupied slots is at most homes/4 long, so homes/4 + 1 slots past the
+// last home keep every probe in bounds). A key's slot index is its dense id.
 class KeySlots {
  public:
+  // Empties the set, sized for up to max_keys keys.
   void reset(int64_t max_keys) {
-    int64_t homes = 16;
-    int shift = 60;
-    while (homes < 4 * max_keys) homes <<= 1, --shift;
-    keys_.assign(homes + max_keys + 1, kEmpty);
-    shift_ = shift;
+    shift_ = shift_for(max_keys);
+    const int64_t homes = int64_t{1} << (64 - shift_);
+    keys_.assign(homes + homes / 4 + 1, kEmpty);
+  }
+  // Empties the set for up to max_keys keys, given every slot that holds a key now
+  // (repeats allowed): when the table keeps its size only those are cleared, O(keys) rather
+  // than O(capacity). Returns whether the whole table was cleared instead.
+  bool reset(int64_t max_keys, const int64_t* occupied, int64_t num_occupied) {
+    if (keys_.empty() || shift_for(max_keys) != shift_) {
+      reset(max_keys);
+      return true;
+    }
+    for (int64_t i = 0; i < num_occupied; ++i) keys_[occupied[i]] = kEmpty;
+    return false;
   }
   int64_t capacity() const { return static_cast<int64_t>(keys_.size()); }
 
@@ -39,6 +49,14 @@ class KeySlots {
 
  private:
   static constexpr uint64_t kEmpty = ~uint64_t{0};
+
+  // 64 - log2(homes), homes the smallest power of two >= 16 and >= 4 * max_keys.
+  static int shift_for(int64_t max_keys) {
+    int64_t homes = 16;
+    int shift = 60;
+    while (homes < 4 * max_keys) homes <<= 1, --shift;
+    return shift;
+  }
 
   // Fibonacci hashing: the top bits of key * 2^64/phi depend on every bit of the key.
   int64_t home(uint64_t key) const {
