@@ -195,6 +195,18 @@ C10_HOST_DEVICE inline void lcs_step(uint64_t* v, const uint64_t* match, int64_t
   }
 }
 
+// Word-parallel carries of lcs_step across the 32 lanes of a CUDA warp, each lane adding one
+// word: lane i generates a carry (bit i of `generate`: its word's sum overflowed) or passes
+// one on (bit i of `propagate`: its sum is all ones), never both. Returns the carry into lane
+// i at bit i, and the carry out of lane 31 at bit 32, given `carry_in` into lane 0: the
+// carries of the 32-bit addition (generate | propagate) + generate + carry_in, whose bit i
+// generates exactly where `generate` does and propagates exactly where `propagate` does.
+C10_HOST_DEVICE inline uint64_t lane_carries(uint32_t generate, uint32_t propagate,
+                                             uint64_t carry_in) {
+  const uint64_t a = generate | propagate, b = generate;
+  return (a + b + carry_in) ^ a ^ b;
+}
+
 // The LCS length from the final state: the zero bits among the m reference positions.
 C10_HOST_DEVICE inline int64_t lcs_from_state(const uint64_t* v, int64_t words, int64_t m) {
   int64_t ones = 0;
