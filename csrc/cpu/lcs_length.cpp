@@ -132,8 +132,9 @@ at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_
   const int64_t* rs = ref.starts.data_ptr<int64_t>();
   const int64_t* rl = ref.lengths.data_ptr<int64_t>();
   int64_t* result = out.data_ptr<int64_t>();
-  for_each_task<ReferenceMatchMasks>(plan, [&](ReferenceMatchMasks& masks,
-                                                const CandidateTask& task) {
+  const int64_t tokens = cand.values.numel() + ref.values.numel();
+  for_each_task<ReferenceMatchMasks>(plan, tokens, [&](ReferenceMatchMasks& masks,
+                                                        const CandidateTask& task) {
     masks.build(rv + rs[task.ref], rl[task.ref]);
     for (int64_t k = task.begin; k < task.end; ++k) {
       const int64_t b = plan.order[k];

@@ -164,7 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
                       " has ", rl[task.ref], " tokens; at most 2^29 are supported");
   }
   int64_t* out = matches.data_ptr<int64_t>();
-  for_each_task<ReferenceGrams>(tasks, [&](ReferenceGrams& grams, const CandidateTask& task) {
+  const int64_t tokens = cand.values.numel() + ref.values.numel();
+  for_each_task<ReferenceGrams>(tasks, tokens, [&](ReferenceGrams& grams,
+                                                   const CandidateTask& task) {
     grams.build(rv + rs[task.ref], rl[task.ref], max_n);
     for (int64_t k = task.begin; k < task.end; ++k) {
       const int64_t b = tasks.order[k];
