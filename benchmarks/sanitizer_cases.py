@@ -35,11 +35,24 @@ def lambda_advantages_cases(gen: torch.Generator) -> None:
             gpu = lp.lambda_advantages(rewards.cuda(), scores.cuda(), mask=mask.cuda(),
                                        normalize=normalize)
             _check(f"lambda_advantages P={p} G={g} {normalize}", gpu, cpu, rtol=1e-4, atol=1e-4)
-    ids = torch.randint(0, 7, (400,), generator=gen)
-    rewards, scores = torch.rand(400, generator=gen), -torch.rand(400, generator=gen)
-    _check("lambda_advantages ragged",
-           lp.lambda_advantages(rewards.cuda(), scores.cuda(), group_ids=ids.cuda()),
-           lp.lambda_advantages(rewards, scores, group_ids=ids), rtol=1e-4, atol=1e-4)
+    # Scores spread far beyond the factored form's range (per-pair fallback), beta < 0.
+    rewards = torch.randn(2, 300, generator=gen)
+    scores = -torch.rand(2, 300, generator=gen) * 40
+    for beta in (3.0, -0.5):
+        _check(f"lambda_advantages wide scores beta={beta}",
+               lp.lambda_advantages(rewards.cuda(), scores.cuda(), beta=beta),
+               lp.lambda_advantages(rewards, scores, beta=beta), rtol=1e-4, atol=1e-4)
+    # Ragged: validated (group table, tiled kernel for the group of 130) and trusted
+    # (member kernel with per-member bounds).
+    ids = torch.cat([torch.randint(0, 7, (400,), generator=gen), torch.full((130,), 9)])
+    rewards, scores = torch.rand(530, generator=gen), -torch.rand(530, generator=gen)
+    mask = torch.rand(530, generator=gen) > 0.1
+    cpu = lp.lambda_advantages(rewards, scores, mask=mask, group_ids=ids)
+    for validate in (True, False):
+        _check(f"lambda_advantages ragged validate={validate}",
+               lp.lambda_advantages(rewards.cuda(), scores.cuda(), mask=mask.cuda(),
+                                    group_ids=ids.cuda(), validate=validate),
+               cpu, rtol=1e-4, atol=1e-4)
 
 
 def token_logprobs_cases(gen: torch.Generator) -> None:
@@ -49,6 +62,7 @@ def token_logprobs_cases(gen: torch.Generator) -> None:
         targets = torch.randint(0, vocab, (rows,), generator=gen)
         targets[1] = -100
         upstream = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
         for inplace in (False, True):
             results = []
             for device in ("cpu", "cuda"):
@@ -58,10 +72,21 @@ def token_logprobs_cases(gen: torch.Generator) -> None:
                 ((lps * upstream[0].to(device)).sum() + (ent * upstream[1].to(device)).sum()
                  ).backward()
                 results.append((lps, ent, x.grad))
-            tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2,
-                                                                                    atol=1e-3)
             _check(f"token_logprobs N={rows} V={vocab} {dtype} inplace={inplace}",
                    results[1], results[0], **tol)
+        # Without entropy (its own kernels) and with unchecked targets, one out of range:
+        # a NaN log-prob, no out-of-bounds read.
+        bad = targets.clone()
+        bad[0] = vocab + 5
+        results = []
+        for device in ("cpu", "cuda"):
+            x = logits.to(device, copy=True).requires_grad_(True)
+            lps = lp.token_logprobs(x, bad.to(device), validate=False)
+            (lps[1:] * upstream[0][1:].to(device)).sum().backward()
+            results.append((lps[1:], x.grad))
+            assert torch.isnan(lps[0]), "token_logprobs: out-of-range target must give NaN"
+        _check(f"token_logprobs N={rows} V={vocab} {dtype} no entropy, unchecked targets",
+               results[1], results[0], **tol)
 
 
 def linear_token_logprobs_cases(gen: torch.Generator) -> None:

@@ -7,7 +7,6 @@
 
 #include <cmath>
 #include <string_view>
-#include <utility>
 
 namespace lambdapo {
 
@@ -21,21 +20,33 @@ inline Normalize parse_normalize(std::string_view normalize) {
                     "\"std\", got \"", std::string(normalize), "\"");
 }
 
-// Groups as segments [offsets[g], offsets[g+1]) of flat float32 buffers in segment order.
+// Groups as segments of flat float32 buffers in segment order: dense [P, G] groups are
+// the rows; ragged groups (group ids in any order) are sorted into contiguous segments.
 struct GroupSegments {
   at::Tensor rewards;  // [N] float32
   at::Tensor scores;   // [N] float32
   at::Tensor valid;    // [N] bool, or undefined when every member is valid
-  at::Tensor offsets;  // [num_groups + 1] int64, on the inputs' device
-  at::Tensor order;    // [N] int64 input position of each segment slot; undefined if dense
-  int64_t num_groups = 0;
-  int64_t max_group_size = 0;
+  int64_t dense_group_size = 0;  // > 0: group g is slots [g * G, (g + 1) * G), no tables
+  // Ragged groups only:
+  at::Tensor order;         // [N] int64 input position of each segment slot
+  at::Tensor offsets;       // [num_groups + 1] int64 (group table; needs a host sync)
+  at::Tensor member_begin;  // [N] int64 first slot of each slot's group (no host sync)
+  at::Tensor member_end;    // [N] int64 one past its group's last slot
+  int64_t num_groups = -1;      // -1: unknown (ragged without a group table)
+  int64_t max_group_size = -1;  // -1: unknown
+};
+
+// What a backend needs of ragged groups: the group table (offsets, num_groups,
+// max_group_size: read back from the device) and/or per-slot group bounds (sync-free).
+struct RaggedLayout {
+  bool group_table = true;
+  bool member_bounds = false;
 };
 
 inline void check_lambda_advantages_args(const at::Tensor& rewards, const at::Tensor& scores,
                                          const std::optional<at::Tensor>& mask,
                                          const std::optional<at::Tensor>& group_ids,
-                                         double beta, double eps) {
+                                         double beta, double eps, bool validate) {
   TORCH_CHECK(rewards.is_floating_point(),
               "lambda_advantages: rewards must be a floating-point tensor, got ",
               rewards.scalar_type());
@@ -58,7 +69,7 @@ inline void check_lambda_advantages_args(const at::Tensor& rewards, const at::Te
                 ids.device(), " but rewards is on ", rewards.device());
     TORCH_CHECK(ids.sizes() == rewards.sizes(), "lambda_advantages: group_ids has shape ",
                 ids.sizes(), " but rewards has shape ", rewards.sizes());
-    TORCH_CHECK_VALUE(ids.numel() == 0 || ids.min().item<int64_t>() >= 0,
+    TORCH_CHECK_VALUE(!validate || ids.numel() == 0 || ids.min().item<int64_t>() >= 0,
                       "lambda_advantages: group_ids must be non-negative");
   } else {
     TORCH_CHECK(rewards.dim() == 2,
@@ -79,71 +90,69 @@ inline void check_lambda_advantages_args(const at::Tensor& rewards, const at::Te
 }
 
 // Lays dense [P, G] groups, or ragged groups given by group ids in any order, out as
-// contiguous segments. Runs on the inputs' device.
+// contiguous segments. Runs on the inputs' device; only the ragged group table reads
+// values back.
 inline GroupSegments make_group_segments(const at::Tensor& rewards, const at::Tensor& scores,
                                          const std::optional<at::Tensor>& mask,
-                                         const std::optional<at::Tensor>& group_ids) {
+                                         const std::optional<at::Tensor>& group_ids,
+                                         RaggedLayout layout) {
   GroupSegments seg;
-  const auto long_opts = rewards.options().dtype(at::kLong);
   if (!group_ids.has_value()) {
-    const int64_t P = rewards.size(0), G = rewards.size(1);
     seg.rewards = rewards.to(at::kFloat).contiguous().view({-1});
     seg.scores = scores.to(at::kFloat).contiguous().view({-1});
     if (mask.has_value()) seg.valid = mask->contiguous().view({-1});
-    seg.offsets = at::arange(P + 1, long_opts).mul_(G);
-    seg.num_groups = P;
-    seg.max_group_size = G;
+    seg.dense_group_size = rewards.size(1);
+    seg.num_groups = rewards.size(0);
+    seg.max_group_size = rewards.size(1);
     return seg;
   }
   auto [sorted_ids, order] = at::sort(group_ids->to(at::kLong), /*stable=*/true, 0, false);
-  auto [unique_ids, inverse, counts] =
-      at::unique_consecutive(sorted_ids, /*return_inverse=*/false, /*return_counts=*/true);
   seg.order = order;
   seg.rewards = rewards.to(at::kFloat).index_select(0, order);
   seg.scores = scores.to(at::kFloat).index_select(0, order);
   if (mask.has_value()) seg.valid = mask->index_select(0, order);
-  seg.offsets = at::cat({at::zeros({1}, long_opts), counts.cumsum(0)});
-  seg.num_groups = counts.numel();
-  seg.max_group_size = counts.numel() ? counts.max().item<int64_t>() : 0;
+  if (layout.member_bounds) {
+    seg.member_begin = at::searchsorted(sorted_ids, sorted_ids, /*out_int32=*/false,
+                                        /*right=*/false);
+    seg.member_end = at::searchsorted(sorted_ids, sorted_ids, /*out_int32=*/false,
+                                      /*right=*/true);
+  }
+  if (layout.group_table) {
+    auto [unique_ids, inverse, counts] =
+        at::unique_consecutive(sorted_ids, /*return_inverse=*/false, /*return_counts=*/true);
+    seg.offsets = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
+    seg.num_groups = counts.numel();
+    seg.max_group_size = counts.numel() ? counts.max().item<int64_t>() : 0;
+  }
   return seg;
 }
 
-// Masked-out members may hold anything (padding); valid ones must be finite. Backends
-// whose kernel does not check as it reads (CUDA) call this on the segments.
-inline void check_valid_members_finite(const GroupSegments& seg) {
-  for (const auto& [name, values] : {std::pair<const char*, const at::Tensor&>{"rewards", seg.rewards},
-                                     std::pair<const char*, const at::Tensor&>{"scores", seg.scores}}) {
-    at::Tensor finite = at::isfinite(values);
-    if (seg.valid.defined()) finite.logical_or_(seg.valid.logical_not());
-    TORCH_CHECK_VALUE(finite.all().item<bool>(), "lambda_advantages: ", name,
-                      " holds non-finite values in valid members");
-  }
-}
-
-// Puts per-segment results back in input order and shape.
-inline at::Tensor scatter_to_input_order(const GroupSegments& seg, const at::Tensor& out_segments,
-                                         const at::Tensor& rewards) {
-  if (!seg.order.defined()) return out_segments.view(rewards.sizes());
-  at::Tensor out = at::empty_like(out_segments);
-  out.index_copy_(0, seg.order, out_segments);
-  return out;
+// Finiteness of the valid members as a backend's kernel found it while reading them
+// (masked-out members may hold anything, e.g. padding).
+inline void check_valid_members_finite(bool rewards_finite, bool scores_finite) {
+  TORCH_CHECK_VALUE(rewards_finite,
+                    "lambda_advantages: rewards holds non-finite values in valid members");
+  TORCH_CHECK_VALUE(scores_finite,
+                    "lambda_advantages: scores holds non-finite values in valid members");
 }
 
 // The whole op around a backend's segment kernel:
-// kernel(segments, beta, normalize, eps, out[N] float32).
+// kernel(segments, beta, normalize, eps, validate, out[N] float32 in input order).
+// validate=False trusts group ids and finiteness; with RaggedLayout{false, true} the op
+// then reads nothing back from the device.
 template <typename SegmentKernel>
 at::Tensor lambda_advantages_impl(const at::Tensor& rewards, const at::Tensor& scores,
                                   const std::optional<at::Tensor>& mask,
                                   const std::optional<at::Tensor>& group_ids, double beta,
-                                  std::string_view normalize, double eps,
-                                  SegmentKernel&& kernel) {
+                                  std::string_view normalize, double eps, bool validate,
+                                  RaggedLayout layout, SegmentKernel&& kernel) {
   const Normalize norm = parse_normalize(normalize);
-  check_lambda_advantages_args(rewards, scores, mask, group_ids, beta, eps);
+  check_lambda_advantages_args(rewards, scores, mask, group_ids, beta, eps, validate);
   if (rewards.numel() == 0) return at::zeros(rewards.sizes(), rewards.options().dtype(at::kFloat));
-  GroupSegments seg = make_group_segments(rewards, scores, mask, group_ids);
+  const GroupSegments seg = make_group_segments(rewards, scores, mask, group_ids, layout);
   at::Tensor out = at::empty({rewards.numel()}, rewards.options().dtype(at::kFloat));
-  kernel(seg, static_cast<float>(beta), norm, eps, out);
-  return scatter_to_input_order(seg, out, rewards);
+  kernel(seg, static_cast<float>(beta), norm, eps, validate, out);
+  return out.view(rewards.sizes());
 }
 
 }  // namespace lambdapo

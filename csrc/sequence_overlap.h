@@ -37,8 +37,9 @@ inline bool holds_negative(const at::Tensor& values) {
   return any_sign < 0;
 }
 
+// validate=False skips the checks that read values (host syncs on CUDA).
 inline void check_sequences(const char* op, const char* name, const Sequences& seq,
-                            const at::Device& device) {
+                            const at::Device& device, bool validate) {
   for (const auto& [part, t] : {std::pair<const char*, const at::Tensor&>{"values", seq.values},
                                 {"starts", seq.starts},
                                 {"lengths", seq.lengths}}) {
@@ -51,6 +52,7 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
   TORCH_CHECK(seq.starts.numel() == seq.lengths.numel(), op, ": ", name, "_starts and ", name,
               "_lengths must have the same length, got ", seq.starts.numel(), " and ",
               seq.lengths.numel());
+  if (!validate) return;
   if (seq.starts.numel() > 0) {
     TORCH_CHECK_VALUE(seq.starts.min().item<int64_t>() >= 0, op, ": ", name,
                       "_starts must be >= 0");
@@ -76,17 +78,17 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
 }
 
 inline void check_overlap_args(const char* op, const Sequences& cand, const Sequences& ref,
-                               const at::Tensor& ref_index) {
+                               const at::Tensor& ref_index, bool validate) {
   const at::Device device = cand.values.device();
-  check_sequences(op, "cand", cand, device);
-  check_sequences(op, "ref", ref, device);
+  check_sequences(op, "cand", cand, device, validate);
+  check_sequences(op, "ref", ref, device, validate);
   TORCH_CHECK(ref_index.scalar_type() == at::kLong && ref_index.dim() == 1, op,
               ": ref_index must be a 1-D int64 tensor");
   TORCH_CHECK(ref_index.device() == device, op, ": ref_index is on ", ref_index.device(),
               " but cand_values is on ", device);
   TORCH_CHECK(ref_index.numel() == cand.starts.numel(), op, ": ref_index must have one entry "
               "per candidate (", cand.starts.numel(), "), got ", ref_index.numel());
-  if (ref_index.numel() > 0) {
+  if (validate && ref_index.numel() > 0) {
     TORCH_CHECK_VALUE(ref_index.min().item<int64_t>() >= 0 &&
                           ref_index.max().item<int64_t>() < ref.starts.numel(),
                       op, ": ref_index must lie in [0, ", ref.starts.numel(),
@@ -103,11 +105,11 @@ struct OverlapInputs {
 inline OverlapInputs checked_overlap_inputs(
     const char* op, const at::Tensor& cand_values, const at::Tensor& cand_starts,
     const at::Tensor& cand_lengths, const at::Tensor& ref_values, const at::Tensor& ref_starts,
-    const at::Tensor& ref_lengths, const at::Tensor& ref_index) {
+    const at::Tensor& ref_lengths, const at::Tensor& ref_index, bool validate) {
   OverlapInputs in{{cand_values.contiguous(), cand_starts.contiguous(), cand_lengths.contiguous()},
                    {ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()},
                    ref_index.contiguous()};
-  check_overlap_args(op, in.cand, in.ref, in.ref_index);
+  check_overlap_args(op, in.cand, in.ref, in.ref_index, validate);
   return in;
 }
 

@@ -5,8 +5,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lambdapo {
@@ -38,11 +40,13 @@ inline void check_token_logprobs_args(const char* op, const at::Tensor& logits,
                     ": temperature must be finite and > 0, got ", temperature);
 }
 
-// Targets as contiguous int64 [N], checked: each is ignore_index or in [0, V).
+// Targets as contiguous int64 [N]; with validate, checked (a host sync on CUDA): each is
+// ignore_index or in [0, V). Unchecked, the kernels still never read outside a row: a
+// target out of range gives a NaN log-prob and no target term in the gradient.
 inline at::Tensor checked_targets(const char* op, const at::Tensor& targets, int64_t vocab,
-                                  int64_t ignore_index) {
+                                  int64_t ignore_index, bool validate) {
   at::Tensor flat = targets.reshape({-1}).to(at::kLong).contiguous();
-  if (flat.numel() > 0) {
+  if (validate && flat.numel() > 0) {
     const bool ok = flat.eq(ignore_index).logical_or_(flat.ge(0).logical_and_(flat.lt(vocab)))
                         .all().item<bool>();
     TORCH_CHECK_VALUE(ok, op, ": targets must lie in [0, ", vocab, ") or equal ignore_index (",
@@ -68,12 +72,22 @@ inline std::vector<int64_t> leading_shape(const at::Tensor& logits) {
   return std::vector<int64_t>(sizes.begin(), sizes.end() - 1);
 }
 
-// Rows may share memory (stride 0) for reading, never for writing gradients in place.
+// Rows may share memory (stride 0, or strides shorter than a row) for reading, never for
+// writing gradients in place. Sufficient test: with the dimensions of size > 1 sorted by
+// stride, each stride passes the last element reachable through the smaller ones.
 inline void check_rows_writable(const char* op, const at::Tensor& logits) {
-  for (int64_t d = 0; d + 1 < logits.dim(); ++d) {
-    TORCH_CHECK(logits.size(d) <= 1 || logits.stride(d) != 0, op,
-                ": in-place backward needs logits whose rows do not overlap (dimension ", d,
-                " has stride 0)");
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < logits.dim(); ++d) {
+    if (logits.size(d) > 1) dims.emplace_back(logits.stride(d), logits.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // largest offset reachable through the dimensions seen so far
+  for (const auto& [stride, size] : dims) {
+    TORCH_CHECK(stride > reach, op,
+                ": in-place backward needs logits whose rows do not overlap in memory (got "
+                "sizes ", logits.sizes(), " and strides ", logits.strides(),
+                "); pass inplace_backward=False or contiguous logits");
+    reach += (size - 1) * stride;
   }
 }
 
@@ -112,11 +126,11 @@ struct TokenLogprobsRows {
 template <typename ForwardKernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_impl(
     const at::Tensor& logits, const at::Tensor& targets, double temperature,
-    int64_t ignore_index, bool return_entropy, ForwardKernel&& kernel) {
+    int64_t ignore_index, bool return_entropy, bool validate, ForwardKernel&& kernel) {
   constexpr const char* op = "token_logprobs";
   check_token_logprobs_args(op, logits, targets, temperature);
   TokenLogprobsRows rows{logits, row_offsets(logits),
-                         checked_targets(op, targets, logits.size(-1), ignore_index),
+                         checked_targets(op, targets, logits.size(-1), ignore_index, validate),
                          temperature, ignore_index};
   const auto opts = logits.options().dtype(token_logprobs_result_dtype(logits.scalar_type()));
   const int64_t n = rows.offsets.numel();
@@ -135,12 +149,12 @@ void token_logprobs_backward_impl(const char* op, const at::Tensor& grad_logprob
                                   const std::optional<at::Tensor>& grad_entropy,
                                   const at::Tensor& logits, const at::Tensor& targets,
                                   const at::Tensor& lse, const at::Tensor& entropy,
-                                  double temperature, int64_t ignore_index, at::Tensor& dlogits,
-                                  BackwardKernel&& kernel) {
+                                  double temperature, int64_t ignore_index, bool validate,
+                                  at::Tensor& dlogits, BackwardKernel&& kernel) {
   check_token_logprobs_args(op, logits, targets, temperature);
   check_backward_args(op, grad_logprobs, grad_entropy, logits, lse, entropy);
   TokenLogprobsRows rows{logits, row_offsets(logits),
-                         checked_targets(op, targets, logits.size(-1), ignore_index),
+                         checked_targets(op, targets, logits.size(-1), ignore_index, validate),
                          temperature, ignore_index};
   if (rows.offsets.numel() == 0) return;
   const auto acc = token_logprobs_result_dtype(logits.scalar_type());
@@ -156,9 +170,9 @@ void token_logprobs_backward_impl(const char* op, const at::Tensor& grad_logprob
 template <auto forward_kernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_op(
     const at::Tensor& logits, const at::Tensor& targets, double temperature,
-    int64_t ignore_index, bool return_entropy, bool /*inplace_backward*/) {
+    int64_t ignore_index, bool return_entropy, bool /*inplace_backward*/, bool validate) {
   return token_logprobs_forward_impl(logits, targets, temperature, ignore_index, return_entropy,
-                                     forward_kernel);
+                                     validate, forward_kernel);
 }
 
 template <auto backward_kernel>
@@ -166,11 +180,11 @@ at::Tensor token_logprobs_backward_op(const at::Tensor& grad_logprobs,
                                       const std::optional<at::Tensor>& grad_entropy,
                                       const at::Tensor& logits, const at::Tensor& targets,
                                       const at::Tensor& lse, const at::Tensor& entropy,
-                                      double temperature, int64_t ignore_index) {
+                                      double temperature, int64_t ignore_index, bool validate) {
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
   token_logprobs_backward_impl("token_logprobs_backward", grad_logprobs, grad_entropy, logits,
-                               targets, lse, entropy, temperature, ignore_index, dlogits,
-                               backward_kernel);
+                               targets, lse, entropy, temperature, ignore_index, validate,
+                               dlogits, backward_kernel);
   return dlogits;
 }
 
@@ -179,11 +193,12 @@ void token_logprobs_backward_inplace_op(const at::Tensor& grad_logprobs,
                                         const std::optional<at::Tensor>& grad_entropy,
                                         at::Tensor& logits, const at::Tensor& targets,
                                         const at::Tensor& lse, const at::Tensor& entropy,
-                                        double temperature, int64_t ignore_index) {
+                                        double temperature, int64_t ignore_index,
+                                        bool validate) {
   constexpr const char* op = "token_logprobs_backward_inplace";
   check_rows_writable(op, logits);
   token_logprobs_backward_impl(op, grad_logprobs, grad_entropy, logits, targets, lse, entropy,
-                               temperature, ignore_index, logits, backward_kernel);
+                               temperature, ignore_index, validate, logits, backward_kernel);
 }
 
 }  // namespace lambdapo

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 NORMALIZE_MODES = ("mean", "none", "std")
-# Logits memory for one chunk of linear_token_logprobs when chunk_size is not given.
-CPU_CHUNK_BYTES = 64 * 2**20
-CUDA_CHUNK_BYTES_MAX = 2 * 2**30
+# Logits memory of one linear_token_logprobs tile when the chunk sizes are not given, and
+# the fewest vocabulary entries a default tile spans.
+CPU_TILE_BYTES = 64 * 2**20
+CUDA_TILE_BYTES_MAX = 128 * 2**20
+LINEAR_MIN_VOCAB_CHUNK = 4096
 
 
 def lambda_advantages(
@@ -22,6 +26,7 @@ def lambda_advantages(
     beta: float = 1.0,
     normalize: str = "mean",
     eps: float = 1e-6,
+    validate: bool = True,
 ) -> Tensor:
     """Pairwise lambda advantages of sampled responses within their prompt groups.
 
@@ -45,14 +50,17 @@ def lambda_advantages(
         normalize: ``"mean"`` (divide by n-1), ``"none"``, or ``"std"`` (``"mean"``, then
             divide by the population std of the group's valid rewards + ``eps``).
         eps: added to the std under ``normalize="std"`` (>= 0).
+        validate: check that valid rewards and scores are finite and group ids
+            non-negative (reads values back: a host sync on CUDA). ``False`` trusts them, so
+            the op makes no host sync and can be captured in a CUDA graph.
 
     Returns:
         float32 tensor of the shape of ``rewards``, in input order; members masked out and
         groups with fewer than 2 valid members get 0.
 
     Raises:
-        ValueError: unknown ``normalize``, non-finite beta/eps/valid values, negative
-            ``group_ids``.
+        ValueError: unknown ``normalize``, non-finite beta/eps, and (with ``validate``)
+            non-finite valid values or negative ``group_ids``.
         RuntimeError: shape, dtype or device mismatches (the message names the argument),
             or the compiled library is unavailable.
     """
@@ -64,7 +72,7 @@ def lambda_advantages(
         rewards.detach(), scores.detach(),
         None if mask is None else mask.detach(),
         None if group_ids is None else group_ids.detach(),
-        float(beta), normalize, float(eps))
+        float(beta), normalize, float(eps), bool(validate))
 
 
 def token_logprobs(
@@ -75,6 +83,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    validate: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of the target tokens under softmax(logits / temperature), fused.
 
@@ -92,34 +101,58 @@ def token_logprobs(
         return_entropy: also return the per-row entropy.
         inplace_backward: write the logits gradient over ``logits`` (saves one [N, V]
             buffer; ``logits`` must not be used afterwards).
+        validate: check that every target is in ``[0, V)`` or ``ignore_index`` (a host
+            sync on CUDA, in forward and backward). ``False`` trusts the targets: no host
+            sync, CUDA-graph capturable; a target out of range then gives a NaN log-prob
+            (never an out-of-bounds read).
 
     Returns:
         ``logprobs`` ``[...]`` float32 (float64 for float64 logits), or
         ``(logprobs, entropy)`` when ``return_entropy``.
 
     Raises:
-        ValueError: a target outside ``[0, V)`` that is not ``ignore_index``, or a
-            temperature <= 0 (messages name the argument).
+        ValueError: a target outside ``[0, V)`` that is not ``ignore_index`` (with
+            ``validate``), or a temperature <= 0 (messages name the argument).
         RuntimeError: wrong dtype, shape, device or layout of ``logits``/``targets``, or
             the compiled library is unavailable.
     """
     require_library()
     logprobs, entropy, _ = torch.ops.lambdapo.token_logprobs_forward.default(
         logits, targets, float(temperature), int(ignore_index), bool(return_entropy),
-        bool(inplace_backward))
+        bool(inplace_backward), bool(validate))
     return (logprobs, entropy) if return_entropy else logprobs
 
 
-def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk of linear_token_logprobs: a chunk's logits take at most 64 MiB on the
-    CPU, and on CUDA an eighth of free memory capped at 2 GiB."""
+def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                       query_free_memory: bool = True) -> tuple[int, int]:
+    """Tile of :func:`linear_token_logprobs` when ``chunk_size`` / ``vocab_chunk_size`` are
+    not given: ``(rows per chunk, vocabulary entries per chunk)``.
+
+    A tile's logits take at most 64 MiB on the CPU, and on CUDA at most 128 MiB or an eighth
+    of free memory. Without ``query_free_memory`` (no driver call, so safe inside a
+    CUDA-graph capture and free of host syncs) the CUDA budget is the 128 MiB cap. Tiles
+    span up to all rows (so that each vocabulary block's weight gradient is one matmul over
+    every row) but at least ``LINEAR_MIN_VOCAB_CHUNK`` vocabulary entries, rounded to a
+    multiple of 128 for the matmuls.
+
+    Raises:
+        ValueError: ``vocab`` < 1 (an lm-head ``weight`` with no rows).
+    """
+    if vocab < 1:
+        raise ValueError(f"linear_token_logprobs: weight must have at least one row (a "
+                         f"vocabulary of V > 0), got V = {vocab}")
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(free // 8, CUDA_CHUNK_BYTES_MAX)
+        budget = CUDA_TILE_BYTES_MAX
+        if query_free_memory:
+            budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
     else:
-        budget = CPU_CHUNK_BYTES
-    bytes_per_row = vocab * (torch.finfo(dtype).bits // 8)
-    return max(1, min(max(rows, 1), budget // bytes_per_row))
+        budget = CPU_TILE_BYTES
+    elements = max(1, budget // dtype.itemsize)  # any dtype: the op names a bad one
+    chunk = max(1, min(rows, elements // LINEAR_MIN_VOCAB_CHUNK))
+    vocab_chunk = min(vocab, max(1, elements // chunk))
+    if vocab_chunk < vocab and vocab_chunk >= 128:
+        vocab_chunk -= vocab_chunk % 128
+    return chunk, vocab_chunk
 
 
 def linear_token_logprobs(
@@ -132,46 +165,63 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    validate: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without materializing the
-    ``[N, V]`` logits: rows are processed in chunks, and backward recomputes each chunk's
-    logits.
+    ``[N, V]`` logits: forward and backward walk tiles of ``chunk_size`` rows x
+    ``vocab_chunk_size`` vocabulary entries, and backward recomputes each tile's logits.
+
+    Gradients flow to whichever of ``hidden``, ``weight`` and ``bias`` require them, and
+    only those are computed: a frozen lm-head costs no weight-gradient matmul and no
+    ``[V, H]`` buffer. Each vocabulary block's weight gradient is written once in the
+    weight's dtype (no fp32 ``[V, H]`` accumulator); the hidden gradient of 16-bit inputs
+    accumulates over blocks in an fp32 ``[N, H]`` buffer.
 
     Args:
         hidden: ``[..., H]`` final hidden states (float32, float16, bfloat16 or float64).
-        weight: lm-head weight ``[V, H]``, same dtype and device as ``hidden``.
+        weight: lm-head weight ``[V, H]`` (V > 0), same dtype and device as ``hidden``.
         targets: ``[...]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` lm-head bias.
         temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
-        chunk_size: rows per chunk; by default from N, V and free memory
-            (:func:`default_chunk_size`).
+        chunk_size: rows per tile; ``vocab_chunk_size``: vocabulary entries per tile. Either
+            left out comes from :func:`default_chunk_size` (a bounded tile of logits).
+        validate: as in :func:`token_logprobs`; ``False`` also sizes default tiles
+            without asking the driver for free memory.
 
     Returns:
         ``logprobs`` ``[...]`` float32 (float64 for float64 inputs), or
-        ``(logprobs, entropy)`` when ``return_entropy``. Gradients flow to ``hidden``,
-        ``weight`` and ``bias`` (weight/bias gradients accumulated in fp32 over chunks and
-        returned in the parameter's dtype).
+        ``(logprobs, entropy)`` when ``return_entropy``. Gradients have the dtype of their
+        input.
 
     Raises:
-        ValueError: bad targets, temperature or chunk_size (messages name the argument).
+        ValueError: bad targets, temperature, chunk sizes, or a ``weight`` with no rows
+            (messages name the argument).
         RuntimeError: dtype, shape or device mismatches, or the compiled library is
             unavailable.
     """
     require_library()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(targets.numel(), weight.shape[0], weight.dtype,
-                                        weight.device)
+    if weight.dim() == 2 and weight.shape[0] == 0:
+        raise ValueError(f"linear_token_logprobs: weight must have at least one row (a "
+                         f"vocabulary of V > 0), got shape {tuple(weight.shape)}")
+    if chunk_size is None or vocab_chunk_size is None:
+        default_rows, default_vocab = default_chunk_size(
+            targets.numel(), weight.shape[0], weight.dtype, weight.device,
+            query_free_memory=validate)
+        chunk_size = default_rows if chunk_size is None else chunk_size
+        vocab_chunk_size = default_vocab if vocab_chunk_size is None else vocab_chunk_size
     logprobs, entropy, _ = torch.ops.lambdapo.linear_token_logprobs_forward.default(
         hidden, weight, bias, targets, float(temperature), int(ignore_index),
-        bool(return_entropy), int(chunk_size))
+        bool(return_entropy), int(chunk_size), int(vocab_chunk_size), bool(validate))
     return (logprobs, entropy) if return_entropy else logprobs
 
 
 SEMANTIC_METRICS = ("rouge_n", "rouge_l")
 
 
-def _as_sequences(seqs, name: str, device: torch.device | None = None):
-    """(values, starts, lengths) int64 of one of the accepted forms; errors name ``name``."""
+def _as_sequences(seqs, name: str, device: torch.device | None = None, validate: bool = True):
+    """(values, starts, lengths) int64 of one of the accepted forms; errors name ``name``.
+    ``validate=False`` skips the checks that read offsets/lengths back to the host."""
     if isinstance(seqs, (list, tuple)) and not (
             len(seqs) == 2 and all(isinstance(t, Tensor) for t in seqs)):
         lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
@@ -191,9 +241,9 @@ def _as_sequences(seqs, name: str, device: torch.device | None = None):
         offsets = index.to(torch.int64)
         if offsets.dim() != 1 or offsets.numel() < 1:
             raise ValueError(f"{name} offsets must be 1-D [B+1], got shape {tuple(offsets.shape)}")
-        if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        if validate and offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
             raise ValueError(f"{name} offsets must be non-decreasing")
-        if bool(offsets[0] < 0) or int(offsets[-1]) > ids.numel():
+        if validate and (bool(offsets[0] < 0) or int(offsets[-1]) > ids.numel()):
             raise ValueError(f"{name} offsets must lie in [0, {ids.numel()}] (the number of "
                              f"values)")
         return ids.to(torch.int64), offsets[:-1].contiguous(), (offsets[1:] - offsets[:-1])
@@ -202,7 +252,8 @@ def _as_sequences(seqs, name: str, device: torch.device | None = None):
         if lengths.shape != ids.shape[:1]:
             raise ValueError(f"{name} lengths must have shape [{ids.shape[0]}], got "
                              f"{tuple(lengths.shape)}")
-        if lengths.numel() and (bool((lengths < 0).any()) or int(lengths.max()) > ids.shape[1]):
+        if validate and lengths.numel() and (bool((lengths < 0).any())
+                                             or int(lengths.max()) > ids.shape[1]):
             raise ValueError(f"{name} lengths must lie in [0, {ids.shape[1]}] (the padded "
                              f"length)")
         width = ids.shape[1]
@@ -212,10 +263,10 @@ def _as_sequences(seqs, name: str, device: torch.device | None = None):
                      f"{tuple(ids.shape)}")
 
 
-def _overlap_inputs(cand, ref, ref_index):
-    cand_seq = _as_sequences(cand, "cand")
+def _overlap_inputs(cand, ref, ref_index, validate):
+    cand_seq = _as_sequences(cand, "cand", validate=validate)
     device = cand_seq[0].device
-    ref_seq = _as_sequences(ref, "ref", device)
+    ref_seq = _as_sequences(ref, "ref", device, validate)
     batch, num_refs = cand_seq[1].numel(), ref_seq[1].numel()
     if ref_index is None:
         if num_refs != batch:
@@ -229,7 +280,8 @@ def _overlap_inputs(cand, ref, ref_index):
     return (*cand_seq, *ref_seq, ref_index.to(torch.int64))
 
 
-def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None):
+def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None,
+                  validate: bool = True):
     """Clipped n-gram matches between candidates and their references, n = 1..max_n.
 
     ``matches[b, n-1] = sum over n-grams g of min(count_cand(g), count_ref(g))``, exactly as
@@ -242,6 +294,8 @@ def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None)
         max_n: largest n-gram order (>= 1).
         ref_index: ``[B]`` reference row of each candidate (G candidates may share one
             reference without copying it); default: candidate b uses reference b.
+        validate: check offsets, lengths, ids and ``ref_index`` against each other (reads
+            them back: host syncs on CUDA). ``False`` trusts them.
 
     Returns:
         ``(matches, cand_counts, ref_counts)``, int64 ``[B, max_n]``: clipped matches, number
@@ -250,19 +304,20 @@ def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None)
     Raises:
         ValueError / TypeError / RuntimeError naming the argument for malformed inputs
         (offsets not non-decreasing or past the end, lengths > L, ref_index out of range,
-        negative ids, float tensors).
+        negative ids (with ``validate``), float tensors).
     """
     require_library()
-    return torch.ops.lambdapo.ngram_overlap.default(*_overlap_inputs(cand, ref, ref_index),
-                                                    int(max_n))
+    return torch.ops.lambdapo.ngram_overlap.default(
+        *_overlap_inputs(cand, ref, ref_index, validate), int(max_n), bool(validate))
 
 
-def lcs_length(cand, ref, *, ref_index: Tensor | None = None) -> Tensor:
+def lcs_length(cand, ref, *, ref_index: Tensor | None = None, validate: bool = True) -> Tensor:
     """Length of the longest common subsequence of each candidate and its reference
     (bit-parallel, 64 reference positions per machine word). Inputs as in
-    :func:`ngram_overlap`. Returns int64 ``[B]``."""
+    :func:`ngram_overlap` (``validate`` too). Returns int64 ``[B]``."""
     require_library()
-    return torch.ops.lambdapo.lcs_length.default(*_overlap_inputs(cand, ref, ref_index))
+    return torch.ops.lambdapo.lcs_length.default(*_overlap_inputs(cand, ref, ref_index, validate),
+                                                 bool(validate))
 
 
 def _f_measure(p: Tensor, r: Tensor, beta: float) -> Tensor:
@@ -272,33 +327,34 @@ def _f_measure(p: Tensor, r: Tensor, beta: float) -> Tensor:
     return torch.where(denom > 0, (1 + b2) * p * r / torch.where(denom > 0, denom, 1), 0.0)
 
 
-def rouge_n(cand, ref, *, max_n: int = 2, beta: float = 1.0,
-            ref_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def rouge_n(cand, ref, *, max_n: int = 2, beta: float = 1.0, ref_index: Tensor | None = None,
+            validate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """ROUGE-1..max_n precision, recall and F-measure, float32 ``[B, max_n]`` each.
 
     ``P = m / max(#cand n-grams, 1)``, ``R = m / max(#ref n-grams, 1)``,
     ``F = (1 + beta^2) P R / (beta^2 P + R)`` (0 when P = R = 0): rouge-score's definitions
-    (its F is beta = 1), computed in float64 then rounded once. Inputs as in
-    :func:`ngram_overlap`."""
-    if not beta > 0:
-        raise ValueError(f"rouge_n: beta must be > 0, got {beta}")
-    matches, cand_counts, ref_counts = ngram_overlap(cand, ref, max_n=max_n, ref_index=ref_index)
+    (its F is beta = 1), computed in float64 then rounded once. Inputs and ``validate`` as
+    in :func:`ngram_overlap`."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"rouge_n: beta must be finite and > 0, got {beta}")
+    matches, cand_counts, ref_counts = ngram_overlap(cand, ref, max_n=max_n, ref_index=ref_index,
+                                                     validate=validate)
     m = matches.double()
     p = m / cand_counts.clamp_min(1).double()
     r = m / ref_counts.clamp_min(1).double()
     return p.float(), r.float(), _f_measure(p, r, beta).float()
 
 
-def rouge_l(cand, ref, *, beta: float = 1.0,
-            ref_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def rouge_l(cand, ref, *, beta: float = 1.0, ref_index: Tensor | None = None,
+            validate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """ROUGE-L precision ``LCS/|cand|``, recall ``LCS/|ref|`` and F-measure, float32 ``[B]``
-    each; all 0 when either sequence is empty (as rouge-score). Inputs as in
+    each; all 0 when either sequence is empty (as rouge-score). Inputs and ``validate`` as in
     :func:`ngram_overlap`."""
-    if not beta > 0:
-        raise ValueError(f"rouge_l: beta must be > 0, got {beta}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"rouge_l: beta must be finite and > 0, got {beta}")
     require_library()
-    args = _overlap_inputs(cand, ref, ref_index)
-    lcs = torch.ops.lambdapo.lcs_length.default(*args).double()
+    args = _overlap_inputs(cand, ref, ref_index, validate)
+    lcs = torch.ops.lambdapo.lcs_length.default(*args, bool(validate)).double()
     cand_len = args[2].double()
     ref_len = args[5].index_select(0, args[6]).double()
     p = torch.where(cand_len > 0, lcs / cand_len.clamp_min(1), 0.0)
@@ -307,15 +363,16 @@ def rouge_l(cand, ref, *, beta: float = 1.0,
 
 
 def semantic_density(cand, ref, *, metric: str = "rouge_n", max_n: int = 2, beta: float = 1.0,
-                     ref_index: Tensor | None = None) -> Tensor:
+                     ref_index: Tensor | None = None, validate: bool = True) -> Tensor:
     """The semantic-density reward of DESIGN.md section 2, float32 ``[B]`` in [0, 1]: the
     mean over n = 1..max_n of the ROUGE-n F-measure (``metric="rouge_n"``) or the ROUGE-L
-    F-measure (``metric="rouge_l"``) between each candidate and its reference. Inputs as in
-    :func:`ngram_overlap`."""
+    F-measure (``metric="rouge_l"``) between each candidate and its reference. Inputs and
+    ``validate`` as in :func:`ngram_overlap`."""
     if metric == "rouge_n":
-        return rouge_n(cand, ref, max_n=max_n, beta=beta, ref_index=ref_index)[2].mean(-1)
+        return rouge_n(cand, ref, max_n=max_n, beta=beta, ref_index=ref_index,
+                       validate=validate)[2].mean(-1)
     if metric == "rouge_l":
-        return rouge_l(cand, ref, beta=beta, ref_index=ref_index)[2]
+        return rouge_l(cand, ref, beta=beta, ref_index=ref_index, validate=validate)[2]
     raise ValueError(f"semantic_density: metric must be one of {SEMANTIC_METRICS}, got "
                      f"{metric!r}")
 
@@ -336,7 +393,8 @@ def _fake_logprob_outputs(like: Tensor, return_entropy: bool) -> tuple[Tensor, T
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("lambdapo::lambda_advantages")
-    def _lambda_advantages_fake(rewards, scores, mask, group_ids, beta, normalize, eps):
+    def _lambda_advantages_fake(rewards, scores, mask, group_ids, beta, normalize, eps,
+                                validate=True):
         torch._check(scores.shape == rewards.shape,
                      lambda: f"lambda_advantages: scores has shape {tuple(scores.shape)} "
                              f"but rewards has shape {tuple(rewards.shape)}")
@@ -344,24 +402,25 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("lambdapo::token_logprobs_forward")
     def _token_logprobs_forward_fake(logits, targets, temperature, ignore_index, return_entropy,
-                                     inplace_backward):
+                                     inplace_backward, validate=True):
         return _fake_logprob_outputs(logits, return_entropy)
 
     @torch.library.register_fake("lambdapo::token_logprobs_backward")
     def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, targets, lse, entropy,
-                                      temperature, ignore_index):
+                                      temperature, ignore_index, validate=True):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("lambdapo::token_logprobs_backward_inplace")
     def _token_logprobs_backward_inplace_fake(grad_logprobs, grad_entropy, logits, targets, lse,
-                                              entropy, temperature, ignore_index):
+                                              entropy, temperature, ignore_index, validate=True):
         return None
 
     def _token_logprobs_setup_context(ctx, inputs, output):
-        logits, targets, temperature, ignore_index, return_entropy, inplace_backward = inputs
+        logits, targets, temperature, ignore_index, return_entropy, inplace_backward, *rest = inputs
         _, entropy, lse = output
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.validate = rest[0] if rest else True
         ctx.return_entropy = return_entropy
         ctx.inplace_backward = inplace_backward
         ctx.set_materialize_grads(False)
@@ -371,66 +430,80 @@ if _LOAD_ERROR is None:
         if not ctx.return_entropy:  # the empty entropy output may still get a (zero) grad
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
-            return None, None, None, None, None, None
+            return (None,) * 7
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
         args = (grad_logprobs, grad_entropy)
-        rest = (targets, lse, entropy, ctx.temperature, ctx.ignore_index)
+        rest = (targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.validate)
         if ctx.inplace_backward:
             torch.ops.lambdapo.token_logprobs_backward_inplace.default(*args, logits, *rest)
             grad_logits = logits
         else:
             grad_logits = torch.ops.lambdapo.token_logprobs_backward.default(*args, logits, *rest)
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None
 
     torch.library.register_autograd("lambdapo::token_logprobs_forward", _token_logprobs_backward,
                                     setup_context=_token_logprobs_setup_context)
 
     @torch.library.register_fake("lambdapo::linear_token_logprobs_forward")
     def _linear_token_logprobs_forward_fake(hidden, weight, bias, targets, temperature,
-                                            ignore_index, return_entropy, chunk_size):
+                                            ignore_index, return_entropy, chunk_size,
+                                            vocab_chunk_size, validate=True):
         return _fake_logprob_outputs(hidden, return_entropy)
 
     @torch.library.register_fake("lambdapo::linear_token_logprobs_backward")
     def _linear_token_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, bias,
                                              targets, lse, entropy, temperature, ignore_index,
-                                             chunk_size):
-        grad_bias = weight.new_empty(weight.shape[:1] if bias is not None else (0,))
-        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+                                             chunk_size, vocab_chunk_size, output_mask,
+                                             validate=True):
+        need_hidden, need_weight, need_bias = output_mask
+        return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+                weight.new_empty(weight.shape if need_weight else (0,)),
+                weight.new_empty(weight.shape[:1] if need_bias and bias is not None else (0,)))
 
     def _linear_setup_context(ctx, inputs, output):
-        hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_size = inputs
+        (hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_size,
+         vocab_chunk_size, validate) = inputs
         _, entropy, lse = output
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.chunk_size, ctx.vocab_chunk_size = chunk_size, vocab_chunk_size
+        ctx.validate = validate
         ctx.return_entropy = return_entropy
         ctx.set_materialize_grads(False)
 
     def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        # Only the gradients autograd asks for are computed (a frozen lm-head: no weight
+        # gradient matmul, no [V, H] buffer).
+        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                       bias is not None and ctx.needs_input_grad[2]]
         if not ctx.return_entropy:
             grad_entropy = None
-        if grad_logprobs is None and grad_entropy is None:
-            return (None,) * 8
+        if (grad_logprobs is None and grad_entropy is None) or not any(output_mask):
+            return (None,) * 10
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
         grad_hidden, grad_weight, grad_bias = (
             torch.ops.lambdapo.linear_token_logprobs_backward.default(
                 grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                ctx.temperature, ctx.ignore_index, ctx.chunk_size))
-        return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
-                None, None, None, None, None)
+                ctx.temperature, ctx.ignore_index, ctx.chunk_size, ctx.vocab_chunk_size,
+                output_mask, ctx.validate))
+        return (grad_hidden if output_mask[0] else None,
+                grad_weight if output_mask[1] else None,
+                grad_bias if output_mask[2] else None,
+                None, None, None, None, None, None, None)
 
     torch.library.register_autograd("lambdapo::linear_token_logprobs_forward", _linear_backward,
                                     setup_context=_linear_setup_context)
 
     @torch.library.register_fake("lambdapo::ngram_overlap")
     def _ngram_overlap_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
-                            ref_lengths, ref_index, max_n):
+                            ref_lengths, ref_index, max_n, validate=True):
         shape = (cand_starts.shape[0], max_n)
         return tuple(cand_values.new_empty(shape, dtype=torch.int64) for _ in range(3))
 
     @torch.library.register_fake("lambdapo::lcs_length")
     def _lcs_length_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
-                         ref_lengths, ref_index):
+                         ref_lengths, ref_index, validate=True):
         return cand_values.new_empty(cand_starts.shape, dtype=torch.int64)

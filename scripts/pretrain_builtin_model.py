@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Pre-trains the built-in tiny model on the ``arithmetic`` task to *partial* competence.
+"""Pre-trains a built-in tiny model on a built-in task to *partial* competence.
 
-What it makes (``--out``, default ``python/lambdapo/assets/tiny-arithmetic/``):
+``--task`` names the task (``lambdapo.tasks.TASKS``: ``arithmetic``, the default, or
+``chain``). What it makes (``--out``, default ``python/lambdapo/assets/tiny-<task>/``):
 
 * a character-level tokenizer (``tokenizers`` WordLevel over single characters, with
   ``<pad>``/``<s>``/``</s>``/``<unk>``) saved as a ``PreTrainedTokenizerFast``: it
@@ -15,13 +16,16 @@ Why it stops early: the built-in ``lambdapo train`` run has to *show* RL learnin
 the checkpoint must leave room. Every ``--eval-every`` steps the script samples (T=1)
 one completion per problem of a dev set (train-split problems of another seed, not in
 the training pool) and stops once that pass@1 reaches ``--target-sampled-acc``, or at
-``--max-steps``. ``--steps N`` instead trains exactly N steps (no early stop).
+``--max-steps``. ``--steps N`` instead trains exactly N steps (no early stop). The
+target is per task (``TASK_DEFAULTS``): the multi-step ``chain`` model stops weaker, so
+that RL on it keeps improving for longer than on ``arithmetic``.
 
 Reproducible: everything is seeded (``--seed``) and CPU training with a fixed
 ``--threads`` (default 1) is deterministic, so the same command on the same torch gives
 the same checkpoint. It takes a few minutes on one CPU core. Run from the repository root::
 
-    PYTHONPATH=python python scripts/pretrain_builtin_model.py
+    PYTHONPATH=python python scripts/pretrain_builtin_model.py               # tiny-arithmetic
+    PYTHONPATH=python python scripts/pretrain_builtin_model.py --task chain  # tiny-chain
 """
 
 from __future__ import annotations
@@ -44,17 +48,22 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
-from lambdapo.tasks import arithmetic  # noqa: E402
+from lambdapo.tasks import TASKS  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-# Every character the arithmetic task writes, plus a space for hand-typed prompts.
-CHARS = " ()+,-=0123456789\\{}bdeox"
+# Per-task defaults of the options left unset on the command line, and the README's
+# description of the model.
+TASK_DEFAULTS = {
+    "arithmetic": {"target_sampled_acc": 0.4, "role": "the built-in model of `lambdapo train`"},
+    "chain": {"target_sampled_acc": 0.2,
+              "role": "the built-in model of `data.dataset=chain`"},
+}
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
-def build_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: one token per character, ids 0..3 special."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(set(CHARS)))}
+def build_tokenizer(chars: str, max_length: int) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per character of ``chars``, ids 0..3 special."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(set(chars)))}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     # [\s\S] rather than "." so a newline is its own (unknown) token too.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -145,11 +154,12 @@ def accuracy(model, tokenizer, rows, *, sample: bool, num_samples: int = 1,
 def write_readme(out: Path, args, command: str, model, tokenizer, result: dict) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     c = model.config
-    example = arithmetic.generate("eval", 2, seed=0, **difficulty(args))
-    text = f"""# tiny-arithmetic: the built-in model of `lambdapo train`
+    task = TASKS[args.task]
+    example = task.generate("eval", 2, seed=0, **difficulty(args))
+    text = f"""# tiny-{args.task}: {TASK_DEFAULTS[args.task]['role']}
 
 A {n_params / 1e6:.2f}M-parameter `LlamaForCausalLM` with a character-level tokenizer,
-pre-trained with cross-entropy on the `arithmetic` task (`lambdapo.tasks.arithmetic`,
+pre-trained with cross-entropy on the `{args.task}` task (`lambdapo.tasks.{args.task}`,
 difficulty {difficulty(args)}) and stopped at partial competence, so that RL has
 room to show learning. Made by `scripts/pretrain_builtin_model.py`; do not edit by hand.
 
@@ -160,12 +170,12 @@ Produced by (from the repository root):
 | | |
 |---|---|
 | architecture | Llama, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads (head_dim {c.head_dim}), MLP {c.intermediate_size}, untied embeddings, RoPE, max_position_embeddings {c.max_position_embeddings} |
-| tokenizer | {len(tokenizer)} tokens: `<pad>`=0 `<s>`=1 `</s>`=2 `<unk>`=3 and one token per character of `{CHARS}`; `<s>` is prepended to every text, `</s>` ends a completion |
+| tokenizer | {len(tokenizer)} tokens: `<pad>`=0 `<s>`=1 `</s>`=2 `<unk>`=3 and one token per character of `{task.CHARS}`; `<s>` is prepended to every text, `</s>` ends a completion |
 | pre-training | {result['steps']} steps x {args.batch_size} sequences, AdamW lr {args.lr} (warmup {args.warmup}), seed {args.seed}, {result['train_seconds']:.0f} s on {args.threads} CPU thread(s) |
 | stop rule | dev pass@1 sampled at T=1 >= {args.target_sampled_acc} (checked every {args.eval_every} steps) or {args.max_steps} steps |
 | torch / transformers | {torch.__version__} / {result['transformers']} |
 
-Held-out accuracy on the first {args.eval_size} problems of `arithmetic.generate("eval", {args.eval_size}, seed=0)`
+Held-out accuracy on the first {args.eval_size} problems of `{args.task}.generate("eval", {args.eval_size}, seed=0)`
 (exact match of the last `\\boxed{{}}` with the gold answer, max {args.max_new_tokens} new tokens):
 
 | decoding | pass@1 |
@@ -182,27 +192,36 @@ Example (prompt -> completion the model is trained to write):
 
 
 def difficulty(args) -> dict:
-    return {"min_digits": args.min_digits, "max_digits": args.max_digits, "ops": args.ops}
+    """The task's default difficulty with the ``--difficulty`` overrides applied."""
+    return {**TASKS[args.task].DEFAULT_DIFFICULTY, **dict(args.difficulty)}
+
+
+def difficulty_item(text: str) -> tuple[str, int | str]:
+    """``"max_digits=4"`` -> ``("max_digits", 4)``; a non-integer value stays a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--difficulty wants KEY=VALUE, got {text!r}")
+    return key, int(value) if value.lstrip("-").isdigit() else value
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "python/lambdapo/assets/tiny-arithmetic",
-                   help="output folder (model, tokenizer, README.md)")
+    p.add_argument("--task", choices=sorted(TASKS), default="arithmetic",
+                   help="built-in task to pre-train on")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (model, tokenizer, README.md); default "
+                        "python/lambdapo/assets/tiny-<task>")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data order, init and sampling")
     # One thread: on a shared 2-vCPU machine a busy neighbour makes 2-thread OpenMP
     # barriers stall (measured 3.4 s vs 0.22 s per step); results also depend on it.
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads")
-    # Task difficulty (see lambdapo.tasks.arithmetic.generate).
-    p.add_argument("--min-digits", type=int, default=2,
-                   help="fewest digits of an operand")
-    p.add_argument("--max-digits", type=int, default=3,
-                   help="most digits of an operand")
-    p.add_argument("--ops", default="+-",
-                   help="operations to draw from")
+    p.add_argument("--difficulty", type=difficulty_item, action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="task difficulty argument (repeatable; see the task's generate(), "
+                        "e.g. max_digits=4); unset keys keep the task's DEFAULT_DIFFICULTY")
     p.add_argument("--train-rows", type=int, default=200_000, help="size of the training pool")
     # Model.
     p.add_argument("--layers", type=int, default=3,
@@ -226,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="give up on the stop rule after this many steps")
     p.add_argument("--steps", type=int, default=None,
                    help="train exactly this many steps (no early stop)")
-    p.add_argument("--target-sampled-acc", type=float, default=0.4,
-                   help="stop once dev pass@1 sampled at T=1 reaches this")
+    p.add_argument("--target-sampled-acc", type=float, default=None,
+                   help="stop once dev pass@1 sampled at T=1 reaches this (default: per "
+                        "task, TASK_DEFAULTS)")
     p.add_argument("--eval-every", type=int, default=50,
                    help="steps between dev checks")
     p.add_argument("--dev-size", type=int, default=512,
@@ -240,24 +260,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="generation limit in evaluation (saved in generation_config.json)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = REPO / "python/lambdapo/assets" / f"tiny-{args.task}"
+    if args.target_sampled_acc is None:
+        args.target_sampled_acc = TASK_DEFAULTS[args.task]["target_sampled_acc"]
+    task = TASKS[args.task]
+    try:
+        task.generate("train", 0, **difficulty(args))
+    except ValueError as exc:
+        p.error(f"--difficulty: {exc}")
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     t0 = time.time()
 
-    tokenizer = build_tokenizer(args.max_positions)
+    tokenizer = build_tokenizer(task.CHARS, args.max_positions)
     model = build_model(args, tokenizer)
     print(f"model: {sum(q.numel() for q in model.parameters()):,} parameters, "
           f"vocab {len(tokenizer)}", flush=True)
 
-    train_rows = arithmetic.generate("train", args.train_rows, seed=args.seed, **difficulty(args))
+    train_rows = task.generate("train", args.train_rows, seed=args.seed, **difficulty(args))
     seen = {r["prompt"] for r in train_rows}
     # Dev problems: train split (eval stays untouched until the end), another seed, unseen.
-    dev_rows = [r for r in arithmetic.generate("train", args.dev_size + 64, seed=args.seed + 10_000,
-                                               **difficulty(args)) if r["prompt"] not in seen]
+    dev_rows = [r for r in task.generate("train", args.dev_size + 64, seed=args.seed + 10_000,
+                                         **difficulty(args)) if r["prompt"] not in seen]
     dev_rows = dev_rows[:args.dev_size]
-    eval_rows = arithmetic.generate("eval", args.eval_size, seed=0, **difficulty(args))
+    eval_rows = task.generate("eval", args.eval_size, seed=0, **difficulty(args))
     encoded = encode_rows(tokenizer, train_rows)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)

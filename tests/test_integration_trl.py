@@ -12,7 +12,7 @@ if os.environ.get("LAMBDAPO_REQUIRE_TRL") != "1":
 
 import lambdapo_ext  # noqa: E402
 from lambdapo.integrations.trl import (LambdaPOConfig, LambdaPOTrainer,  # noqa: E402
-                                       SemanticDensityReward)
+                                       SemanticDensityTextReward)
 from tiny_model import make_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_lambdapo_trainer_uses_lambda_advantages_and_trains(tmp_path):
                                                          out["completion_mask"])]
         solutions = [x["solution"] for x in inputs]
         rewards = torch.tensor(digit_reward(completions)) + 0.5 * torch.tensor(
-            SemanticDensityReward(tokenizer)([x["prompt"] for x in inputs], completions, ids,
+            SemanticDensityTextReward(tokenizer)([x["prompt"] for x in inputs], completions, ids,
                                              solution=solutions))
         logps = sampled_token_logps(policy, out, trainer.temperature)
         mask = out["completion_mask"].float()
@@ -122,13 +122,13 @@ def test_a_plain_grpo_config_and_bad_settings(tmp_path):
 def test_semantic_density_reward_needs_its_column_and_tokenizer(tmp_path):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "model"))
-    reward = SemanticDensityReward(tokenizer, solution_column="reference")
+    reward = SemanticDensityTextReward(tokenizer, solution_column="reference")
     ids = tokenizer("1+1=2", add_special_tokens=False)["input_ids"]
     assert reward(["p"], ["1+1=2"], [ids], reference=["1+1=2"]) == [pytest.approx(1.0)]
     with pytest.raises(KeyError, match="reference"):
         reward(["p"], ["x"], [ids], solution=["1+1=2"])
     with pytest.raises(RuntimeError, match="tokenizer"):
-        SemanticDensityReward()(["p"], ["x"], [ids], solution=["1"])
+        SemanticDensityTextReward()(["p"], ["x"], [ids], solution=["1"])
 
 
 def test_groups_spanning_two_processes_are_gathered(tmp_path):

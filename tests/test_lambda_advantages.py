@@ -290,3 +290,64 @@ def test_cuda_ragged_matches_cpu():
     cpu = lambda_advantages(rewards, scores, group_ids=ids)
     cuda = lambda_advantages(rewards.cuda(), scores.cuda(), group_ids=ids.cuda())
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def _extreme_groups(g: int, *, seed: int):
+    """Groups that stress the weights: scores spread from 0.01 to 1e3 around offsets up to
+    1e4 (the CUDA kernel's per-member factors underflow there and it falls back per pair),
+    score ties, reward ties, a mask."""
+    gen = torch.Generator().manual_seed(seed)
+    spreads = torch.tensor([0.01, 1.0, 30.0, 1e3])
+    offsets = torch.tensor([0.0, -1e4, 5e3, -3.0])
+    rewards = torch.randint(0, 3, (4, g), generator=gen).float()
+    rewards[1] = torch.randn(g, generator=gen)
+    scores = offsets[:, None] - spreads[:, None] * torch.rand(4, g, generator=gen)
+    scores[2, : g // 4] = scores[2, g // 4]  # tied scores
+    mask = torch.rand(4, g, generator=gen) > 0.15
+    return rewards, scores, mask
+
+
+@pytest.mark.parametrize("g", [9, 300])
+@pytest.mark.parametrize("beta", [-2.0, 0.3, 7.0, 200.0])
+def test_extreme_scores_and_beta_match_float64_reference(g, beta):
+    rewards, scores, mask = _extreme_groups(g, seed=g)
+    out = lambda_advantages(rewards, scores, mask=mask, beta=beta)
+    assert_matches_reference(out, rewards, scores, mask=mask, beta=beta)
+
+
+@skip_without_cuda("lambda_advantages")
+@pytest.mark.parametrize("g", [9, 64, 65, 300, 2000])
+@pytest.mark.parametrize("beta", [-2.0, 0.3, 7.0, 200.0])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_cuda_extreme_scores_and_beta_match_float64_reference(g, beta, normalize):
+    """Both CUDA kernels (member kernel up to G=64, factored tiles above) against the
+    float64 reference, at the CPU test's tolerance scaled like test_cuda_matches_cpu."""
+    rewards, scores, mask = _extreme_groups(g, seed=g)
+    out = lambda_advantages(rewards.cuda(), scores.cuda(), mask=mask.cuda(), beta=beta,
+                            normalize=normalize).cpu()
+    expected = reference.lambda_advantages(rewards.double(), scores.double(), mask=mask,
+                                           beta=beta, normalize=normalize)
+    tol = 2e-5 * max(1.0, g ** 0.5) if normalize != "none" else 2e-5 * g
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=tol)
+
+
+@skip_without_cuda("lambda_advantages")
+@pytest.mark.parametrize("validate", [True, False])
+def test_cuda_ragged_groups_of_every_size_match_cpu(validate):
+    """Ragged groups from 1 to 700 members: validated calls use the group table (tiled
+    kernel for groups over 64), trusted ones the member kernel for all."""
+    gen = torch.Generator().manual_seed(15)
+    sizes = torch.tensor([1, 2, 5, 64, 65, 130, 700])
+    ids = torch.repeat_interleave(torch.arange(7) * 5 + 2, sizes)
+    perm = torch.randperm(ids.numel(), generator=gen)
+    ids = ids[perm]
+    rewards = torch.randn(ids.numel(), generator=gen)
+    scores = -torch.rand(ids.numel(), generator=gen) * 4
+    mask = torch.rand(ids.numel(), generator=gen) > 0.1
+    for normalize in NORMALIZE:
+        cpu = lambda_advantages(rewards, scores, mask=mask, group_ids=ids, beta=2.0,
+                                normalize=normalize)
+        cuda = lambda_advantages(rewards.cuda(), scores.cuda(), mask=mask.cuda(),
+                                 group_ids=ids.cuda(), beta=2.0, normalize=normalize,
+                                 validate=validate)
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-3)

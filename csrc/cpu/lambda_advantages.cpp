@@ -65,11 +65,13 @@ struct GroupScratch {
 };
 
 void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normalize norm,
-                                    double eps, at::Tensor& out) {
+                                    double eps, bool validate, at::Tensor& out) {
   const float* rewards = seg.rewards.data_ptr<float>();
   const float* scores = seg.scores.data_ptr<float>();
   const bool* valid = seg.valid.defined() ? seg.valid.data_ptr<bool>() : nullptr;
-  const int64_t* offsets = seg.offsets.data_ptr<int64_t>();
+  const int64_t dense_size = seg.dense_group_size;
+  const int64_t* offsets = dense_size > 0 ? nullptr : seg.offsets.data_ptr<int64_t>();
+  const int64_t* order = seg.order.defined() ? seg.order.data_ptr<int64_t>() : nullptr;
   float* result = out.data_ptr<float>();
 
   std::atomic<bool> rewards_finite{true}, scores_finite{true};
@@ -79,19 +81,20 @@ void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normal
   at::parallel_for(0, seg.num_groups, grain, [&](int64_t g_begin, int64_t g_end) {
     GroupScratch scratch;
     for (int64_t g = g_begin; g < g_end; ++g) {
-      const int64_t begin = offsets[g], size = offsets[g + 1] - begin;
-      std::fill(result + begin, result + begin + size, 0.0f);
+      const int64_t begin = offsets ? offsets[g] : g * dense_size;
+      const int64_t size = offsets ? offsets[g + 1] - begin : dense_size;
+      for (int64_t k = begin; k < begin + size; ++k) result[order ? order[k] : k] = 0.0f;
       // Valid members, compacted so the pair loop has no masking.
       scratch.r.clear();
       scratch.s.clear();
       scratch.slot.clear();
       for (int64_t k = begin; k < begin + size; ++k) {
         if (valid != nullptr && !valid[k]) continue;
-        if (!std::isfinite(rewards[k])) rewards_finite = false;
-        if (!std::isfinite(scores[k])) scores_finite = false;
+        if (validate && !std::isfinite(rewards[k])) rewards_finite = false;
+        if (validate && !std::isfinite(scores[k])) scores_finite = false;
         scratch.r.push_back(rewards[k]);
         scratch.s.push_back(scores[k]);
-        scratch.slot.push_back(k);
+        scratch.slot.push_back(order ? order[k] : k);
       }
       const int64_t n = static_cast<int64_t>(scratch.slot.size());
       if (n < 2) continue;
@@ -115,17 +118,16 @@ void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normal
       }
     }
   });
-  TORCH_CHECK_VALUE(rewards_finite, "lambda_advantages: rewards holds non-finite values in valid members");
-  TORCH_CHECK_VALUE(scores_finite, "lambda_advantages: scores holds non-finite values in valid members");
+  check_valid_members_finite(rewards_finite, scores_finite);
 }
 
 at::Tensor lambda_advantages_cpu(const at::Tensor& rewards, const at::Tensor& scores,
                                  const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& group_ids, double beta,
-                                 c10::string_view normalize, double eps) {
+                                 c10::string_view normalize, double eps, bool validate) {
   return lambda_advantages_impl(rewards, scores, mask, group_ids, beta,
                                 std::string_view(normalize.data(), normalize.size()), eps,
-                                lambda_advantages_segments_cpu);
+                                validate, RaggedLayout{}, lambda_advantages_segments_cpu);
 }
 
 }  // namespace

@@ -119,10 +119,10 @@ class ReferenceMatchMasks {
 at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_starts,
                           const at::Tensor& cand_lengths, const at::Tensor& ref_values,
                           const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
-                          const at::Tensor& ref_index) {
+                          const at::Tensor& ref_index, bool validate) {
   const auto [cand, ref, ref_of] = checked_overlap_inputs(
       "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
-      ref_index);
+      ref_index, validate);
   at::Tensor out = at::zeros({cand.starts.numel()}, cand.values.options());
   const auto plan = candidates_by_reference(ref_of);
   const int64_t* cv = cand.values.data_ptr<int64_t>();

@@ -155,7 +155,11 @@ void forward_rows(const TokenLogprobsRows& rows, at::Tensor& logprobs, const at:
       }
       const double log_s = std::log(s);
       const double row_lse = m + log_s;
-      const double x_target = static_cast<double>(static_cast<acc_t>(row[target[r]]) * inv_t);
+      // An unchecked target out of range (validate=False) gives NaN, never a stray read.
+      const double x_target =
+          target[r] >= 0 && target[r] < vocab
+              ? static_cast<double>(static_cast<acc_t>(row[target[r]]) * inv_t)
+              : std::numeric_limits<double>::quiet_NaN();
       out_lp[r] = static_cast<acc_t>(std::min(x_target - row_lse, 0.0));
       out_lse[r] = static_cast<acc_t>(row_lse);
       if (out_h) out_h[r] = static_cast<acc_t>(log_s - t / s);

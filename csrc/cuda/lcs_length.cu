@@ -142,10 +142,10 @@ lcs_length_kernel(const int64_t* __restrict__ cand_values, const int64_t* __rest
 at::Tensor lcs_length_cuda(const at::Tensor& cand_values, const at::Tensor& cand_starts,
                            const at::Tensor& cand_lengths, const at::Tensor& ref_values,
                            const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
-                           const at::Tensor& ref_index) {
+                           const at::Tensor& ref_index, bool validate) {
   const auto [cand, ref, ref_of] = checked_overlap_inputs(
       "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
-      ref_index);
+      ref_index, validate);
   const c10::cuda::CUDAGuard device_guard(cand.values.device());
   const int64_t batch = cand.starts.numel();
   at::Tensor out = at::zeros({batch}, cand.values.options());

@@ -145,10 +145,10 @@ ngram_overlap_kernel(const int64_t* __restrict__ cand_values, const int64_t* __r
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cuda(
     const at::Tensor& cand_values, const at::Tensor& cand_starts, const at::Tensor& cand_lengths,
     const at::Tensor& ref_values, const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
-    const at::Tensor& ref_index, int64_t max_n) {
+    const at::Tensor& ref_index, int64_t max_n, bool validate) {
   const OverlapInputs inputs = checked_overlap_inputs(
       "ngram_overlap", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
-      ref_index);
+      ref_index, validate);
   const auto& [cand, ref, ref_of] = inputs;
   TORCH_CHECK_VALUE(max_n >= 1, "ngram_overlap: max_n must be >= 1, got ", max_n);
   const c10::cuda::CUDAGuard device_guard(cand.values.device());

@@ -1,7 +1,9 @@
 // CUDA kernels of token_logprobs. Forward: one block per row; each thread folds 16-byte
 // vectors of the row into an online (max, sum exp, sum exp * shifted logit) state, and
 // the block merges the states. Backward: a (row, vocabulary chunk) grid that recomputes p
-// from the saved log-sum-exp. Offsets are 64-bit.
+// from the saved log-sum-exp. Both read logits once; backward writes dlogits once. The
+// entropy terms are compiled in only when entropy is asked for. Offsets are 64-bit; no
+// host sync.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,42 +30,52 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// The kernels work in base 2: x = z * log2(e) / T, so each element costs one ex2 on the
+// special-function unit (MUFU.EX2) and an FFMA, instead of expf's range reduction.
+// s = sum 2^(x - m), t = sum 2^(x - m) (x - m); then lse = (m + log2 s) ln 2 and
+// H = (log2 s - t / s) ln 2.
 template <typename acc_t>
 struct OnlineState {
-  acc_t m;  // running max of x = z / T
-  acc_t s;  // sum exp(x - m)
-  acc_t t;  // sum exp(x - m) (x - m)
+  acc_t m;  // running max of x
+  acc_t s;  // sum 2^(x - m)
+  acc_t t;  // sum 2^(x - m) (x - m), with entropy only
 };
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t exp_acc(acc_t x) {
-  return exp(x);
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));  // 2^-inf = 0; NaN stays NaN
+  return y;
 }
-template <>
-__device__ __forceinline__ float exp_acc<float>(float x) {
-  return expf(x);
-}
+__device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
 
 template <typename acc_t>
+constexpr acc_t kLog2e = acc_t(1.4426950408889634074);
+template <typename acc_t>
+constexpr acc_t kLn2 = acc_t(0.6931471805599453094);
+
+template <bool kEntropy, typename acc_t>
 __device__ __forceinline__ OnlineState<acc_t> merge(OnlineState<acc_t> a, OnlineState<acc_t> b) {
   if (b.s == acc_t(0)) return a;  // b has seen nothing but -inf (or nothing)
   if (a.s == acc_t(0)) return b;
   const acc_t m = a.m > b.m ? a.m : b.m;
   const acc_t da = a.m - m, db = b.m - m;
-  const acc_t ca = exp_acc(da), cb = exp_acc(db);
-  return {m, a.s * ca + b.s * cb, ca * (a.t + da * a.s) + cb * (b.t + db * b.s)};
+  const acc_t ca = fast_exp2(da), cb = fast_exp2(db);
+  OnlineState<acc_t> out{m, a.s * ca + b.s * cb, acc_t(0)};
+  if (kEntropy) out.t = ca * (a.t + da * a.s) + cb * (b.t + db * b.s);
+  return out;
 }
 
-// Folds values x[0..n) (already scaled by 1/T) into a thread's state.
-template <typename acc_t, int N>
+// Folds values x[0..n) (already in base-2 units) into a thread's state: one max for the
+// whole batch, then one ex2 per value.
+template <bool kEntropy, typename acc_t, int N>
 __device__ __forceinline__ void fold(OnlineState<acc_t>& st, const acc_t (&x)[N]) {
   acc_t local_max = x[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) local_max = x[k] > local_max ? x[k] : local_max;
   if (local_max > st.m) {
     if (st.s > acc_t(0)) {
-      const acc_t d = st.m - local_max, c = exp_acc(d);
-      st.t = c * (st.t + d * st.s);
+      const acc_t d = st.m - local_max, c = fast_exp2(d);
+      if (kEntropy) st.t = c * (st.t + d * st.s);
       st.s *= c;
     }
     st.m = local_max;
@@ -76,28 +88,28 @@ __device__ __forceinline__ void fold(OnlineState<acc_t>& st, const acc_t (&x)[N]
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const acc_t d = x[k] - st.m;
-    const acc_t e = exp_acc(d);
+    const acc_t e = fast_exp2(d);
     st.s += e;
-    st.t += e > acc_t(0) ? e * d : acc_t(0);
+    if (kEntropy) st.t += e > acc_t(0) ? e * d : acc_t(0);  // no 0 * -inf
   }
 }
 
-template <typename acc_t>
+template <bool kEntropy, typename acc_t>
 __device__ __forceinline__ OnlineState<acc_t> warp_merge(OnlineState<acc_t> st) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     OnlineState<acc_t> other{__shfl_down_sync(0xffffffffu, st.m, offset),
                              __shfl_down_sync(0xffffffffu, st.s, offset),
-                             __shfl_down_sync(0xffffffffu, st.t, offset)};
-    st = merge(st, other);
+                             kEntropy ? __shfl_down_sync(0xffffffffu, st.t, offset) : acc_t(0)};
+    st = merge<kEntropy>(st, other);
   }
   return st;  // valid in lane 0
 }
 
-template <typename acc_t>
+template <bool kEntropy, typename acc_t>
 __device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
   __shared__ acc_t shared[3][kThreads / 32];
-  st = warp_merge(st);
+  st = warp_merge<kEntropy>(st);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     shared[0][warp] = st.m;
@@ -109,12 +121,12 @@ __device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
     constexpr int kWarps = kThreads / 32;
     st = lane < kWarps ? OnlineState<acc_t>{shared[0][lane], shared[1][lane], shared[2][lane]}
                        : OnlineState<acc_t>{-INFINITY, acc_t(0), acc_t(0)};
-    st = warp_merge(st);
+    st = warp_merge<kEntropy>(st);
   }
   return st;  // valid in thread 0
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
 token_logprobs_forward_kernel(const scalar_t* __restrict__ logits,
                               const int64_t* __restrict__ offsets,
@@ -131,11 +143,12 @@ token_logprobs_forward_kernel(const scalar_t* __restrict__ logits,
     if (threadIdx.x == 0) {
       logprobs[r] = 0;
       lse[r] = 0;
-      if (entropy != nullptr) entropy[r] = 0;
+      if (kEntropy) entropy[r] = 0;
     }
     return;
   }
   const scalar_t* row = logits + offsets[r];
+  const acc_t scale = inv_t * kLog2e<acc_t>;
   OnlineState<acc_t> st{-INFINITY, acc_t(0), acc_t(0)};
   const bool vectorized = reinterpret_cast<uintptr_t>(row) % kVecBytes == 0 && vocab % N == 0;
   if (vectorized) {
@@ -152,35 +165,41 @@ token_logprobs_forward_kernel(const scalar_t* __restrict__ logits,
 #pragma unroll
       for (int u = 0; u < kForwardLoads; ++u) {
 #pragma unroll
-        for (int k = 0; k < N; ++k) x[u * N + k] = static_cast<acc_t>(v[u].v[k]) * inv_t;
+        for (int k = 0; k < N; ++k) x[u * N + k] = static_cast<acc_t>(v[u].v[k]) * scale;
       }
-      fold(st, x);
+      fold<kEntropy>(st, x);
     }
     for (; i < vecs; i += kThreads) {
       const Vec<scalar_t, N> v = vrow[i];
       acc_t x[N];
 #pragma unroll
-      for (int k = 0; k < N; ++k) x[k] = static_cast<acc_t>(v.v[k]) * inv_t;
-      fold(st, x);
+      for (int k = 0; k < N; ++k) x[k] = static_cast<acc_t>(v.v[k]) * scale;
+      fold<kEntropy>(st, x);
     }
   } else {
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      const acc_t x[1] = {static_cast<acc_t>(row[i]) * inv_t};
-      fold(st, x);
+      const acc_t x[1] = {static_cast<acc_t>(row[i]) * scale};
+      fold<kEntropy>(st, x);
     }
   }
-  st = block_merge(st);
+  st = block_merge<kEntropy>(st);
   if (threadIdx.x == 0) {
-    const acc_t log_s = log(st.s);
-    const acc_t row_lse = st.m + log_s;
-    const acc_t lp = static_cast<acc_t>(row[target]) * inv_t - row_lse;
-    logprobs[r] = lp < acc_t(0) ? lp : acc_t(0);
+    const acc_t log2_s = log2(st.s);
+    const acc_t row_lse = (st.m + log2_s) * kLn2<acc_t>;
+    // An unchecked target out of range (validate=False) gives NaN, never a stray read.
+    const acc_t lp = target >= 0 && target < vocab
+                         ? static_cast<acc_t>(row[target]) * inv_t - row_lse
+                         : acc_t(NAN);
+    logprobs[r] = lp > acc_t(0) ? acc_t(0) : lp;  // NaN passes
     lse[r] = row_lse;
-    if (entropy != nullptr) entropy[r] = log_s - st.t / st.s;
+    if (kEntropy) entropy[r] = (log2_s - st.t / st.s) * kLn2<acc_t>;
   }
 }
 
-template <typename scalar_t>
+// dz_j = (1/T) (g_lp [j == y] - p_j (g_lp + g_H (log p_j + H))), p_j = 2^(x_j - lse / ln 2).
+// Each thread loads all its vectors of the chunk before computing any (bytes in flight),
+// and writes each dlogits element once.
+template <typename scalar_t, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
 token_logprobs_backward_kernel(const scalar_t* __restrict__ logits,
                                const int64_t* __restrict__ in_offsets,
@@ -202,16 +221,25 @@ token_logprobs_backward_kernel(const scalar_t* __restrict__ logits,
   scalar_t* out_row = dlogits + out_offsets[r];
   const int64_t target = targets[r];
   const bool ignored = target == ignore_index;
+  const acc_t scale = inv_t * kLog2e<acc_t>;
   const acc_t g_lp = ignored ? acc_t(0) : grad_logprobs[r];
-  const acc_t g_h = ignored || grad_entropy == nullptr ? acc_t(0) : grad_entropy[r];
-  const acc_t h = ignored || grad_entropy == nullptr ? acc_t(0) : entropy[r];
-  const acc_t row_lse = ignored ? acc_t(0) : lse[r];
+  const acc_t g_h = ignored || !kEntropy ? acc_t(0) : grad_entropy[r];
+  const acc_t h = ignored || !kEntropy ? acc_t(0) : entropy[r];
+  const acc_t lse2 = ignored ? acc_t(0) : lse[r] * kLog2e<acc_t>;
+  const acc_t neg_inv_t = -inv_t;
+  const acc_t target_grad = inv_t * g_lp;
   const auto grad_at = [&](int64_t j, scalar_t z) -> scalar_t {
     if (ignored) return scalar_t(0);
-    const acc_t log_p = static_cast<acc_t>(z) * inv_t - row_lse;
-    const acc_t p = exp_acc(log_p);
-    acc_t dz = p > acc_t(0) ? -inv_t * p * (g_lp + g_h * (log_p + h)) : acc_t(0);
-    if (j == target) dz += inv_t * g_lp;
+    const acc_t log2_p = static_cast<acc_t>(z) * scale - lse2;
+    const acc_t p = fast_exp2(log2_p);
+    acc_t dz;
+    if (kEntropy) {
+      // p = 0 (a -inf logit) must not meet log p = -inf.
+      dz = p > acc_t(0) ? neg_inv_t * p * (g_lp + g_h * (log2_p * kLn2<acc_t> + h)) : acc_t(0);
+    } else {
+      dz = neg_inv_t * g_lp * p;
+    }
+    if (j == target) dz += target_grad;
     return static_cast<scalar_t>(dz);
   };
   const bool vectorized = reinterpret_cast<uintptr_t>(in_row) % kVecBytes == 0 &&
@@ -219,12 +247,22 @@ token_logprobs_backward_kernel(const scalar_t* __restrict__ logits,
   if (vectorized) {
     const auto* vin = reinterpret_cast<const Vec<scalar_t, N>*>(in_row);
     auto* vout = reinterpret_cast<Vec<scalar_t, N>*>(out_row);
-    for (int64_t i = chunk_begin / N + threadIdx.x; i < chunk_end / N; i += kThreads) {
-      const Vec<scalar_t, N> z = vin[i];
-      Vec<scalar_t, N> dz;
+    const int64_t first = chunk_begin / N + threadIdx.x, last = chunk_end / N;
+    Vec<scalar_t, N> z[kBackwardVecsPerThread];
 #pragma unroll
-      for (int k = 0; k < N; ++k) dz.v[k] = grad_at(i * N + k, z.v[k]);
-      vout[i] = dz;
+    for (int u = 0; u < kBackwardVecsPerThread; ++u) {
+      const int64_t i = first + u * kThreads;
+      if (i < last) z[u] = vin[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kBackwardVecsPerThread; ++u) {
+      const int64_t i = first + u * kThreads;
+      if (i < last) {
+        Vec<scalar_t, N> dz;
+#pragma unroll
+        for (int k = 0; k < N; ++k) dz.v[k] = grad_at(i * N + k, z[u].v[k]);
+        vout[i] = dz;
+      }
     }
   } else {
     for (int64_t j = chunk_begin + threadIdx.x; j < chunk_end; j += kThreads) {
@@ -255,11 +293,18 @@ void forward_kernel(const TokenLogprobsRows& rows, at::Tensor& logprobs,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.logits.scalar_type(),
                                   "token_logprobs", [&] {
     using acc_t = acc_type<scalar_t>;
-    token_logprobs_forward_kernel<scalar_t><<<n_rows, kThreads, 0, stream>>>(
-        rows.logits.data_ptr<scalar_t>(), rows.offsets.data_ptr<int64_t>(),
-        rows.targets.data_ptr<int64_t>(), vocab, rows.ignore_index,
-        static_cast<acc_t>(1.0 / rows.temperature), logprobs.data_ptr<acc_t>(),
-        entropy.defined() ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>());
+    const auto launch = [&](auto kernel) {
+      kernel<<<n_rows, kThreads, 0, stream>>>(
+          rows.logits.data_ptr<scalar_t>(), rows.offsets.data_ptr<int64_t>(),
+          rows.targets.data_ptr<int64_t>(), vocab, rows.ignore_index,
+          static_cast<acc_t>(1.0 / rows.temperature), logprobs.data_ptr<acc_t>(),
+          entropy.defined() ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>());
+    };
+    if (entropy.defined()) {
+      launch(token_logprobs_forward_kernel<scalar_t, true>);
+    } else {
+      launch(token_logprobs_forward_kernel<scalar_t, false>);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -277,13 +322,20 @@ void backward_kernel(const TokenLogprobsRows& rows, const at::Tensor& grad_logpr
     const int64_t chunks = backward_chunks<scalar_t>(vocab);
     check_grid(n_rows, chunks);
     const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(chunks));
-    token_logprobs_backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        rows.logits.data_ptr<scalar_t>(), rows.offsets.data_ptr<int64_t>(),
-        dlogits.data_ptr<scalar_t>(), out_offsets.data_ptr<int64_t>(),
-        rows.targets.data_ptr<int64_t>(), vocab, rows.ignore_index,
-        static_cast<acc_t>(1.0 / rows.temperature), grad_logprobs.data_ptr<acc_t>(),
-        grad_entropy.defined() ? grad_entropy.data_ptr<acc_t>() : nullptr,
-        lse.data_ptr<acc_t>(), entropy.defined() ? entropy.data_ptr<acc_t>() : nullptr);
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(
+          rows.logits.data_ptr<scalar_t>(), rows.offsets.data_ptr<int64_t>(),
+          dlogits.data_ptr<scalar_t>(), out_offsets.data_ptr<int64_t>(),
+          rows.targets.data_ptr<int64_t>(), vocab, rows.ignore_index,
+          static_cast<acc_t>(1.0 / rows.temperature), grad_logprobs.data_ptr<acc_t>(),
+          grad_entropy.defined() ? grad_entropy.data_ptr<acc_t>() : nullptr,
+          lse.data_ptr<acc_t>(), entropy.defined() ? entropy.data_ptr<acc_t>() : nullptr);
+    };
+    if (grad_entropy.defined()) {
+      launch(token_logprobs_backward_kernel<scalar_t, true>);
+    } else {
+      launch(token_logprobs_backward_kernel<scalar_t, false>);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

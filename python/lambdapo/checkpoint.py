@@ -1,28 +1,148 @@
 """Checkpoints without pickle: model and tokenizer in transformers format (safetensors),
-optimizer tensors and RNG states in safetensors files, everything else in JSON.
+optimizer tensors and RNG states in safetensors files, everything else in JSON, and a
+``manifest.json`` with the size and SHA-256 of every file, checked before a checkpoint is
+loaded.
 
 A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to
 ``checkpoints/step-N`` only once complete; ``checkpoints/latest`` (a one-line file,
-replaced atomically) then names it. A save killed half-way leaves the previous latest
-checkpoint untouched and only a ``.tmp-*`` folder behind, removed by the next save.
+replaced atomically) then names it. Re-saving an existing step renames the old folder
+aside (``.old-step-N``) before the new one is renamed in, and deletes it only after
+``latest`` is updated: a kill at any point leaves ``latest`` naming a complete checkpoint
+(between the two renames, the one put aside, which the next save renames back). Stale
+``.tmp-*`` folders are removed by the next save.
+
+The run directory is locked (``flock`` on ``output_dir/.lock``) while a trainer uses it,
+so a second run on the same ``output_dir`` stops with an error; the operating system drops
+the lock when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .config import LambdapoWarning
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
+_STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or damaged; the message names the
+    checkpoint folder and the file."""
+
+
+class RunDirectoryLocked(RuntimeError):
+    """Another process is training into the same ``output_dir``."""
+
+
+# ------------------------------------------------------------------------------- lock
+def lock_run_dir(run_dir: Path) -> IO[str]:
+    """Takes an exclusive, non-blocking ``flock`` on ``run_dir/.lock`` and writes this
+    process's id into it. Keep the returned file open for as long as the run lasts; closing
+    it (or the process ending, even by ``kill -9``) releases the lock.
+
+    Raises:
+        RunDirectoryLocked: another process holds the lock (the message names its pid).
+    """
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        advice = ("close the Trainer that uses it first" if holder == str(os.getpid()) else
+                  "wait for it to finish or choose another output_dir")
+        raise RunDirectoryLocked(f"output_dir {run_dir} is in use by another lambdapo run "
+                                 f"(pid {holder}); {advice}") from None
+    except OSError as exc:   # a file system without locks (some network mounts)
+        warnings.warn(f"output_dir {run_dir} cannot be locked ({exc.strerror}): a second run "
+                      f"on it would not be detected", LambdapoWarning, stacklevel=2)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+# --------------------------------------------------------------------------- manifest
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Records the size and SHA-256 of every file of the checkpoint in ``folder``."""
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
+                                                 "sha256": _sha256(p)}
+             for p in _checkpoint_files(folder)}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"format": 1, "step": step,
+                                                    "files": files}, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Checks every file of the checkpoint in ``folder`` against its manifest (present,
+    same size, same SHA-256). A checkpoint without a manifest (written by lambdapo before
+    manifests existed) is loaded unverified, with a warning.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the missing, truncated or changed file.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.exists():
+        if not (folder / STATE_FILE).exists():
+            raise CheckpointError(f"checkpoint {folder}: not a lambdapo checkpoint (no "
+                                  f"{MANIFEST_FILE} and no {STATE_FILE})")
+        warnings.warn(f"checkpoint {folder} has no {MANIFEST_FILE} (written by an older "
+                      f"lambdapo): its files cannot be verified", LambdapoWarning, stacklevel=2)
+        return
+    try:
+        files = json.loads(path.read_text())["files"]
+        entries = [(name, int(entry["bytes"]), str(entry["sha256"]))
+                   for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST_FILE} is damaged "
+                              f"({type(exc).__name__}: {exc})") from None
+    for name, size, sha in entries:
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {folder}: {name} is missing")
+        actual = file.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint {folder}: {name} has {actual} bytes, "
+                                  f"{size} were written (truncated or replaced)")
+        if _sha256(file) != sha:
+            raise CheckpointError(f"checkpoint {folder}: {name} has changed since it was "
+                                  f"written (SHA-256 mismatch: damaged on disk or edited)")
+
+
+# ------------------------------------------------------------------------------- save
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -53,14 +173,62 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer,
-                    optimizer: torch.optim.Optimizer, scheduler, rng: dict[str, torch.Tensor],
-                    state: dict) -> Path:
-    """Writes checkpoint ``step`` atomically and points ``latest`` at it."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+def _fsync_dir(folder: Path) -> None:
+    """Makes renames inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover(root: Path) -> None:
+    """Finishes what a killed save left: drops ``.tmp-*`` folders; an ``.old-step-N`` is
+    deleted when ``step-N`` made it into place, else renamed back to ``step-N``."""
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-step-*"):
+        final = root / old.name.removeprefix(".old-")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
+
+
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in root.iterdir():
+        match = _STEP_FOLDER.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Deletes all but the ``keep_last`` highest-numbered ``step-N`` folders in ``root``
+    (0: keep all); never the one ``latest`` names. Returns the deleted folders."""
+    if keep_last <= 0:
+        return []
+    latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    folders = _step_folders(root)
+    doomed = [path for _, path in folders[:-keep_last] if path.name != latest]
+    for path in doomed:
+        # Renamed first: a kill mid-delete leaves a .tmp-* folder (removed by the next
+        # save), never a step-N folder with files missing.
+        trash = root / f".tmp-pruned-{path.name}"
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+    return doomed
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer,
+                    optimizer: torch.optim.Optimizer, scheduler, rng: dict[str, torch.Tensor],
+                    state: dict, keep_last: int = 0) -> Path:
+    """Writes checkpoint ``step`` (with its manifest) atomically, points ``latest`` at it,
+    then keeps only the ``keep_last`` newest checkpoints (0: all). Returns its folder."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    _recover(root)
     tmp = root / f".tmp-step-{step}"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -71,64 +239,138 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer,
                   "scheduler": {"last_epoch": scheduler.last_epoch,
                                 "_step_count": scheduler._step_count}}
     (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+    write_manifest(tmp, step)
     _fsync_tree(tmp)
     final = root / f"step-{step}"
+    old = root / f".old-step-{step}"
     if final.exists():
-        shutil.rmtree(final)
+        os.rename(final, old)
     os.rename(tmp, final)
+    _fsync_dir(root)
     pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
+    with open(pointer, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
+    prune_checkpoints(root, keep_last)
     return final
 
 
+# ------------------------------------------------------------------------------- load
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, a run directory (its latest checkpoint) or its checkpoints/."""
+    """A checkpoint folder, a run directory (its latest checkpoint) or its checkpoints/.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: ``latest`` names a checkpoint that does not exist.
+    """
     path = Path(path)
     for root in (path / "checkpoints", path):
-        if (root / "latest").exists():
-            return root / (root / "latest").read_text().strip()
+        pointer = root / "latest"
+        if pointer.exists():
+            name = pointer.read_text().strip()
+            if (root / name).is_dir():
+                return root / name
+            # Killed between renaming the old folder aside and the new one in: the old
+            # one is complete (the next save renames it back).
+            if (root / f".old-{name}").is_dir():
+                return root / f".old-{name}"
+            raise CheckpointError(f"{pointer} names {name!r}, which does not exist in "
+                                  f"{root}")
     if (path / STATE_FILE).exists():
         return path
-    raise FileNotFoundError(f"--resume {path}: no checkpoint there (no checkpoints/latest "
+    for root in (path / "checkpoints", path):
+        # Killed between the first checkpoint's rename and writing latest: a step-N folder
+        # exists only once complete.
+        if root.is_dir() and _step_folders(root):
+            return _step_folders(root)[-1][1]
+    if (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{path}: checkpoints/ has no 'latest' (the run stopped "
+                                f"before its first checkpoint; see save_every)")
+    raise FileNotFoundError(f"{path}: no checkpoint there (no checkpoints/latest "
                             f"and no {STATE_FILE})")
+
+
+def _damaged(folder: Path, name: str, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {folder}: {name} is damaged "
+                           f"({type(exc).__name__}: {exc})")
 
 
 def load_checkpoint(folder: Path, *, optimizer: torch.optim.Optimizer, scheduler,
                     device: torch.device) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restores optimizer and scheduler; returns (trainer state, RNG tensors). The model
-    weights are loaded by the caller from the same folder (transformers format)."""
-    state = json.loads((folder / STATE_FILE).read_text())
-    tensors = load_file(str(folder / OPTIMIZER_FILE), device=str(device))
-    _load_optimizer(optimizer, tensors, state["optimizer"])
-    scheduler.last_epoch = state["scheduler"]["last_epoch"]
-    scheduler._step_count = state["scheduler"]["_step_count"]
+    weights are loaded by the caller from the same folder (transformers format).
+
+    Raises:
+        CheckpointError: a file is missing or cannot be read (naming it).
+    """
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        meta = state["optimizer"]
+        step, schedule = int(state["step"]), state["scheduler"]
+        last_epoch, step_count = int(schedule["last_epoch"]), int(schedule["_step_count"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _damaged(folder, STATE_FILE, exc) from None
+    state["step"] = step
+    try:
+        tensors = load_file(str(folder / OPTIMIZER_FILE), device=str(device))
+    except (OSError, SafetensorError) as exc:
+        raise _damaged(folder, OPTIMIZER_FILE, exc) from None
+    try:
+        _load_optimizer(optimizer, tensors, meta)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {folder}: its optimizer state does not fit this "
+                              f"model ({exc})") from None
+    scheduler.last_epoch = last_epoch
+    scheduler._step_count = step_count
     # The optimizer's groups hold the current learning rates; the scheduler reports them.
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return state, load_file(str(folder / RNG_FILE))
+    try:
+        rng = load_file(str(folder / RNG_FILE))
+    except (OSError, SafetensorError) as exc:
+        raise _damaged(folder, RNG_FILE, exc) from None
+    return state, rng
 
 
 def load_weights_into(model, folder: Path) -> None:
-    """Copies the checkpoint's safetensors weights into ``model`` (same architecture)."""
+    """Copies the checkpoint's safetensors weights into ``model`` (same architecture).
+
+    Raises:
+        CheckpointError: a weight file cannot be read, or weights are missing.
+    """
     from safetensors import safe_open
 
+    folder = Path(folder)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     files = sorted(folder.glob("*.safetensors"))
     files = [f for f in files if f.name not in (OPTIMIZER_FILE, RNG_FILE)]
+    if not files:
+        raise CheckpointError(f"checkpoint {folder}: no model weights (*.safetensors)")
     seen = set()
     with torch.no_grad():
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    target = params.get(name, buffers.get(name))
-                    if target is None:
-                        continue
-                    target.copy_(f.get_tensor(name))
-                    seen.add(name)
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        target = params.get(name, buffers.get(name))
+                        if target is None:
+                            continue
+                        target.copy_(f.get_tensor(name))
+                        seen.add(name)
+            except (OSError, SafetensorError) as exc:
+                raise _damaged(folder, file.name, exc) from None
+            except RuntimeError as exc:   # a shape that differs from the model's
+                raise CheckpointError(f"checkpoint {folder}: {file.name} does not fit the "
+                                      f"model ({exc})") from None
     missing = [n for n in params if n not in seen and not _tied(model, n)]
     if missing:
-        raise ValueError(f"checkpoint {folder} lacks weights {missing[:5]}")
+        raise CheckpointError(f"checkpoint {folder} lacks weights {missing[:5]}")
 
 
 def _tied(model, name: str) -> bool:

@@ -1,24 +1,36 @@
 """``lambdapo`` command line: train, eval, compare.
 
-    lambdapo train [--config FILE] [--resume [PATH]] [section.field=value ...]
+    lambdapo train [--config FILE] [--resume [PATH]] [--allow-config-change]
+                   [section.field=value ...]
     lambdapo eval --model PATH [--dataset NAME_OR_FILE] [section.field=value ...]
-    lambdapo compare [--seeds N] [--estimators a,b,...] [section.field=value ...]
+    lambdapo compare [--seeds N] [--methods a,b,...] [--baseline NAME] [--jobs N]
+                     [--method NAME:key=value,...] [section.field=value ...]
 
-``lambdapo train --help`` lists every config field with its default.
+``lambdapo train --help`` lists every config field with its default. The working
+directory is importable (searched after the installed packages), so reward modules there
+work as ``reward.functions=module:function``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from . import config as config_lib
+from .checkpoint import RunDirectoryLocked
+from .compare import DEFAULT_BASELINE, DEFAULT_METHODS, METHODS
 from .rewards import RewardError
 from .rollout import RolloutEngineError
+
+# ``section.field=value``: what --resume's optional argument is taken for when it looks so.
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,23 +42,40 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a policy (defaults: the built-in task and "
                                          "model)", **common)
     train.add_argument("--config", help="YAML file with any of the fields below")
-    train.add_argument("--resume", nargs="?", const="auto",
+    train.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                        help="continue from a checkpoint (a checkpoint folder or a run "
-                            "directory; alone: output_dir's latest)")
+                            "directory; alone, or followed by section.field=value: "
+                            "output_dir's latest)")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume even when the config differs from the checkpoint's in "
+                            "fields that change the experiment (model, data, sampling, "
+                            "algorithm, rewards, optimizer, seed)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="section.field=value")
     ev = sub.add_parser("eval", help="held-out accuracy (pass@1 and mean@k) of a model",
                         **common)
-    ev.add_argument("--model", required=True, help="model folder or builtin:tiny-arithmetic")
+    ev.add_argument("--model", required=True,
+                    help="model folder, checkpoint folder, training run folder (its latest "
+                         "checkpoint) or builtin:tiny-arithmetic")
     ev.add_argument("--dataset", help="held-out data (sets data.eval_dataset; default: the "
                                       "built-in arithmetic eval split)")
     ev.add_argument("--config", help="YAML file")
     ev.add_argument("overrides", nargs="*", metavar="section.field=value")
-    cmp = sub.add_parser("compare", help="the same budget with several advantage estimators "
-                                         "and seeds: a table and a PNG", **common)
-    cmp.add_argument("--config", help="YAML file")
-    cmp.add_argument("--seeds", type=int, default=3)
-    cmp.add_argument("--estimators", default="lambdapo,grpo,dr_grpo,rloo")
+    cmp = sub.add_parser("compare", help="several methods at the same budget over several "
+                                         "seeds: statistics, a table and a PNG", **common)
+    cmp.add_argument("--config", help="YAML file (the base of every method)")
+    cmp.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per method; runs "
+                     "already in --output are reused, so raising N extends a comparison")
+    cmp.add_argument("--methods", "--estimators", dest="methods",
+                     default=",".join(DEFAULT_METHODS),
+                     help=f"comma-separated method names; built in: {', '.join(METHODS)}")
+    cmp.add_argument("--method", action="append", default=[], metavar="NAME:key=value,...",
+                     help="define a method by its overrides (repeatable); list it in --methods "
+                          "or it is appended")
+    cmp.add_argument("--baseline", default=DEFAULT_BASELINE,
+                     help="method the paired differences are taken against")
+    cmp.add_argument("--jobs", type=int, default=0,
+                     help="training processes at a time, one torch thread each (0: one per core)")
     cmp.add_argument("--output", default="runs/compare", help="folder for the runs and report")
     cmp.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser
@@ -62,19 +91,52 @@ def cmd_train(args) -> int:
     from .trainer import Trainer
 
     config = config_lib.load_config(args.config, args.overrides)
-    with Trainer(config, resume=args.resume, progress=not args.quiet) as trainer:
+    with Trainer(config, resume=args.resume, progress=not args.quiet,
+                 allow_config_change=args.allow_config_change) as trainer:
         summary = trainer.train()
     print(_summary_line(summary))
     print(f"outputs: {config.output_dir}")
     return 0
 
 
+def eval_model_folder(path: str) -> str:
+    """``lambdapo eval --model``: a run folder (or its checkpoints/) becomes its latest
+    checkpoint; a checkpoint is verified against its manifest; a model folder or
+    ``builtin:NAME`` is used as it is.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or is a run folder without checkpoints.
+        ValueError: ``path`` is neither a model folder nor a run folder, or a checkpoint
+            is damaged.
+    """
+    from . import checkpoint as ckpt
+
+    if path.startswith("builtin:"):
+        return path
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"--model {path}: does not exist")
+    if (folder / "checkpoints").is_dir() or (folder / "latest").is_file():
+        folder = ckpt.find_checkpoint(folder)
+    if folder.is_dir() and (folder / ckpt.STATE_FILE).exists():
+        ckpt.verify_checkpoint(folder)
+        return str(folder)
+    if folder.is_dir() and not (folder / "config.json").exists():
+        raise ValueError(f"--model {path}: expected a model folder (with config.json), a "
+                         f"checkpoint folder (checkpoints/step-N) or a training run folder "
+                         f"(with checkpoints/latest)")
+    return str(folder)
+
+
 def cmd_eval(args) -> int:
     from .trainer import Trainer
 
+    model = eval_model_folder(args.model)
+    if model != args.model:
+        print(f"lambdapo eval: model {model}", file=sys.stderr)
     # The trainer writes its config into output_dir: a scratch folder, not a run's.
     with tempfile.TemporaryDirectory(prefix="lambdapo-eval-") as scratch:
-        overrides = list(args.overrides) + [f"model.path={args.model}", "steps=1",
+        overrides = list(args.overrides) + [f"model.path={model}", "steps=1",
                                              f"output_dir={scratch}"]
         if args.dataset:
             overrides.append(f"data.eval_dataset={args.dataset}")
@@ -90,7 +152,7 @@ def cmd_eval(args) -> int:
             sampled = trainer.evaluate()
     k = config.eval_samples
     temperature = config.rollout.temperature if config.eval_temperature < 0 else config.eval_temperature
-    result = {"model": args.model, "engine": trainer.engine.name,
+    result = {"model": model, "engine": trainer.engine.name,
               "prompts": len(trainer.eval_rows),
               "pass@1_greedy": pass1.accuracy, f"mean@{k}": sampled.accuracy,
               "temperature": temperature, "mean_reward": sampled.reward,
@@ -100,20 +162,55 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_comparison
+    from .compare import parse_method, run_comparison
 
-    run_comparison(args.config, args.overrides, estimators=args.estimators.split(","),
-                   seeds=args.seeds, output=Path(args.output))
+    custom = dict(parse_method(text) for text in args.method)
+    methods = [m for m in args.methods.split(",") if m]
+    methods += [name for name in custom if name not in methods]
+    run_comparison(args.config, args.overrides, methods=methods, seeds=args.seeds,
+                   output=Path(args.output), baseline=args.baseline, jobs=args.jobs or None,
+                   custom_methods=custom)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. ``--resume`` takes an optional path; a following
+    ``section.field=value`` is an override, not the path (``--resume steps=12`` resumes
+    output_dir's latest checkpoint with steps=12)."""
     args = _parser().parse_args(argv)
+    if getattr(args, "resume", None) and _OVERRIDE.match(args.resume):
+        args.overrides = [args.resume] + args.overrides
+        args.resume = "auto"
+    return args
+
+
+def _importable_working_directory() -> None:
+    """Reward functions given as ``module:function`` may live in the working directory
+    (``python -m`` would find them there). It is searched last, so a file there never
+    shadows an installed package."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _importable_working_directory()
+    shown_as = warnings.formatwarning
+
+    def one_line(message, category, *args, **kwargs) -> str:
+        if issubclass(category, config_lib.LambdapoWarning):
+            return f"lambdapo: warning: {message}\n"
+        return shown_as(message, category, *args, **kwargs)
+    warnings.formatwarning = one_line
     try:
         return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
-    except (ValueError, FileNotFoundError, RewardError, RolloutEngineError) as exc:
+    except (ValueError, FileNotFoundError, RewardError, RolloutEngineError,
+            RunDirectoryLocked) as exc:
         print(f"lambdapo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown_as
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ import yaml
 BUILTIN_MODEL = "builtin:tiny-arithmetic"
 
 
+class LambdapoWarning(UserWarning):
+    """Something a user should know about a run that does not stop it (the command line
+    prints these on one line)."""
+
+
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help},
@@ -28,7 +33,8 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or builtin:tiny-arithmetic")
+    path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or "
+                                  "builtin:tiny-arithmetic | builtin:tiny-chain")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (autocast over fp32 master "
                                "weights)")
     attn_implementation: str = _f(
@@ -39,8 +45,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("arithmetic", "arithmetic (built-in) | a .jsonl/.json/.parquet file | a "
-                                    "Hugging Face dataset name or local dataset folder")
+    dataset: str = _f("arithmetic", "arithmetic | chain (built-in tasks) | reasoning_gym:<task> "
+                                    "(pip install reasoning-gym) | a .jsonl/.json/.parquet "
+                                    "file | a Hugging Face dataset name or local dataset folder")
     train_split: str = _f("train", "split of a Hugging Face dataset used for training")
     eval_dataset: str = _f("", "held-out data (same forms; empty: the built-in eval split, "
                                "or the 'test' split of a Hugging Face dataset)")
@@ -125,6 +132,12 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    keep_last: int = _f(0, "keep only the N newest checkpoints/step-* folders (0: all); the "
+                           "one checkpoints/latest names is never deleted")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,20 +145,20 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     steps: int = _f(200, "training steps (one rollout batch each)")
     prompts_per_step: int = _f(16, "prompts per step (each sampled group_size times)")
     micro_batch_size: int = _f(64, "sequences per forward/backward (gradient accumulation)")
     eval_samples: int = _f(4, "samples per held-out prompt (accuracy = mean over them)")
     eval_temperature: float = _f(-1.0, "held-out sampling temperature (< 0: rollout's; 0: "
                                        "greedy)")
-    eval_every: int = _f(0, "also evaluate every N steps (0: before and after only)")
+    eval_every: int = _f(50, "also evaluate every N steps (0: before and after only)")
     save_every: int = _f(0, "checkpoint every N steps (0: at the end only)")
     output_dir: str = _f("runs/lambdapo", "run directory (metrics, plots, checkpoints)")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    threads: int = _f(0, "CPU threads for torch (0: 1 for models under 50M parameters on "
-                                "the CPU, where more threads only add overhead; else torch's "
-                                "default)")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default, one per core, the "
+                         "fastest on an idle machine even for the built-in model)")
     log_samples: int = _f(2, "completions written to samples.jsonl per step")
 
 
@@ -227,13 +240,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     of the wrong type, and for invalid choices (see :func:`validate`)."""
     config = TrainConfig()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = _read_yaml(Path(path))
         if not isinstance(data, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level")
         _apply(config, data)
     _apply(config, parse_overrides(overrides or []))
     validate(config)
     return config
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed file; ValueError naming the file (and line) when it cannot be read."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise ValueError(f"config file {path}{where}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path}: YAML syntax error: {exc}") from None
 
 
 _CHOICES = {
@@ -289,11 +319,70 @@ def validate(config: TrainConfig) -> None:
     for key in ("algorithm.clip_low", "algorithm.clip_high", "algorithm.kl_coef",
                 "reward.lambda_sd", "optim.weight_decay", "optim.max_grad_norm", "optim.lr",
                 "optim.warmup_steps", "rollout.max_model_len", "rollout.kv_cache_gb",
-                "eval_every", "save_every", "threads", "log_samples"):
+                "eval_every", "save_every", "threads", "log_samples", "checkpoint.keep_last"):
         if get(config, key) < 0:
             raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
     if len(config.optim.betas) != 2:
         raise ValueError(f"config optim.betas: expected two numbers, got {config.optim.betas}")
+    _check_model_path(config.model.path)
+
+
+def _check_model_path(path: str) -> None:
+    """A model.path that exists must be a model folder (a missing one is reported when the
+    model loads)."""
+    folder = Path(path)
+    if folder.is_file():
+        raise ValueError(f"config model.path: {path} is a file; expected a model folder in "
+                         f"transformers format (config.json, tokenizer files, *.safetensors)"
+                         f" or {BUILTIN_MODEL}")
+    if folder.is_dir() and not (folder / "config.json").exists():
+        hint = (" (a training run's folder: use its checkpoints/latest, e.g. "
+                "lambdapo eval --model RUN_DIR)" if (folder / "checkpoints").is_dir() else "")
+        raise ValueError(f"config model.path: {path} has no config.json; expected a model "
+                         f"folder in transformers format{hint}")
+
+
+# Fields that a resumed run may change (with a warning): how long it runs, how often it
+# evaluates, saves and logs, where and how it computes. Any other change (model, data,
+# sampling, algorithm, rewards, optimizer, seed, batch shape) would make the rest of the
+# run a different experiment from the checkpoint's, so it is an error unless allowed.
+RESUMABLE_CHANGES = (
+    "steps", "eval_every", "save_every", "eval_samples", "eval_temperature", "output_dir",
+    "device", "threads", "log_samples", "micro_batch_size", "checkpoint.", "data.eval_dataset",
+    "data.eval_split", "data.num_eval", "data.max_prompt_tokens", "rollout.engine",
+    "rollout.gpu_memory_utilization", "rollout.kv_cache_gb", "rollout.max_model_len",
+    "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error")
+
+
+def _flatten(tree: dict) -> dict:
+    """``{"rollout": {"group_size": 8}, "steps": 2}`` -> ``{"rollout.group_size": 8,
+    "steps": 2}`` (only the config's sections are opened, not dict-valued fields)."""
+    defaults = TrainConfig()
+    sections = {f.name for f in dataclasses.fields(defaults)
+                if dataclasses.is_dataclass(getattr(defaults, f.name))}
+    flat = {}
+    for key, value in tree.items():
+        if key in sections and isinstance(value, dict):
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Compares a checkpoint's config with the current one (both as :func:`to_dict`
+    gives them). Returns (breaking, harmless) changes as ``key: old -> new`` lines; keys
+    only one side has (another lambdapo version) are not compared."""
+    before, after = _flatten(saved), _flatten(current)
+    breaking, harmless = [], []
+    for key in after:
+        if key not in before or before[key] == after[key] or key == "output_dir":
+            continue
+        line = f"{key}: {before[key]!r} -> {after[key]!r}"
+        allowed = any(key == name or (name.endswith(".") and key.startswith(name))
+                      for name in RESUMABLE_CHANGES)
+        (harmless if allowed else breaking).append(line)
+    return breaking, harmless
 
 
 def to_dict(config: TrainConfig) -> dict:
@@ -320,5 +409,6 @@ def help_lines(node: Any = None, prefix: str = "") -> list[str]:
 
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
-           "RewardConfig", "OptimConfig", "load_config", "save_config", "parse_overrides",
-           "validate", "help_lines", "to_dict", "BUILTIN_MODEL"]
+           "RewardConfig", "OptimConfig", "CheckpointConfig", "load_config", "save_config",
+           "parse_overrides", "validate", "help_lines", "to_dict", "config_changes",
+           "LambdapoWarning", "BUILTIN_MODEL"]

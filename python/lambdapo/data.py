@@ -1,8 +1,8 @@
-"""Prompt datasets: the built-in ``arithmetic`` task, JSONL/JSON/Parquet files, and Hugging
-Face datasets (by local folder or name, when ``datasets`` is installed and the data is
-cached or reachable). Every row becomes ``{"prompt", "answer", "solution", **other columns}``
-with the configured field names mapped; a malformed row is an error naming the file and
-row."""
+"""Prompt datasets: the built-in tasks (``lambdapo.tasks.TASKS``), reasoning-gym tasks
+(``reasoning_gym:<task>``), JSONL/JSON/Parquet files, and Hugging Face datasets (by local
+folder or name, when ``datasets`` is installed and the data is cached or reachable). Every
+row becomes ``{"prompt", "answer", "solution", **other columns}`` with the configured field
+names mapped; a malformed row is an error naming the file and row."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig
+from .tasks import TASKS, reasoning_gym_source
 
 
 class DataError(ValueError):
@@ -104,11 +105,19 @@ def normalize_rows(rows: list[Any], where: str, config: DataConfig) -> list[dict
 def load_split(config: DataConfig, which: str, seed: int) -> list[dict]:
     """Rows of the train (``which="train"``) or held-out (``"eval"``) data."""
     source = config.dataset if which == "train" else (config.eval_dataset or config.dataset)
-    if source == "arithmetic":
-        from .tasks import arithmetic
+    if source in TASKS:
         count = config.num_train if which == "train" else config.num_eval
-        rows = arithmetic.generate(which, count, seed=seed)
-        return normalize_rows(rows, f"arithmetic[{which}]", _builtin_fields(config))
+        rows = TASKS[source].generate(which, count, seed=seed)
+        return normalize_rows(rows, f"{source}[{which}]", _builtin_fields(config))
+    if source.startswith(reasoning_gym_source.PREFIX):
+        count = config.num_train if which == "train" else config.num_eval
+        try:
+            rows = reasoning_gym_source.generate(
+                source.removeprefix(reasoning_gym_source.PREFIX), which, count, seed=seed,
+                num_train=config.num_train if config.dataset == source else 0)
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+        return normalize_rows(rows, f"{source}[{which}]", _builtin_fields(config))
     if which == "eval" and not config.eval_dataset and Path(source).is_file():
         raise DataError(f"data.eval_dataset is needed for held-out accuracy with a data file "
                         f"({source})")
@@ -119,7 +128,7 @@ def load_split(config: DataConfig, which: str, seed: int) -> list[dict]:
 
 
 def _builtin_fields(config: DataConfig) -> DataConfig:
-    # The built-in task has its own column names; only the template applies.
+    # The built-in tasks have their own column names; only the template applies.
     return DataConfig(prompt_template=config.prompt_template)
 
 

@@ -7,22 +7,44 @@ import json
 from pathlib import Path
 
 
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the rows of a per-step JSONL file (``metrics.jsonl``, ``samples.jsonl``) with
+    ``step <= last_step``: a resumed run then appends each later step exactly once, and a
+    fresh run (``last_step=0``) starts the file empty. A row cut short by a kill is
+    dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and \
+                row["step"] <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricsWriter:
     """Appends step metrics to ``metrics.jsonl`` and TensorBoard (``tensorboard/``).
-    A resumed run first drops rows after its checkpoint, so the file stays one row per
-    step."""
+    A run that starts at ``last_step`` (0: a fresh run) first drops the rows and events of
+    later steps (those of a run it resumes, or of an earlier run in the same folder), so
+    each step appears once."""
 
-    def __init__(self, run_dir: Path, *, resume: bool, last_step: int | None = None):
+    def __init__(self, run_dir: Path, *, last_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
-        if not resume and self.path.exists():
-            self.path.unlink()
-        if resume and last_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= last_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl(self.path, last_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        events = run_dir / "tensorboard"
+        if last_step == 0:
+            for old in events.glob("events.out.tfevents.*"):
+                old.unlink()
+        # purge_step: TensorBoard discards the earlier files' events from this step on.
+        self.tb = SummaryWriter(str(events), purge_step=last_step + 1 if last_step else None)
 
     def write(self, metrics: dict) -> None:
         with self.path.open("a") as f:
@@ -33,6 +55,9 @@ class MetricsWriter:
         for key, value in values.items():
             self.tb.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        self.tb.flush()
+
     def close(self) -> None:
         self.tb.close()
 
@@ -42,24 +67,56 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def plot_curves(history: list[dict], eval_history: list[dict], path: Path) -> None:
-    """Training reward and accuracy per step, held-out accuracy at its evaluations."""
+def ema(values: list[float], span: float) -> list[float]:
+    """Exponential moving average with weight ``2 / (span + 1)`` on the newest value,
+    started at the first value."""
+    alpha = 2.0 / (span + 1.0)
+    out, current = [], None
+    for value in values:
+        current = value if current is None else alpha * value + (1 - alpha) * current
+        out.append(current)
+    return out
+
+
+def plot_curves(history: list[dict], eval_history: list[dict], path: Path,
+                title: str = "") -> None:
+    """Two panels: the training reward and accuracy per step (raw values faint, their
+    moving average solid) and the held-out accuracy at each evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [m["step"] for m in history]
-    axes[0].plot(steps, [m["reward"] for m in history], label="reward")
-    axes[0].plot(steps, [m["accuracy"] for m in history], label="train accuracy")
-    axes[0].set_xlabel("step")
-    axes[0].legend()
-    axes[1].plot([e["step"] for e in eval_history], [e["accuracy"] for e in eval_history],
-                 marker="o", label="held-out accuracy")
-    axes[1].set_xlabel("step")
-    axes[1].set_ylim(0, 1)
-    axes[1].legend()
+    span = max(1, round(len(history) / 10))
+    for key, label, color in (("reward", "reward", "tab:blue"),
+                              ("accuracy", "training accuracy", "tab:orange")):
+        values = [m[key] for m in history]
+        train_ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        train_ax.plot(steps, ema(values, span), color=color, linewidth=2,
+                      label=f"{label} (EMA, span {span})" if span > 1 else label)
+    train_ax.set_title("Training batches (faint: per step)")
+    train_ax.set_xlabel("step")
+    train_ax.set_ylabel("mean over the step's samples")
+    train_ax.grid(alpha=0.3)
+    train_ax.legend(loc="lower right")
+    eval_steps = [e["step"] for e in eval_history]
+    accuracy = [e["accuracy"] for e in eval_history]
+    eval_ax.plot(eval_steps, accuracy, marker="o", color="tab:green", label="held-out accuracy")
+    for x, y in zip(eval_steps, accuracy):
+        eval_ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 7),
+                         ha="center", fontsize=8)
+    eval_ax.set_title("Held-out accuracy")
+    eval_ax.set_xlabel("step")
+    eval_ax.set_ylabel("accuracy (math_verify, mean over samples)")
+    eval_ax.set_ylim(0, 1.05)
+    if steps:
+        eval_ax.set_xlim(train_ax.get_xlim())
+    eval_ax.grid(alpha=0.3)
+    eval_ax.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

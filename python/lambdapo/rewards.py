@@ -130,22 +130,31 @@ class MathVerifyReward:
     def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
         if "answer" not in columns:
             raise KeyError("math_verify needs the dataset's 'answer' column")
+        # Sampled groups repeat completions (about half of a batch on the built-in task):
+        # each distinct (final answer text, gold answer) is parsed and verified once.
+        known: dict[tuple[str, str], float] = {}
         scores = []
         for completion, answer in zip(completions, columns["answer"]):
             text = final_answer_text(completion, self.marker)
             if text is None:
                 scores.append(0.0)
                 continue
-            try:
-                predicted = self._parse(text if not self.marker else f"\\boxed{{{text}}}")
-                with time_limit(self.timeout_s):
-                    ok = bool(predicted) and self._mv.verify(self._gold(str(answer)), predicted,
-                                                             timeout_seconds=None)
-            except TimeoutError:
-                self.timeouts += 1
-                ok = False
-            scores.append(1.0 if ok else 0.0)
+            key = (text, str(answer))
+            if key not in known:
+                known[key] = self._score(text, key[1])
+            scores.append(known[key])
         return scores
+
+    def _score(self, text: str, answer: str) -> float:
+        try:
+            predicted = self._parse(text if not self.marker else f"\\boxed{{{text}}}")
+            with time_limit(self.timeout_s):
+                ok = bool(predicted) and self._mv.verify(self._gold(answer), predicted,
+                                                         timeout_seconds=None)
+        except TimeoutError:
+            self.timeouts += 1
+            ok = False
+        return 1.0 if ok else 0.0
 
 
 class SemanticDensityReward:

@@ -156,13 +156,13 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
-        expanded = [ids for ids in prompt_ids for _ in range(params.n)]
         completions, logprobs, finished = [], [], []
         was_training = self.model.training
         self.model.eval()
+        per_batch = max(1, self.batch_size // params.n)   # whole groups per batch
         try:
-            for start in range(0, len(expanded), self.batch_size):
-                c, lp, f = self._generate_batch(expanded[start:start + self.batch_size], params)
+            for start in range(0, len(prompt_ids), per_batch):
+                c, lp, f = self._generate_batch(prompt_ids[start:start + per_batch], params)
                 completions += c
                 logprobs += lp
                 finished += f
@@ -171,47 +171,70 @@ class TransformersEngine:
         return Rollout(completions, logprobs, finished)
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams):
+        """Samples ``params.n`` responses for each of ``prompts``: the prompts are run once
+        (prefill) and their cache repeated, then rows p*n .. p*n+n-1 decode prompt p."""
         device = self.generator.device
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        # Left padding: every row's next token is at the same column.
-        input_ids = torch.full((batch, longest), self.pad, dtype=torch.long, device=device)
-        attention = torch.zeros((batch, longest), dtype=torch.long, device=device)
+        longest, batch = max(len(p) for p in prompts), len(prompts) * params.n
+        width = longest + params.max_new_tokens
+        # Left padding: every row's next token is at the same column. The attention mask is
+        # allocated for the whole generation once and filled column by column.
+        input_ids = torch.tensor([[self.pad] * (longest - len(p)) + p for p in prompts])
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, ids in enumerate(prompts):
-            input_ids[i, longest - len(ids):] = torch.tensor(ids, device=device)
-            attention[i, longest - len(ids):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        tokens = torch.empty((batch, params.max_new_tokens), dtype=torch.long, device=device)
+            attention[i, longest - len(ids):longest] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention[:, :longest].cumsum(-1) - 1).clamp(min=0)
+        tokens = torch.full((batch, params.max_new_tokens), self.pad, dtype=torch.long,
+                            device=device)
         token_logprobs = torch.zeros((batch, params.max_new_tokens), device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.full((batch,), params.max_new_tokens, dtype=torch.long, device=device)
+        # Rows still decoding, in the order of the cache's rows: finished rows leave the
+        # batch (and the cache) instead of being computed until the longest one ends.
+        active = torch.arange(batch, device=device)
         with autocast_context(device, self.autocast_dtype):
-            out = self.model(input_ids=input_ids, attention_mask=attention,
+            out = self.model(input_ids=input_ids, attention_mask=attention[:, :longest],
                              position_ids=positions, use_cache=True, logits_to_keep=1)
-        steps = 0
+        cache = _cache_of(out)
+        logits = out.logits[:, -1]
+        if params.n > 1:
+            cache.batch_repeat_interleave(params.n)
+            logits = logits.repeat_interleave(params.n, dim=0)
+            attention = attention.repeat_interleave(params.n, dim=0)
+            positions = positions.repeat_interleave(params.n, dim=0)
+        next_position = positions[:, -1:] + 1
         for t in range(params.max_new_tokens):
-            logits = out.logits[:, -1]
+            if t:
+                logits = out.logits[:, -1]
             if params.temperature == 0:
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 next_token = logp.argmax(-1)
             else:
                 logp = process_logits(logits, params)
                 next_token = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
-            next_token = torch.where(done, self.pad, next_token)
-            tokens[:, t] = next_token
-            token_logprobs[:, t] = logp.gather(-1, next_token.unsqueeze(-1)).squeeze(-1)
-            just_ended = ~done & (next_token == self.eos)
-            lengths = torch.where(just_ended, t + 1, lengths)
-            done |= just_ended
-            steps = t + 1
-            if bool(done.all()) or t + 1 == params.max_new_tokens:
+            tokens[active, t] = next_token
+            token_logprobs[active, t] = logp.gather(-1, next_token.unsqueeze(-1)).squeeze(-1)
+            if t + 1 == params.max_new_tokens:
                 break
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+            ended = next_token == self.eos
+            if bool(ended.any()):
+                lengths[active[ended]] = t + 1
+                keep = (~ended).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                active, next_token = active[keep], next_token[keep]
+                attention, next_position = attention[keep], next_position[keep]
+                cache.batch_select_indices(keep)
+            attention[:, longest + t] = 1
             with autocast_context(device, self.autocast_dtype):
-                out = self.model(input_ids=next_token.unsqueeze(-1), attention_mask=attention,
-                                 position_ids=positions, use_cache=True,
-                                 **{self._cache_arg: _cache_of(out)})
-        tokens, token_logprobs = tokens[:, :steps].tolist(), token_logprobs[:, :steps].tolist()
-        lengths, done = lengths.clamp(max=steps).tolist(), done.tolist()
+                out = self.model(input_ids=next_token.unsqueeze(-1),
+                                 attention_mask=attention[:, :longest + t + 1],
+                                 position_ids=next_position, use_cache=True, logits_to_keep=1,
+                                 **{self._cache_arg: cache})
+            cache = _cache_of(out)
+            next_position = next_position + 1
+        finished = (lengths < params.max_new_tokens) | \
+            (tokens.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == self.eos)
+        lengths, finished = lengths.tolist(), finished.tolist()
+        tokens, token_logprobs = tokens.tolist(), token_logprobs.tolist()
         return ([row[:n] for row, n in zip(tokens, lengths)],
-                [row[:n] for row, n in zip(token_logprobs, lengths)], done)
+                [row[:n] for row, n in zip(token_logprobs, lengths)], finished)

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +24,13 @@ import torch
 
 from . import advantages as adv_lib
 from . import checkpoint as ckpt
-from .config import TrainConfig, save_config, to_dict
+from .config import LambdapoWarning, TrainConfig, config_changes, save_config, to_dict
 from .data import PromptSampler, load_split
 from .loss import BatchTotals, policy_loss, rollout_is_weights
 from .policy import (autocast_dtype, build_batch, load_policy, pick_device,
                      resolve_model_path, response_logprobs)
 from .rewards import MathVerifyReward, RewardManager
 from .rollout import SamplingParams, build_engine
-
-
-# Below this size, CPU ops are too small for intra-op threads to pay for their overhead.
-SMALL_MODEL_PARAMS = 50_000_000
 
 
 @dataclass
@@ -44,14 +41,22 @@ class EvalResult:
 
 
 class Trainer:
-    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it."""
+    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it.
+
+    ``resume``: a checkpoint folder or run directory to continue from (``"auto"``:
+    ``output_dir``'s latest checkpoint). A resumed run whose config differs from the
+    checkpoint's in a field outside :data:`lambdapo.config.RESUMABLE_CHANGES` raises
+    ValueError unless ``allow_config_change``; the other differences are warned about.
+    The trainer holds a lock on ``output_dir`` until :meth:`close`
+    (:class:`lambdapo.checkpoint.RunDirectoryLocked` if another run holds it)."""
 
     def __init__(self, config: TrainConfig, *, resume: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, allow_config_change: bool = False):
         self.config = config
         self.progress = progress
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.lock_run_dir(self.run_dir).close()   # fail fast when another run holds it
         if config.threads:
             torch.set_num_threads(config.threads)
         random.seed(config.seed)
@@ -59,9 +64,6 @@ class Trainer:
         self.device = pick_device(config.device)
         self.autocast = autocast_dtype(config.model)
         self.model, self.tokenizer = load_policy(config.model, self.device)
-        if not config.threads and self.device.type == "cpu" and \
-                sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS:
-            torch.set_num_threads(1)
         self.model.train()
         self.ref_model = None
         if config.algorithm.kl_coef > 0:
@@ -88,10 +90,20 @@ class Trainer:
         self.elapsed_before = 0.0
         self.engine = build_engine(config, self.model, self.tokenizer,
                                    resolve_model_path(config.model.path))
-        if resume:
-            self._resume(resume)
-            self.engine.sync_weights()
-        save_config(config, self.run_dir / "config.yaml")
+        # Locked before the first write into output_dir; released here if __init__ fails.
+        self._lock = ckpt.lock_run_dir(self.run_dir)
+        try:
+            if resume:
+                self._resume(resume, allow_config_change)
+                self.engine.sync_weights()
+            elif (self.run_dir / "checkpoints" / "latest").exists():
+                warnings.warn(f"output_dir {self.run_dir} holds an earlier run's checkpoints; "
+                              f"this run starts over and replaces them as it saves (--resume "
+                              f"continues that run instead)", LambdapoWarning, stacklevel=2)
+            save_config(config, self.run_dir / "config.yaml")
+        except BaseException:
+            self._lock.close()
+            raise
         self._prompt_cache: dict[str, list[int]] = {}
         self._solution_cache: dict[str, list[int]] = {}
 
@@ -188,25 +200,34 @@ class Trainer:
 
         seq_prompts = [ids for ids in prompt_ids for _ in range(g)]
         responses = rollout.completion_ids
-        old_lp, entropy, ref_lp = self._behaviour_logprobs(seq_prompts, responses)
-        mask = torch.zeros_like(old_lp, dtype=torch.bool)
-        engine_lp = torch.zeros_like(old_lp)
-        for i, (r, lp) in enumerate(zip(responses, rollout.logprobs)):
-            mask[i, :len(r)] = True
-            engine_lp[i, :len(r)] = torch.tensor(lp)
-        is_weights, mismatch = rollout_is_weights(old_lp, engine_lp, mask,
-                                                  level=algo.rollout_is, cap=algo.rollout_is_cap)
-        scores = adv_lib.sequence_scores(old_lp, mask.float(), algo.lambda_score)
-        rewards_t = torch.tensor(total, dtype=torch.float32).view(-1, g)
-        advantages = adv_lib.compute_advantages(rewards_t, scores.view(-1, g).cpu(), algo).view(-1)
+        mask, engine_lp = _response_tensors(responses, rollout.logprobs, self.device)
+        fused = self._behaviour_from_update()
+        if fused:
+            # pi_old is the training forward's own (detached) log-probs; the scores need
+            # them before it, and the engine's are the same numbers (see
+            # _behaviour_from_update), so they serve.
+            old_lp = ref_lp = is_weights = entropy = None
+            mismatch = {}
+            scores = adv_lib.sequence_scores(engine_lp, mask.float(), algo.lambda_score)
+        else:
+            old_lp, entropy, ref_lp = self._behaviour_logprobs(seq_prompts, responses)
+            is_weights, mismatch = rollout_is_weights(old_lp, engine_lp, mask,
+                                                      level=algo.rollout_is,
+                                                      cap=algo.rollout_is_cap)
+            scores = adv_lib.sequence_scores(old_lp, mask.float(), algo.lambda_score)
+        rewards_t = torch.tensor(total, dtype=torch.float32, device=self.device).view(-1, g)
+        advantages = adv_lib.compute_advantages(rewards_t, scores.view(-1, g), algo).view(-1)
 
         t1 = time.perf_counter()
         update = self._update(seq_prompts, responses, old_lp, ref_lp, advantages, mask,
-                              is_weights)
+                              is_weights, engine_lp)
+        if fused:
+            entropy = update.pop("entropy_tensor")
+            mismatch = update.pop("mismatch")
         self.engine.sync_weights()
         self.step += 1
         tokens = rollout.num_tokens
-        n_tok = max(int(mask.sum()), 1)
+        n_tok = max(tokens, 1)
         metrics = {
             "step": self.step,
             "reward": sum(total) / len(total),
@@ -224,6 +245,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": tokens / max(gen_time, 1e-9),
             "gen_time": gen_time,
+            "middle_time": t1 - t0 - gen_time,
             "train_time": time.perf_counter() - t1,
             "step_time": time.perf_counter() - t0,
         }
@@ -231,6 +253,19 @@ class Trainer:
             metrics["reward_errors"] = sum(self.rewards.errors.values())
         self._log_samples(rows[0]["prompt"], texts[:cfg.log_samples], total[:cfg.log_samples])
         return metrics
+
+    def _behaviour_from_update(self) -> bool:
+        """Whether pi_old can be the training forward's detached log-probs (no forward of
+        its own): one PPO epoch of one mini-batch (on-policy, as TRL does without vLLM), and
+        the scores, which are needed before that forward, either unused or computable from
+        the engine's log-probs because those equal the trainer's: the transformers engine
+        runs the same fp32 model on the unprocessed distribution (no top-k / top-p)."""
+        cfg, algo = self.config, self.config.algorithm
+        if algo.ppo_epochs != 1 or algo.mini_batches != 1:
+            return False
+        engine_exact = (self.engine.name == "transformers" and self.autocast is None
+                        and cfg.rollout.top_k == 0 and cfg.rollout.top_p == 1.0)
+        return engine_exact or algo.adv_estimator != "lambdapo"
 
     @torch.no_grad()
     def _behaviour_logprobs(self, prompts, responses):
@@ -252,18 +287,29 @@ class Trainer:
         ref = torch.cat(chunks_ref) if chunks_ref else None
         return torch.cat(chunks_lp), torch.cat(chunks_h), ref
 
-    def _update(self, prompts, responses, old_lp, ref_lp, advantages, mask,
-                is_weights) -> dict:
+    def _update(self, prompts, responses, old_lp, ref_lp, advantages, mask, is_weights,
+                engine_lp) -> dict:
+        """PPO-clip passes over the batch. ``old_lp`` None: pi_old is each micro-batch's own
+        detached log-probs (see _behaviour_from_update); the rollout-correction weights and
+        the reference's log-probs are then computed per micro-batch, and the result also
+        holds ``entropy_tensor`` [B, T] and the ``mismatch`` metrics."""
         cfg, algo = self.config, self.config.algorithm
         sums = {"clipped": 0.0, "ratio": 0.0, "tokens": 0.0, "kl": 0.0}
         losses, grad_norms = [], []
         count = len(responses)
+        fused = old_lp is None
+        if fused:
+            seen_lp, seen_h = torch.zeros_like(engine_lp), torch.zeros_like(engine_lp)
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         for _ in range(algo.ppo_epochs):
             order = torch.randperm(count, generator=self.shuffle).tolist()
             for part in range(algo.mini_batches):
                 mini = order[part * count // algo.mini_batches:(part + 1) * count // algo.mini_batches]
                 if not mini:
                     continue
+                # Micro-batches of similar lengths pad little (the loss is a sum of shares,
+                # so their order does not change it).
+                mini.sort(key=lambda i: lengths[i])
                 totals = BatchTotals(tokens=int(mask[mini].sum()), sequences=len(mini),
                                      max_new_tokens=cfg.rollout.max_new_tokens)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -272,19 +318,33 @@ class Trainer:
                     idx = mini[start:start + cfg.micro_batch_size]
                     batch = build_batch([prompts[i] for i in idx], [responses[i] for i in idx],
                                         self.pad, self.device)
-                    lp, _ = response_logprobs(self.model, batch, cfg.rollout.temperature,
+                    lp, h = response_logprobs(self.model, batch, cfg.rollout.temperature,
                                               autocast=self.autocast)
                     width = lp.shape[1]
-                    index = torch.tensor(idx)
+                    index = torch.tensor(idx, device=self.device)
+                    micro_mask = mask[index, :width]
+                    if fused:
+                        old = lp.detach()
+                        seen_lp[index, :width] = old
+                        seen_h[index, :width] = h.detach()
+                        weights, _ = rollout_is_weights(old, engine_lp[index, :width],
+                                                        micro_mask, level=algo.rollout_is,
+                                                        cap=algo.rollout_is_cap)
+                        ref = None
+                        if self.ref_model is not None:
+                            with torch.no_grad():
+                                ref, _ = response_logprobs(self.ref_model, batch,
+                                                           cfg.rollout.temperature,
+                                                           autocast=self.autocast)
+                    else:
+                        old = old_lp[index, :width]
+                        weights = None if is_weights is None else is_weights[index, :width]
+                        ref = None if ref_lp is None else ref_lp[index, :width]
                     loss, m = policy_loss(
-                        lp, old_lp[index, :width].to(self.device),
-                        advantages[index].to(self.device), mask[index, :width].to(self.device),
+                        lp, old, advantages[index], micro_mask,
                         clip_low=algo.clip_low, clip_high=algo.clip_high,
-                        agg_mode=algo.loss_agg_mode, totals=totals,
-                        ref_logprobs=None if ref_lp is None else ref_lp[index, :width].to(self.device),
-                        kl_coef=algo.kl_coef,
-                        is_weights=None if is_weights is None else
-                        is_weights[index, :width].to(self.device))
+                        agg_mode=algo.loss_agg_mode, totals=totals, ref_logprobs=ref,
+                        kl_coef=algo.kl_coef, is_weights=weights)
                     loss.backward()
                     mini_loss += float(loss.detach())
                     for k, v in m.items():
@@ -304,6 +364,11 @@ class Trainer:
                "clip_frac": sums["clipped"] / tokens, "ratio": sums["ratio"] / tokens}
         if algo.kl_coef > 0:
             out["kl"] = sums["kl"] / tokens
+        if fused:
+            _, out["mismatch"] = rollout_is_weights(seen_lp, engine_lp, mask,
+                                                    level=algo.rollout_is,
+                                                    cap=algo.rollout_is_cap)
+            out["entropy_tensor"] = seen_h
         return out
 
     # ----------------------------------------------------------------------------- outputs
@@ -323,13 +388,23 @@ class Trainer:
                "torch": torch.get_rng_state()}
         return ckpt.save_checkpoint(self.run_dir, self.step, model=self.model,
                                     tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, rng=rng, state=state)
+                                    scheduler=self.scheduler, rng=rng, state=state,
+                                    keep_last=self.config.checkpoint.keep_last)
 
-    def _resume(self, where: str) -> None:
+    def _resume(self, where: str, allow_config_change: bool = False) -> None:
         folder = ckpt.find_checkpoint(self.run_dir if where == "auto" else where)
-        ckpt.load_weights_into(self.model, folder)
+        ckpt.verify_checkpoint(folder)
         state, rng = ckpt.load_checkpoint(folder, optimizer=self.optimizer,
                                           scheduler=self.scheduler, device=self.device)
+        breaking, harmless = config_changes(state.get("config", {}), to_dict(self.config))
+        if breaking and not allow_config_change:
+            raise ValueError(f"--resume {folder}: the config differs from the checkpoint's "
+                             f"in {'; '.join(breaking)}. Undo the change, start a new run "
+                             f"(another output_dir), or allow it (--allow-config-change)")
+        if breaking or harmless:
+            warnings.warn(f"resuming {folder} with a changed config: "
+                          f"{'; '.join(breaking + harmless)}", LambdapoWarning, stacklevel=3)
+        ckpt.load_weights_into(self.model, folder)
         self.step = int(state["step"])
         self.sampler.load_state(state["sampler"])
         self.history = state["history"]
@@ -346,11 +421,12 @@ class Trainer:
         """Runs the remaining steps; returns a summary (accuracy before/after, time)."""
         from tqdm.auto import tqdm
 
-        from .metrics import MetricsWriter, plot_curves
+        from .metrics import MetricsWriter, plot_curves, truncate_jsonl
 
         cfg = self.config
         self._start = time.perf_counter()
-        writer = MetricsWriter(self.run_dir, resume=self.step > 0, last_step=self.step)
+        writer = MetricsWriter(self.run_dir, last_step=self.step)
+        truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         if not self.eval_history:
             before = self.evaluate()
             self.eval_history.append({"step": 0, "accuracy": before.accuracy,
@@ -371,6 +447,7 @@ class Trainer:
                 writer.scalars({"eval/accuracy": result.accuracy,
                                 "eval/reward": result.reward}, self.step)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                writer.flush()   # the events up to a checkpoint survive a kill after it
                 self.save()
         bar.close()
         after = self.evaluate()
@@ -382,22 +459,38 @@ class Trainer:
         summary = {"engine": self.engine.name,
                    "accuracy_before": self.eval_history[0]["accuracy"],
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
-                   "eval_samples": after.samples}
+                   "eval_samples": after.samples, "eval_history": self.eval_history}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_curves(self.history, self.eval_history, self.run_dir / "curves.png")
+        plot_curves(self.history, self.eval_history, self.run_dir / "curves.png",
+                    title=f"{self.run_dir} (adv_estimator={cfg.algorithm.adv_estimator}, "
+                          f"seed {cfg.seed})")
         writer.close()
         return summary
 
 
     def close(self) -> None:
-        """Shuts the rollout engine down (a vLLM engine holds memory until then)."""
+        """Shuts the rollout engine down (a vLLM engine holds memory until then) and
+        releases the lock on ``output_dir``."""
         self.engine.close()
+        self._lock.close()
 
     def __enter__(self) -> "Trainer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _response_tensors(responses: list[list[int]], logprobs: list[list[float]],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, T] bool, engine log-probs [B, T] float32, 0 off the response) from the
+    rollout's rows, T the longest response (>= 1), built in one host-to-device copy."""
+    width = max(max((len(r) for r in responses), default=1), 1)
+    padded = [row + [0.0] * (width - len(row)) for row in logprobs]
+    lengths = torch.tensor([len(r) for r in responses])
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    return (mask.to(device, non_blocking=True),
+            torch.tensor(padded, dtype=torch.float32).to(device, non_blocking=True))
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:

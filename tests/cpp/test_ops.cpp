@@ -25,8 +25,8 @@ at::Tensor lambda_advantages(const at::Tensor& rewards, const at::Tensor& scores
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                          const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&, double,
-                                         c10::string_view, double)>();
-  return op.call(rewards, scores, mask, group_ids, beta, normalize, 1e-6);
+                                         c10::string_view, double, bool)>();
+  return op.call(rewards, scores, mask, group_ids, beta, normalize, 1e-6, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs(const at::Tensor& logits,
@@ -34,8 +34,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs(const at::Tensor& 
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lambdapo::token_logprobs_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, double, int64_t, bool, bool)>();
-  return op.call(logits, targets, 1.0, -100, true, false);
+                           const at::Tensor&, const at::Tensor&, double, int64_t, bool, bool,
+                           bool)>();
+  return op.call(logits, targets, 1.0, -100, true, false, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidden,
@@ -45,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs(const at::T
                        .findSchemaOrThrow("lambdapo::linear_token_logprobs_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const at::Tensor&, double, int64_t, bool, int64_t)>();
-  return op.call(hidden, weight, std::nullopt, targets, 1.0, -100, true, 3);
+                           const at::Tensor&, double, int64_t, bool, int64_t, int64_t, bool)>();
+  return op.call(hidden, weight, std::nullopt, targets, 1.0, -100, true, 3, 256, true);
 }
 
 }  // namespace
@@ -89,7 +90,7 @@ int main() {
   expect(at::allclose(entropy, -(log_p.exp() * log_p).sum(-1), 1e-5, 1e-5),
          "entropy from the same pass");
 
-  // linear_token_logprobs in chunks of 3 rows equals the full matmul.
+  // linear_token_logprobs in tiles of 3 rows x 256 vocabulary entries equals the full matmul.
   const at::Tensor hidden = at::randn({7, 16});
   const at::Tensor weight = at::randn({1000, 16});
   const at::Tensor linear_targets = at::randint(0, 1000, {7});
@@ -108,10 +109,10 @@ int main() {
                            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, int64_t)>();
+                               const at::Tensor&, int64_t, bool)>();
   const auto [matches, cand_counts, ref_counts] =
       overlap.call(cand_values, zero, at::full({1}, 4, at::kLong), ref_values, zero,
-                   at::full({1}, 3, at::kLong), ref_index, 2);
+                   at::full({1}, 3, at::kLong), ref_index, 2, true);
   expect(matches[0][0].item<int64_t>() == 2 && matches[0][1].item<int64_t>() == 1 &&
              cand_counts[0][1].item<int64_t>() == 3 && ref_counts[0][1].item<int64_t>() == 2,
          "ngram_overlap clipped counts");
@@ -119,9 +120,9 @@ int main() {
                        .findSchemaOrThrow("lambdapo::lcs_length", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&)>();
+                                         const at::Tensor&, bool)>();
   expect(lcs.call(cand_values, zero, at::full({1}, 4, at::kLong), ref_values, zero,
-                  at::full({1}, 3, at::kLong), ref_index)[0].item<int64_t>() == 2,
+                  at::full({1}, 3, at::kLong), ref_index, true)[0].item<int64_t>() == 2,
          "lcs_length");
 
   std::printf("%d failed\n", failures);

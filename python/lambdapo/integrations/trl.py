@@ -89,7 +89,7 @@ def check_lambda_settings(args) -> None:
                          f"{args.semantic_density_metric!r}")
 
 
-class SemanticDensityReward:
+class SemanticDensityTextReward:
     """TRL reward function: ``lambdapo_ext.semantic_density`` of each completion's token ids
     against its reference solution, the dataset column ``solution_column`` tokenized with
     ``tokenizer`` (completions of one prompt share one reference).
@@ -157,7 +157,7 @@ class LambdaPOTrainer(GRPOTrainer):
         if weight > 0:
             funcs = [] if reward_funcs is None else (
                 list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
-            self._semantic_density = SemanticDensityReward(
+            self._semantic_density = SemanticDensityTextReward(
                 solution_column=args.solution_column, metric=args.semantic_density_metric,
                 max_n=args.semantic_density_max_n)
             weights = args.reward_weights or [1.0] * len(funcs)

@@ -36,6 +36,8 @@ from typing import Any
 
 SPLITS = ("train", "eval")
 OPS = ("+", "-")
+# Every character a prompt or solution can hold, plus a space for hand-typed prompts.
+CHARS = " ()+,-=0123456789\\{}bdeox"
 DEFAULT_DIFFICULTY: dict[str, Any] = {"min_digits": 2, "max_digits": 3, "ops": "+-"}
 MAX_DIGITS = 9
 # About 1 problem in EVAL_EVERY goes to the eval split.

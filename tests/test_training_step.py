@@ -1,0 +1,126 @@
+"""The fast training step: pi_old from the training forward (no separate forward) gives the
+update of the separate-forward path; the decode loop that drops finished rows samples what
+row-by-row decoding samples; math-verify scores each distinct completion once."""
+
+import pytest
+import torch
+
+from lambdapo import trainer as trainer_lib
+from lambdapo.config import load_config
+from lambdapo.policy import build_batch, load_policy, response_logprobs
+from lambdapo.rewards import MathVerifyReward
+from lambdapo.rollout import SamplingParams, TransformersEngine
+from lambdapo.tasks import arithmetic
+from lambdapo.trainer import Trainer
+
+
+def builtin_overrides(run_dir, **extra):
+    base = {"prompts_per_step": 4, "rollout.group_size": 4, "rollout.max_new_tokens": 40,
+            "micro_batch_size": 5, "output_dir": run_dir, "device": "cpu", "threads": 1,
+            "data.num_train": 64, "data.num_eval": 4, "optim.lr": 1e-3}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    model, tok = load_policy(load_config(None, []).model, torch.device("cpu"))
+    return model, tok
+
+
+def one_step(tmp_path, name, fused: bool, monkeypatch, **extra):
+    extra = {"optim.lr": 0.0, **extra}
+    monkeypatch.setattr(trainer_lib.Trainer, "_behaviour_from_update",
+                        lambda self: fused)
+    trainer = Trainer(load_config(None, builtin_overrides(tmp_path / name, **extra)),
+                      progress=False)
+    metrics = trainer.train_step()
+    # lr 0 keeps the weights; the gradient of the step is left in .grad.
+    return metrics, torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+
+@pytest.mark.parametrize("extra", [{}, {"algorithm.adv_estimator": "grpo"},
+                                   {"algorithm.rollout_is": "sequence"},
+                                   {"algorithm.kl_coef": 0.1}])
+def test_fused_behaviour_logprobs_equal_a_separate_forward(tmp_path, monkeypatch, extra):
+    fused, fused_grads = one_step(tmp_path, "fused", True, monkeypatch, **extra)
+    separate, separate_grads = one_step(tmp_path, "separate", False, monkeypatch, **extra)
+    assert fused["response_length"] == separate["response_length"]   # same samples
+    for key in ("reward", "loss", "grad_norm", "entropy", "score/mean", "advantage/std",
+                "ratio", "clip_frac", "mismatch/abs_mean", "mismatch/abs_max"):
+        assert fused[key] == pytest.approx(separate[key], rel=1e-4, abs=1e-5), key
+    assert fused["mismatch/abs_max"] < 1e-4     # the engine's log-probs are the trainer's
+    if "kl" in separate:
+        assert fused["kl"] == pytest.approx(separate["kl"], abs=1e-6)
+    torch.testing.assert_close(fused_grads, separate_grads, rtol=1e-4, atol=1e-7)
+
+
+def test_behaviour_forward_is_skipped_only_when_its_numbers_are_known(tmp_path):
+    def decide(**extra):
+        trainer = Trainer(load_config(None, builtin_overrides(tmp_path / "decide", **extra)),
+                          progress=False)
+        return trainer._behaviour_from_update()
+
+    assert decide()
+    assert not decide(**{"algorithm.ppo_epochs": 2})
+    assert not decide(**{"algorithm.mini_batches": 2})
+    assert not decide(**{"rollout.top_k": 5})        # scores need the unprocessed log-probs
+    assert not decide(**{"model.dtype": "bfloat16"})
+    assert decide(**{"rollout.top_k": 5, "algorithm.adv_estimator": "grpo"})  # no scores
+
+
+def test_separate_forward_is_not_run_on_the_fast_path(tmp_path, monkeypatch):
+    def forbidden(self, *args):
+        raise AssertionError("the behaviour forward ran")
+    monkeypatch.setattr(trainer_lib.Trainer, "_behaviour_logprobs", forbidden)
+    trainer = Trainer(load_config(None, builtin_overrides(tmp_path / "fast")), progress=False)
+    metrics = trainer.train_step()
+    assert metrics["middle_time"] >= 0 and metrics["ratio"] == pytest.approx(1.0)
+
+
+def test_decode_loop_that_drops_finished_rows_equals_row_by_row(builtin):
+    model, tok = builtin
+    rows = arithmetic.generate("train", 6, seed=3)
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id)
+    params = SamplingParams(n=1, temperature=0, max_new_tokens=40)
+    together = engine.generate(prompts, params)
+    alone = [engine.generate([p], params) for p in prompts]
+    assert together.completion_ids == [a.completion_ids[0] for a in alone]
+    lengths = {len(c) for c in together.completion_ids}
+    assert len(lengths) > 1 and any(together.finished)   # rows did end at different steps
+    for ids, done in zip(together.completion_ids, together.finished):
+        assert done == (ids[-1] == tok.eos_token_id)
+    for a, b in zip(together.logprobs, alone):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b.logprobs[0]), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_sampled_logprobs_of_dropped_rows_are_the_trainers(builtin):
+    model, tok = builtin
+    rows = arithmetic.generate("train", 4, seed=5)
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=2)
+    rollout = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=48))
+    assert any(rollout.finished) and len({len(c) for c in rollout.completion_ids}) > 1
+    seq_prompts = [p for p in prompts for _ in range(4)]
+    batch = build_batch(seq_prompts, rollout.completion_ids, tok.pad_token_id,
+                        torch.device("cpu"))
+    with torch.no_grad():
+        lp, _ = response_logprobs(model, batch, temperature=1.0)
+    for i, sampled in enumerate(rollout.logprobs):
+        torch.testing.assert_close(lp[i, :len(sampled)], torch.tensor(sampled), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_math_verify_scores_each_distinct_completion_once(monkeypatch):
+    reward = MathVerifyReward()
+    calls = []
+    score = reward._score
+    monkeypatch.setattr(reward, "_score", lambda text, answer: calls.append(text) or
+                        score(text, answer))
+    completions = ["1+1=2\\boxed{2}", "1+1=2\\boxed{2}", "\\boxed{3}", "no answer",
+                   "1+1=2\\boxed{2}"]
+    answers = ["2", "2", "2", "2", "3"]
+    assert reward(None, completions, None, answer=answers) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert calls == ["1+1=2\\boxed{2}", "\\boxed{3}", "1+1=2\\boxed{2}"]
