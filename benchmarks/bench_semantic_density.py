@@ -1,7 +1,7 @@
 """Semantic-density ops (ROUGE-1/2 via ngram_overlap, ROUGE-L via the bit-parallel
-lcs_length) vs Google's pure-Python rouge-score (CPU) and vs the vectorized torch
-references in lambdapo_ext.reference (torch.unique n-gram counting, TensorBLEU-style;
-cummax LCS dynamic programme), on CPU and CUDA.
+lcs_length) vs Google's pure-Python rouge-score and the Rust rouge-score-rs (CPU), and vs
+the vectorized torch references in lambdapo_ext.reference (torch.unique n-gram counting,
+TensorBLEU-style; cummax LCS dynamic programme), on CPU and CUDA.
 
     python benchmarks/bench_semantic_density.py --device cpu   # or cuda, all; --quick
 
@@ -9,6 +9,12 @@ Layouts: 1024 candidate/reference pairs of 1024 tokens, and 64 references x 16 c
 (candidates mapped by ref_index, references not copied). Tokens follow a Zipf law over a
 32000-token vocabulary, so overlaps are realistic. rouge-score's ROUGE-L is an O(n m)
 Python loop: it is timed on the first 16 pairs and scaled to the whole batch (marked).
+
+rouge-score-rs (when importable) is called as a user would: text in (the ids written as
+words), `RougeScorer.score_batch` on all cores, its own tokenization included; the time its
+DefaultTokenizer takes alone on the same texts is given as tokenize_ms. On CUDA the CPU op
+(lambdapo_cpu, all cores) runs on the same inputs. The script ends with the targets of
+issue 18 and the measured ratios.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ SIZES = [("pairs", 1024, 1, 1024), ("groups", 64, 16, 1024)]   # layout, refs, c
 QUICK_SIZES = [("pairs", 64, 1, 256), ("groups", 8, 8, 256)]
 ROUGE_L_SAMPLE = 16
 VOCAB = 32000
+# Issue 18: (impl, the impl it is compared with, device, metric, minimum speedup).
+TARGETS = [("lambdapo", "rouge_score_rs", "cpu", "rouge12", 10.0),
+           ("lambdapo", "rouge_score_rs", "cpu", "rougeL", 2.0),
+           ("lambdapo", "lambdapo_cpu", "cuda", "rouge12", 20.0),
+           ("lambdapo", "lambdapo_cpu", "cuda", "rougeL", 20.0),
+           ("lambdapo", "torch_reference", "cuda", "rouge12", 5.0),
+           ("lambdapo", "torch_reference", "cuda", "rougeL", 5.0)]
 
 
 def make_batch(layout: str, refs: int, per_ref: int, tokens: int, device: str):
@@ -63,13 +76,35 @@ def rouge_score_fn(metric: str, cand_lists, ref_lists, ref_index):
     return fn
 
 
+def rouge_score_rs_fn(metric: str, cand_lists, ref_lists, ref_index):
+    """rouge-score-rs on the ids written as text, and its tokenization time alone (ms)."""
+    import rouge_score_rs
+    from rouge_score_rs.tokenizers import DefaultTokenizer
+
+    scorer = rouge_score_rs.RougeScorer(["rouge1", "rouge2"] if metric == "rouge12"
+                                        else ["rougeL"])
+    cands = [" ".join(map(str, c)) for c in cand_lists]
+    refs = [" ".join(map(str, ref_lists[i])) for i in ref_index]
+    tokenizer = DefaultTokenizer()
+    start = time.perf_counter()
+    for text in cands + refs:
+        tokenizer.tokenize(text)
+    tokenize_ms = (time.perf_counter() - start) * 1e3
+    return (lambda: scorer.score_batch(refs, cands)), tokenize_ms
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
 def run(device: str, sizes, repeats: int) -> list[harness.Result]:
     results = []
-    try:
-        import rouge_score  # noqa: F401
-        have_rouge_score = True
-    except ImportError:
-        have_rouge_score = False
+    have_rouge_score = _importable("rouge_score")
+    have_rouge_score_rs = _importable("rouge_score_rs")
     for layout, refs, per_ref, tokens in sizes:
         cand, ref, ref_index, cand_lists, ref_lists, index_list = make_batch(
             layout, refs, per_ref, tokens, device)
@@ -82,6 +117,17 @@ def run(device: str, sizes, repeats: int) -> list[harness.Result]:
                 ours = lambda: lambdapo_ext.rouge_l(cand, ref, ref_index=ref_index)  # noqa: E731
                 torch_ref = lambda: reference.lcs_length(cand, ref, ref_index=ref_index)  # noqa: E731
             results.append(harness.measure(OP, "lambdapo", size, device, ours, repeats=repeats))
+            row = len(results) - 1
+            if device != "cpu":
+                cpu_cand, cpu_ref, cpu_index = (tuple(t.cpu() for t in cand),
+                                                tuple(t.cpu() for t in ref), ref_index.cpu())
+                ours_cpu = ((lambda: lambdapo_ext.rouge_n(cpu_cand, cpu_ref, max_n=2,  # noqa: E731
+                                                          ref_index=cpu_index))
+                            if metric == "rouge12" else
+                            (lambda: lambdapo_ext.rouge_l(cpu_cand, cpu_ref,  # noqa: E731
+                                                          ref_index=cpu_index)))
+                results.append(harness.measure(OP, "lambdapo_cpu", size, "cpu", ours_cpu,
+                                               repeats=repeats))
             results.append(harness.measure(OP, "torch_reference", size, device, torch_ref,
                                            repeats=1 if metric == "rougeL" else repeats,
                                            warmup=1))
@@ -93,9 +139,37 @@ def run(device: str, sizes, repeats: int) -> list[harness.Result]:
             else:
                 fn = rouge_score_fn(metric, cand_lists, ref_lists, index_list)
                 results.append(_time_rouge_score(size, fn, len(cand_lists), metric))
-            for r in results[-3:]:
+            if device != "cpu":
+                results.append(harness.not_run(OP, "rouge_score_rs", size, device, "CPU only"))
+            elif not have_rouge_score_rs:
+                results.append(harness.not_run(OP, "rouge_score_rs", size, device,
+                                               "rouge-score-rs not installed"))
+            else:
+                fn, tokenize_ms = rouge_score_rs_fn(metric, cand_lists, ref_lists, index_list)
+                results.append(harness.measure(OP, "rouge_score_rs", size, device, fn,
+                                               repeats=repeats))
+                results[-1].extra["tokenize_ms"] = round(tokenize_ms, 1)
+            for r in results[row:]:
                 print(f"  {size} {r.impl}: {r.median_ms} ms {r.status}", file=sys.stderr)
+    print_targets(results, device)
     return results
+
+
+def print_targets(results: list[harness.Result], device: str) -> None:
+    """The issue-18 targets for this device with the measured ratio, met or not."""
+    times = {(r.size, r.impl): r.median_ms for r in results if r.median_ms}
+    print(f"targets on {device} (issue 18):")
+    for impl, other, target_device, metric, minimum in TARGETS:
+        if target_device != device:
+            continue
+        for size in sorted({r.size for r in results if r.size.endswith(metric)}):
+            ours, theirs = times.get((size, impl)), times.get((size, other))
+            if ours and theirs:
+                ratio = theirs / ours
+                verdict = f"{ratio:.1f}x, {'met' if ratio >= minimum else 'NOT met'}"
+            else:
+                verdict = "not measured"
+            print(f"  {size}: {impl} >= {minimum:g}x {other}: {verdict}")
 
 
 def _time_rouge_score(size: str, fn, batch: int, metric: str) -> harness.Result:

@@ -257,3 +257,85 @@ def test_cuda_matches_cpu_including_8k_token_sequences():
         gpu = fn(tuple(t.cuda() for t in packed(cands)), tuple(t.cuda() for t in packed(refs)),
                  ref_index.cuda())
         assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))
+
+
+def warp_lcs_emulation(cand, ref):
+    """The CUDA lcs_length algorithm in Python: lane l of a 32-lane warp holds words l, l + 32,
+    ... of the bit-parallel state; per step each lane adds its word, and the carries between
+    lanes come from the lanes' generate / propagate bits as in lane_carries
+    (csrc/sequence_overlap.h), chunk after chunk."""
+    full = (1 << 64) - 1
+    words = (len(ref) + 63) // 64
+    chunks = (words + 31) // 32
+    lanes = 32 * chunks
+    v = [full if w < words else 0 for w in range(lanes)]
+    masks = {}
+    for j, token in enumerate(ref):
+        masks.setdefault(token, [0] * lanes)[j // 64] |= 1 << (j % 64)
+    for token in cand:
+        if token not in masks:
+            continue
+        match = masks[token]
+        carry = 0
+        for c in range(chunks):
+            lane_words = range(32 * c, 32 * c + 32)
+            sums = [v[w] + (v[w] & match[w]) for w in lane_words]
+            generate = sum(1 << i for i, s in enumerate(sums) if s > full)
+            propagate = sum(1 << i for i, s in enumerate(sums) if s == full)
+            a, b = generate | propagate, generate
+            carries = (a + b + carry) ^ a ^ b
+            carry = (carries >> 32) & 1
+            for i, w in enumerate(lane_words):
+                v[w] = (((sums[i] & full) + ((carries >> i) & 1)) & full) | (v[w] & ~match[w] & full)
+    ones = sum(bin(v[w] & ((1 << min(64, len(ref) - 64 * w)) - 1)).count("1")
+               for w in range(words))
+    return len(ref) - ones
+
+
+def test_warp_parallel_carries_give_the_lcs():
+    # Long runs of one token carry across words, lanes and 32-word chunks (2100 tokens: two).
+    cases = [([1] * 2100, [1] * 2100), ([1] * 40 + [2] * 40, [1] * 2100), ([], [3]), ([3], [])]
+    cases += [tuple(p) for p in zip(*random_pairs(6, vocab=4, max_len=700, seed=12))]
+    cases += [tuple(p) for p in zip(*random_pairs(2, vocab=3, max_len=2200, seed=13,
+                                                 long_every=1, long_len=2200))]
+    cands, refs = [list(c) for c, _ in cases], [list(r) for _, r in cases]
+    expected = reference.lcs_length(cands, refs)
+    assert [warp_lcs_emulation(c, r) for c, r in cases] == expected.tolist()
+
+
+def cuda_edge_cases():
+    """Pairs that take every path of the CUDA kernels: empty sequences, lengths around the
+    64-token words and 32-word chunks of the LCS, references past the shared-memory n-gram
+    table (2048 tokens) and past the LCS's registers (8192 tokens), and many candidates per
+    reference, in order and shuffled."""
+    rng = random.Random(14)
+    lengths = [0, 1, 63, 64, 65, 127, 1000, 1024, 1025, 2047, 2048, 2049, 4096, 8192, 8300]
+    refs = [[rng.randrange(6) for _ in range(n)] for n in lengths]
+    cands, ref_index = [], []
+    for r, ref in enumerate(refs):
+        for n in (0, 1, len(ref), 65, 1500, 9000):
+            cands.append([rng.randrange(6) for _ in range(n)])
+            ref_index.append(r)
+    for _ in range(60):                    # a group of 60 candidates on one reference
+        cands.append([rng.randrange(6) for _ in range(rng.randrange(0, 300))])
+        ref_index.append(6)
+    cands.append(list(refs[8]))            # identical pair
+    ref_index.append(8)
+    return cands, refs, torch.tensor(ref_index)
+
+
+@skip_without_cuda("ngram_overlap")
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_cuda_edge_cases_match_cpu(shuffle):
+    cands, refs, ref_index = cuda_edge_cases()
+    if shuffle:
+        perm = torch.randperm(len(cands), generator=torch.Generator().manual_seed(1)).tolist()
+        cands, ref_index = [cands[i] for i in perm], ref_index[perm]
+    cpu_args = (packed(cands), packed(refs))
+    gpu_args = tuple(tuple(t.cuda() for t in a) for a in cpu_args)
+    for max_n in (1, 2, 4, 7):
+        cpu = ngram_overlap(*cpu_args, max_n=max_n, ref_index=ref_index)
+        gpu = ngram_overlap(*gpu_args, max_n=max_n, ref_index=ref_index.cuda())
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu)), f"max_n={max_n}"
+    assert torch.equal(lcs_length(*cpu_args, ref_index=ref_index),
+                       lcs_length(*gpu_args, ref_index=ref_index.cuda()).cpu())

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "sequence_overlap.h"
+#include "token_ids.h"
 
 namespace lambdapo {
 namespace {
@@ -23,144 +24,38 @@ namespace {
 // Longest reference: keeps every id and table slot below 2^32 (see pair_key).
 constexpr int64_t kMaxReferenceTokens = int64_t{1} << 29;
 
-// Open-addressing set of 64-bit keys (never ~0): linear probing at load <= 1/4 without
-// wrap-around (a run of occupied slots is at most max_keys long, so max_keys + 1 slots past
-// the last home keep every probe in bounds). A key's slot index is its dense id.
-class KeySlots {
- public:
-  void reset(int64_t max_keys) {
-    int64_t homes = 16;
-    int shift = 60;
-    while (homes < 4 * max_keys) homes <<= 1, --shift;
-    keys_.assign(homes + max_keys + 1, kEmpty);
-    shift_ = shift;
-  }
-  int64_t capacity() const { return static_cast<int64_t>(keys_.size()); }
-
-  int64_t insert(uint64_t key) {
-    const int64_t slot = settle(key);
-    keys_[slot] = key;
-    return slot;
-  }
-  // The key's slot, or -1.
-  int64_t find(uint64_t key) const {
-    const int64_t slot = settle(key);
-    const int64_t hit = -static_cast<int64_t>(keys_[slot] == key);  // all ones on a hit
-    return slot | ~hit;
-  }
-
- private:
-  static constexpr uint64_t kEmpty = ~uint64_t{0};
-
-  // Fibonacci hashing: the top bits of key * 2^64/phi depend on every bit of the key.
-  int64_t home(uint64_t key) const {
-    return static_cast<int64_t>((key * 0x9E3779B97F4A7C15ull) >> shift_);
-  }
-  // 0 iff the slot holding `stored` holds key or is empty (kEmpty + 1 wraps to 0).
-  static uint64_t other_key(uint64_t stored, uint64_t key) {
-    return std::min(stored ^ key, stored + 1);
-  }
-  // The first slot from the key's home that holds the key or is empty. The two slots at home
-  // settle almost every key, and their test is arithmetic, not a branch per slot.
-  int64_t settle(uint64_t key) const {
-    int64_t slot = home(key);
-    const uint64_t first = other_key(keys_[slot], key);
-    if (C10_LIKELY(std::min(first, other_key(keys_[slot + 1], key)) == 0)) {
-      return slot + (first != 0);
-    }
-    for (slot += 2; other_key(keys_[slot], key) != 0;) ++slot;
-    return slot;
-  }
-
-  std::vector<uint64_t> keys_;
-  int shift_ = 64;
-};
-
-// Dense ids 0..u-1 of the u distinct tokens of one reference: a direct-address array for
-// token ids below kDirectBound (any real vocabulary), a KeySlots table above it (every
-// int64 >= 0 is a valid token id).
-class TokenIds {
- public:
-  static constexpr int64_t kDirectBound = int64_t{1} << 20;
-
-  // ids[i] = id of ref[i]; returns u. ref must stay valid until the next assign, which
-  // clears its entries.
-  int64_t assign(const int64_t* ref, int64_t len, int64_t* ids) {
-    for (int64_t i = 0; i < ref_len_; ++i) {
-      if (ref_[i] < kDirectBound) direct_[ref_[i]] = -1;
-    }
-    ref_ = ref;
-    ref_len_ = len;
-    any_large_ = false;
-    int64_t next = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t token = ref[i];
-      if (C10_UNLIKELY(token >= static_cast<int64_t>(direct_.size()))) {
-        if (token >= kDirectBound) {
-          ids[i] = assign_large(token, next);
-          continue;
-        }
-        direct_.resize(std::min(kDirectBound, std::max<int64_t>(token + 1, 2 * direct_.size())),
-                       -1);
-      }
-      // A new token takes id `next`, without a branch.
-      const int32_t id = direct_[token];
-      const int32_t dense = id < 0 ? static_cast<int32_t>(next) : id;
-      direct_[token] = dense;
-      next += id < 0;
-      ids[i] = dense;
-    }
-    return next;
-  }
-
-  // The token's id, or -1 when the reference lacks it.
-  int64_t find(int64_t token) const {
-    if (C10_LIKELY(token < static_cast<int64_t>(direct_.size()))) return direct_[token];
-    if (token < kDirectBound || !any_large_) return -1;
-    const int64_t slot = large_.find(static_cast<uint64_t>(token));
-    return slot < 0 ? -1 : large_ids_[slot];
-  }
-
- private:
-  int64_t assign_large(int64_t token, int64_t& next) {
-    if (!any_large_) {
-      large_.reset(ref_len_);
-      large_ids_.assign(large_.capacity(), -1);
-      any_large_ = true;
-    }
-    int32_t& id = large_ids_[large_.insert(static_cast<uint64_t>(token))];
-    if (id < 0) id = static_cast<int32_t>(next++);
-    return id;
-  }
-
-  std::vector<int32_t> direct_;  // token -> id, -1 when absent
-  KeySlots large_;
-  std::vector<int32_t> large_ids_;  // slot of large_ -> id, -1 when empty
-  const int64_t* ref_ = nullptr;
-  int64_t ref_len_ = 0;
-  bool any_large_ = false;
-};
-
 // The n-gram ids of one reference for n = 1..max_n and their counts, probed by candidates.
 class ReferenceGrams {
  public:
   void build(const int64_t* ref, int64_t len, int64_t max_n) {
     levels_ = std::min(max_n, len);
     tables_.resize(max_n - 1);
+    ref_slots_.resize(max_n - 1);
     ref_counts_.resize(max_n);
     unigram_ids_.resize(len);
-    gram_ids_.resize(len);
     const int64_t distinct = tokens_.assign(ref, len, unigram_ids_.data());
-    count_ids(unigram_ids_.data(), len, distinct, ref_counts_[0]);
-    std::copy(unigram_ids_.begin(), unigram_ids_.end(), gram_ids_.begin());
+    ref_counts_[0].assign(2 * (kMissSlots + distinct), 0);
+    count_ids(unigram_ids_.data(), len, ref_counts_[0]);
+    const int64_t* prefix_ids = unigram_ids_.data();
     for (int64_t n = 2; n <= levels_; ++n) {
+      // The last reference built at this order left its n-grams in `slots`: they are cleared
+      // slot by slot, so that a table sized for 4x the n-grams costs O(n-grams) per
+      // reference, not O(table). (Orders past levels_ keep theirs until they are built.)
       const int64_t count = len - n + 1;
       KeySlots& table = tables_[n - 2];
-      table.reset(count);
-      for (int64_t i = 0; i < count; ++i) {
-        gram_ids_[i] = table.insert(pair_key(gram_ids_[i], unigram_ids_[i + n - 1]));
+      std::vector<int64_t>& slots = ref_slots_[n - 2];
+      std::vector<int32_t>& counts = ref_counts_[n - 1];
+      if (table.reset(count, slots.data(), static_cast<int64_t>(slots.size()))) {
+        counts.assign(2 * (kMissSlots + table.capacity()), 0);
+      } else {
+        for (const int64_t slot : slots) counts[2 * (kMissSlots + slot)] = 0;
       }
-      count_ids(gram_ids_.data(), count, table.capacity(), ref_counts_[n - 1]);
+      slots.resize(count);
+      for (int64_t i = 0; i < count; ++i) {
+        slots[i] = table.insert(pair_key(prefix_ids[i], unigram_ids_[i + n - 1]));
+      }
+      count_ids(slots.data(), count, counts);
+      prefix_ids = slots.data();
     }
   }
 
@@ -207,38 +102,43 @@ class ReferenceGrams {
     return static_cast<uint64_t>(prefix) << 32 | static_cast<uint64_t>(last);
   }
 
-  // counts[kMissSlots + id] = occurrences of id among ids[0:len], id in [0, num_ids).
-  static void count_ids(const int64_t* ids, int64_t len, int64_t num_ids,
-                        std::vector<int32_t>& counts) {
-    counts.assign(kMissSlots + num_ids, 0);
-    for (int64_t i = 0; i < len; ++i) ++counts[kMissSlots + ids[i]];
+  // Adds the occurrences of ids[0:len] to counts[2 * (kMissSlots + id)]; the entry after
+  // each count is use_up's count of it used (0 between candidates), in the same cache line.
+  static void count_ids(const int64_t* ids, int64_t len, std::vector<int32_t>& counts) {
+    for (int64_t i = 0; i < len; ++i) ++counts[2 * (kMissSlots + ids[i])];
   }
 
-  // How many of ids[0:len] (-1 for a miss) find an occurrence left in a copy of ref_counts.
-  // Misses take the zero counters in turn, so that consecutive misses do not wait on each
-  // other's store and nothing branches on hit or miss.
-  int64_t use_up(const int64_t* ids, int64_t len, const std::vector<int32_t>& ref_counts) {
-    remaining_.assign(ref_counts.begin(), ref_counts.end());
-    int32_t* remaining = remaining_.data();
+  // Counter of ids[i] (-1 for a miss): misses take the zero counters in turn, so that
+  // consecutive misses do not wait on each other's store and nothing branches on hit or miss.
+  static int64_t counter_of(const int64_t* ids, int64_t i) {
+    const int64_t miss = ids[i] >> 63;  // all ones for -1
+    return 2 * (((kMissSlots + ids[i]) & ~miss) | (i & (kMissSlots - 1) & miss));
+  }
+
+  // How many of ids[0:len] find an occurrence in the reference not used by an earlier one.
+  // The used counts go back to 0 afterwards, touching only this candidate's counters (a
+  // copy of the whole count array per candidate cost more than the lookups).
+  static int64_t use_up(const int64_t* ids, int64_t len, std::vector<int32_t>& ref_counts) {
+    int32_t* counts = ref_counts.data();
     int64_t matches = 0;
     for (int64_t i = 0; i < len; ++i) {
-      const int64_t miss = ids[i] >> 63;  // all ones for -1
-      const int64_t counter = ((kMissSlots + ids[i]) & ~miss) | (i & (kMissSlots - 1) & miss);
-      const int32_t available = remaining[counter] > 0;
+      int32_t* counter = counts + counter_of(ids, i);
+      const int32_t available = counter[1] < counter[0];
       matches += available;
-      remaining[counter] -= available;
+      counter[1] += available;
     }
+    for (int64_t i = 0; i < len; ++i) counts[counter_of(ids, i) + 1] = 0;
     return matches;
   }
 
   int64_t levels_ = 0;  // orders n with at least one n-gram in the reference
   TokenIds tokens_;
   std::vector<KeySlots> tables_;                  // tables_[n-2]: the n-grams, n >= 2
+  std::vector<std::vector<int64_t>> ref_slots_;   // ref_slots_[n-2]: slots of ref n-grams
   std::vector<std::vector<int32_t>> ref_counts_;  // ref_counts_[n-1]: see count_ids
   std::vector<int64_t> unigram_ids_, gram_ids_;   // by position in the sequence at hand
   std::vector<uint64_t> lookup_keys_;             // the candidate n-grams looked up,
   std::vector<int64_t> lookup_positions_, lookup_ids_;  // their positions and ids
-  std::vector<int32_t> remaining_;                // use_up's copy of ref_counts
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
@@ -264,15 +164,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
                       " has ", rl[task.ref], " tokens; at most 2^29 are supported");
   }
   int64_t* out = matches.data_ptr<int64_t>();
-  at::parallel_for(0, static_cast<int64_t>(tasks.tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    ReferenceGrams grams;
-    for (int64_t t = t0; t < t1; ++t) {
-      const CandidateTask& task = tasks.tasks[t];
-      grams.build(rv + rs[task.ref], rl[task.ref], max_n);
-      for (int64_t k = task.begin; k < task.end; ++k) {
-        const int64_t b = tasks.order[k];
-        grams.clipped_matches(cv + cs[b], cl[b], out + b * max_n);
-      }
+  const int64_t tokens = cand.values.numel() + ref.values.numel();
+  for_each_task<ReferenceGrams>(tasks, tokens, [&](ReferenceGrams& grams,
+                                                   const CandidateTask& task) {
+    grams.build(rv + rs[task.ref], rl[task.ref], max_n);
+    for (int64_t k = task.begin; k < task.end; ++k) {
+      const int64_t b = tasks.order[k];
+      grams.clipped_matches(cv + cs[b], cl[b], out + b * max_n);
     }
   });
   return ngram_overlap_outputs(inputs, matches, max_n);
