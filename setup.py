@@ -156,7 +156,7 @@ class _CompileProgress:
         while not self.done.wait(2.0):
             for obj in sorted(set(self._finished_objects()) - seen):
                 seen.add(obj)
-                self._say(f"[{len(seen)}/{len(self.sources)}] {obj.stem} "
+                self._say(f"[{len(seen)}/{len(self.sources)}] {obj.parent.name}/{obj.stem} "
                           f"({time.time() - self.start:.0f} s)")
 
     def __enter__(self):
