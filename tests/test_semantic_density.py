@@ -239,7 +239,7 @@ def test_bad_options_raise():
         ngram_overlap([[1]], [[1]], max_n=0)
     with pytest.raises(ValueError, match="metric must be one of"):
         semantic_density([[1]], [[1]], metric="bleu")
-    with pytest.raises(ValueError, match="beta must be > 0"):
+    with pytest.raises(ValueError, match="beta must be finite and > 0"):
         rouge_n([[1]], [[1]], beta=0.0)
     with pytest.raises(ValueError, match="ref_lengths must be >= 0"):
         torch.ops.lambdapo.lcs_length(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]),
