@@ -51,7 +51,7 @@ def throughput(engine, prompts, params, repeats: int) -> tuple[float, float]:
 def run(device: str, repeats: int, kv_cache_gb: float) -> list[harness.Result]:
     model, tokenizer = load_policy(load_config(None, []).model, torch.device(device))
     if device == "cpu":
-        torch.set_num_threads(1)   # what the trainer uses for the built-in model
+        torch.set_num_threads(1)   # both engines at one thread: vLLM CPU leaves the process so
     rows = arithmetic.generate("train", PROMPTS, seed=0)
     prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
     params = SamplingParams(n=GROUP, temperature=1.0, max_new_tokens=MAX_NEW)
