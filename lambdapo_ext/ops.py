@@ -402,6 +402,35 @@ def semantic_density(cand, ref, *, metric: str = "rouge_n", max_n: int = 2, beta
                      f"{metric!r}")
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_same_device(op: str, first: tuple[str, Tensor], *others: tuple[str, Tensor | None]):
+    """Fake-kernel check (trace time) that every given tensor is on ``first``'s device."""
+    name, tensor = first
+    for other_name, other in others:
+        if other is not None:
+            torch._check(other.device == tensor.device,
+                         lambda: f"{op}: {other_name} is on {other.device} but {name} is on "
+                                 f"{tensor.device}")
+
+
+def _check_logprob_args(op: str, inputs: tuple[str, Tensor], targets: Tensor) -> None:
+    """The shape/dtype/device checks of the log-prob kernels, at trace time."""
+    name, x = inputs
+    torch._check(x.dtype in _FLOAT_DTYPES,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got "
+                         f"{x.dtype}")
+    torch._check(x.dim() >= 1, lambda: f"{op}: {name} must have at least one dimension")
+    torch._check(targets.dtype in _ID_DTYPES,
+                 lambda: f"{op}: targets must be int64 or int32, got {targets.dtype}")
+    torch._check(targets.shape == x.shape[:-1],
+                 lambda: f"{op}: targets must have the leading shape of {name} "
+                         f"{tuple(x.shape[:-1])}, got {tuple(targets.shape)}")
+    _check_same_device(op, inputs, ("targets", targets))
+
+
 def _result_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -423,11 +452,28 @@ if _LOAD_ERROR is None:
         torch._check(scores.shape == rewards.shape,
                      lambda: f"lambda_advantages: scores has shape {tuple(scores.shape)} "
                              f"but rewards has shape {tuple(rewards.shape)}")
+        for name, t in (("rewards", rewards), ("scores", scores)):
+            torch._check(t.is_floating_point(),
+                         lambda: f"lambda_advantages: {name} must be a floating-point tensor, "
+                                 f"got {t.dtype}")
+        torch._check(mask is None or (mask.dtype == torch.bool and mask.shape == rewards.shape),
+                     lambda: f"lambda_advantages: mask must be a bool tensor of the shape of "
+                             f"rewards {tuple(rewards.shape)}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+        torch._check(rewards.dim() == 2 if group_ids is None else rewards.dim() == 1,
+                     lambda: "lambda_advantages: rewards must be 2-D [P, G] (or 1-D [N] with "
+                             f"group_ids), got shape {tuple(rewards.shape)}")
+        torch._check(group_ids is None or group_ids.shape == rewards.shape,
+                     lambda: f"lambda_advantages: group_ids has shape {tuple(group_ids.shape)} "
+                             f"but rewards has shape {tuple(rewards.shape)}")
+        _check_same_device("lambda_advantages", ("rewards", rewards), ("scores", scores),
+                           ("mask", mask), ("group_ids", group_ids))
         return rewards.new_empty(rewards.shape, dtype=torch.float32)
 
     @torch.library.register_fake("lambdapo::token_logprobs_forward")
     def _token_logprobs_forward_fake(logits, targets, temperature, ignore_index, return_entropy,
                                      inplace_backward, validate=True):
+        _check_logprob_args("token_logprobs", ("logits", logits), targets)
         return _fake_logprob_outputs(logits, return_entropy)
 
     @torch.library.register_fake("lambdapo::token_logprobs_backward")
@@ -474,6 +520,17 @@ if _LOAD_ERROR is None:
     def _linear_token_logprobs_forward_fake(hidden, weight, bias, targets, temperature,
                                             ignore_index, return_entropy, chunk_size,
                                             vocab_chunk_size, validate=True):
+        op = "linear_token_logprobs"
+        _check_logprob_args(op, ("hidden", hidden), targets)
+        torch._check(weight.dim() == 2 and weight.shape[1] == hidden.shape[-1],
+                     lambda: f"{op}: weight must be [V, H] with H = {hidden.shape[-1]} (the "
+                             f"hidden size), got {tuple(weight.shape)}")
+        torch._check(weight.dtype == hidden.dtype,
+                     lambda: f"{op}: weight has dtype {weight.dtype} but hidden has "
+                             f"{hidden.dtype}")
+        torch._check(bias is None or bias.shape == weight.shape[:1],
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}]")
+        _check_same_device(op, ("hidden", hidden), ("weight", weight), ("bias", bias))
         return _fake_logprob_outputs(hidden, return_entropy)
 
     @torch.library.register_fake("lambdapo::linear_token_logprobs_backward")
@@ -525,10 +582,29 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("lambdapo::ngram_overlap")
     def _ngram_overlap_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
                             ref_lengths, ref_index, max_n, validate=True):
+        _check_overlap_fake("ngram_overlap", cand_values, cand_starts, cand_lengths,
+                            ref_values, ref_starts, ref_lengths, ref_index)
         shape = (cand_starts.shape[0], max_n)
         return tuple(cand_values.new_empty(shape, dtype=torch.int64) for _ in range(3))
 
     @torch.library.register_fake("lambdapo::lcs_length")
     def _lcs_length_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
                          ref_lengths, ref_index, validate=True):
+        _check_overlap_fake("lcs_length", cand_values, cand_starts, cand_lengths, ref_values,
+                            ref_starts, ref_lengths, ref_index)
         return cand_values.new_empty(cand_starts.shape, dtype=torch.int64)
+
+    def _check_overlap_fake(op, cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
+                            ref_lengths, ref_index):
+        named = (("cand_values", cand_values), ("cand_starts", cand_starts),
+                 ("cand_lengths", cand_lengths), ("ref_values", ref_values),
+                 ("ref_starts", ref_starts), ("ref_lengths", ref_lengths),
+                 ("ref_index", ref_index))
+        for name, t in named:
+            torch._check(t.dtype == torch.int64 and t.dim() == 1,
+                         lambda: f"{op}: {name} must be a 1-D int64 tensor, got {t.dtype} of "
+                                 f"shape {tuple(t.shape)}")
+        _check_same_device(op, *named)
+        torch._check(ref_index.shape == cand_starts.shape,
+                     lambda: f"{op}: ref_index must have one entry per candidate "
+                             f"({cand_starts.shape[0]}), got {ref_index.shape[0]}")
