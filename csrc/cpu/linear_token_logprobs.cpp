@@ -13,83 +13,10 @@
 #include <vector>
 
 #include "linear_token_logprobs.h"
-#include "vectorizable_math.h"
+#include "softmax_blocks.h"
 
 namespace lambdapo {
 namespace {
-
-constexpr int64_t kBlock = 2048;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename scalar_t, typename acc_t>
-void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t inv_t) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * inv_t;
-}
-
-LAMBDAPO_ISA_CLONES
-float block_max(const float* __restrict x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-double block_max(const double* __restrict x, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-// sum exp(x - m) and sum exp(x - m) (x - m); a shift below -87 (e.g. a -inf logit) adds 0.
-LAMBDAPO_ISA_CLONES
-void block_exp_sums(const float* __restrict x, int64_t n, float m, float* sum_exp,
-                    float* sum_exp_shift) {
-  float s = 0.0f, t = 0.0f;
-#pragma omp simd reduction(+ : s, t)
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = x[i] - m;
-    const float clamped = d < -87.0f ? -87.0f : d;
-    const float e = d < -87.0f ? 0.0f : exp_vectorizable(clamped);
-    s += e;
-    t += e * clamped;
-  }
-  *sum_exp = s;
-  *sum_exp_shift = t;
-}
-void block_exp_sums(const double* __restrict x, int64_t n, double m, double* sum_exp,
-                    double* sum_exp_shift) {
-  double s = 0.0, t = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = x[i] - m;
-    const double e = std::exp(d);
-    s += e;
-    t += e > 0.0 ? e * d : 0.0;
-  }
-  *sum_exp = s;
-  *sum_exp_shift = t;
-}
-
-// dz = -(1/T) p (g_lp + g_H (log p + H)) with log p = x - lse; the caller adds the
-// target's (1/T) g_lp.
-LAMBDAPO_ISA_CLONES
-void block_grad(const float* __restrict x, float* __restrict dz, int64_t n, float lse,
-                float g_lp, float g_h, float entropy, float inv_t) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float log_p = x[i] - lse;
-    const float clamped = log_p < -87.0f ? -87.0f : log_p;
-    const float p = log_p < -87.0f ? 0.0f : exp_vectorizable(clamped);
-    dz[i] = -inv_t * p * (g_lp + g_h * (clamped + entropy));
-  }
-}
-void block_grad(const double* __restrict x, double* __restrict dz, int64_t n, double lse,
-                double g_lp, double g_h, double entropy, double inv_t) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double log_p = x[i] - lse;
-    const double p = std::exp(log_p);
-    dz[i] = p == 0.0 ? 0.0 : -inv_t * p * (g_lp + g_h * (log_p + entropy));
-  }
-}
 
 // Online (max, sum exp, sum exp * shift) merge in double: (m, s, t) absorbs (bm, bs, bt).
 void merge_state(double& m, double& s, double& t, double bm, double bs, double bt) {

@@ -24,7 +24,8 @@ import hashlib
 import random
 from typing import Any
 
-SPLITS = ("train", "eval")
+from .common import check_generate_args
+
 OPS = ("+", "-")
 # Every character a prompt or solution can hold, plus a space for hand-typed prompts
 # (the same set as ``arithmetic``, so one tokenizer layout serves both).
@@ -128,12 +129,7 @@ def generate(split: str, num: int, seed: int = 0, **difficulty: Any) -> list[dic
         ValueError: naming the argument, for a bad split, num, seed or difficulty, or
             when the difficulty's problem space cannot supply ``num`` distinct problems.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if isinstance(num, bool) or not isinstance(num, int) or num < 0:
-        raise ValueError(f"num must be a non-negative int, got {num!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_generate_args(split, num, seed)
     min_terms, max_terms, min_digits, max_digits, ops = _check_difficulty(difficulty)
 
     # A string seed is hashed with SHA-512 by random.Random: stable across runs/platforms.

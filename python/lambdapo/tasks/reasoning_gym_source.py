@@ -21,8 +21,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .common import SPLITS
+
 PREFIX = "reasoning_gym:"
-SPLITS = ("train", "eval")
 # Far beyond any num_train, so the eval items' per-index seeds never meet the train ones'.
 EVAL_SEED_OFFSET = 1_000_003
 # Eval candidates drawn per requested row before giving up (a task with few distinct
