@@ -36,8 +36,8 @@ def group_size(process_group) -> int:
 
 
 def _shard_targets(targets: Tensor, shard: int, process_group, ignore_index: int,
-                   validate: bool, op: str, shard_name: str) -> tuple[Tensor, Tensor, int]:
-    """(shard-local targets, mask of rows whose target this rank owns, global vocabulary)."""
+                   validate: bool, op: str, shard_name: str) -> tuple[Tensor, Tensor]:
+    """(shard-local targets, mask of the rows whose target this rank owns)."""
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if validate:
         sizes = torch.tensor([shard, -shard], dtype=torch.int64, device=targets.device)
@@ -61,7 +61,7 @@ def _shard_targets(targets: Tensor, shard: int, process_group, ignore_index: int
     elsewhere = shard if ignore_index != shard else shard + 1
     local = torch.where(t == ignore_index, t,
                         torch.where(owned, t - start, torch.full_like(t, elsewhere)))
-    return local, owned, vocab
+    return local, owned
 
 
 def _combine(lp_l: Tensor, lse_l: Tensor, h_l: Tensor | None, owned: Tensor, kept: Tensor,
@@ -87,7 +87,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, return_entropy,
                 inplace_backward, validate, process_group):
-        local, owned, _ = _shard_targets(targets, logits.shape[-1], process_group,
+        local, owned = _shard_targets(targets, logits.shape[-1], process_group,
                                          ignore_index, validate, "token_logprobs", "logits")
         local = local.view(targets.shape)
         lp_l, h_l, lse_l = torch.ops.lambdapo.token_logprobs_forward.default(
@@ -127,7 +127,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy,
                 chunk_size, vocab_chunk_size, validate, process_group):
-        local, owned, _ = _shard_targets(targets, weight.shape[0], process_group, ignore_index,
+        local, owned = _shard_targets(targets, weight.shape[0], process_group, ignore_index,
                                          validate, "linear_token_logprobs", "weight")
         local = local.view(targets.shape)
         lp_l, h_l, lse_l = torch.ops.lambdapo.linear_token_logprobs_forward.default(

@@ -56,43 +56,43 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.lock_run_dir(self.run_dir).close()   # fail fast when another run holds it
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        random.seed(config.seed)
-        torch.manual_seed(config.seed)
-        self.device = pick_device(config.device)
-        self.autocast = autocast_dtype(config.model)
-        self.model, self.tokenizer = load_policy(config.model, self.device)
-        self.model.train()
-        self.ref_model = None
-        if config.algorithm.kl_coef > 0:
-            self.ref_model, _ = load_policy(config.model, self.device)
-            self.ref_model.eval().requires_grad_(False)
-        self.eos = self.tokenizer.eos_token_id
-        self.pad = self.tokenizer.pad_token_id
-        self.rewards = RewardManager.from_config(config.reward)
-        self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
-                                                config.reward.timeout_s)
-        self.train_rows = load_split(config.data, "train", config.seed)
-        self.eval_rows = load_split(config.data, "eval", config.seed)
-        self.sampler = PromptSampler(self.train_rows, config.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
-                                           betas=tuple(config.optim.betas),
-                                           weight_decay=config.optim.weight_decay)
-        total = config.steps * config.algorithm.ppo_epochs * config.algorithm.mini_batches
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _schedule(config.optim.schedule, config.optim.warmup_steps, total))
-        self.shuffle = torch.Generator().manual_seed(config.seed + 1)
-        self.step = 0
-        self.history: list[dict] = []
-        self.eval_history: list[dict] = []
-        self.elapsed_before = 0.0
-        self.engine = build_engine(config, self.model, self.tokenizer,
-                                   resolve_model_path(config.model.path))
-        # Locked before the first write into output_dir; released here if __init__ fails.
+        # Held from before the model loads (a second run fails at once) until close();
+        # released here if __init__ fails.
         self._lock = ckpt.lock_run_dir(self.run_dir)
         try:
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            random.seed(config.seed)
+            torch.manual_seed(config.seed)
+            self.device = pick_device(config.device)
+            self.autocast = autocast_dtype(config.model)
+            self.model, self.tokenizer = load_policy(config.model, self.device)
+            self.model.train()
+            self.ref_model = None
+            if config.algorithm.kl_coef > 0:
+                self.ref_model, _ = load_policy(config.model, self.device)
+                self.ref_model.eval().requires_grad_(False)
+            self.eos = self.tokenizer.eos_token_id
+            self.pad = self.tokenizer.pad_token_id
+            self.rewards = RewardManager.from_config(config.reward)
+            self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
+                                                    config.reward.timeout_s)
+            self.train_rows = load_split(config.data, "train", config.seed)
+            self.eval_rows = load_split(config.data, "eval", config.seed)
+            self.sampler = PromptSampler(self.train_rows, config.seed)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
+                                               betas=tuple(config.optim.betas),
+                                               weight_decay=config.optim.weight_decay)
+            total = config.steps * config.algorithm.ppo_epochs * config.algorithm.mini_batches
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, _schedule(config.optim.schedule, config.optim.warmup_steps, total))
+            self.shuffle = torch.Generator().manual_seed(config.seed + 1)
+            self.step = 0
+            self.history: list[dict] = []
+            self.eval_history: list[dict] = []
+            self.elapsed_before = 0.0
+            self.engine = build_engine(config, self.model, self.tokenizer,
+                                       resolve_model_path(config.model.path))
             if resume:
                 self._resume(resume, allow_config_change)
                 self.engine.sync_weights()
