@@ -3,11 +3,9 @@ N=4096, H=1024, V=32000, fp32), measured in a fresh process as the growth of its
 resident set (VmHWM) over the inputs: at most the gradients it returns + 128 MiB, for a
 trained and for a frozen lm-head weight."""
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from peak_memory import peak_extra_mib
 
 ROWS, WIDTH, VOCAB = 4096, 1024, 32000
 MIB = 2**20
@@ -16,18 +14,6 @@ WEIGHT_GRAD_MIB = VOCAB * WIDTH * 4 / MIB
 WORKING_MIB = 128
 
 MEASURE = """
-import ctypes, json, re, sys
-from pathlib import Path
-import torch
-import lambdapo_ext
-
-libc = ctypes.CDLL(None)
-libc.mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD: big buffers go back to the system
-libc.mallopt(-1, 128 * 1024)   # M_TRIM_THRESHOLD
-
-def status_kib(key):
-    return int(re.search(rf"{key}:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
 train_weight = sys.argv[1] == "trained"
 torch.manual_seed(0)
 hidden = torch.randn(ROWS, WIDTH, requires_grad=True)
@@ -37,24 +23,14 @@ grad = torch.randn(ROWS)
 # Warm-up (lazy init, BLAS buffers) on a few rows, then drop its gradients.
 lambdapo_ext.linear_token_logprobs(hidden[:8], weight, targets[:8]).backward(grad[:8])
 hidden.grad = weight.grad = None
-Path("/proc/self/clear_refs").write_text("5")
-before = status_kib("VmRSS")
-lambdapo_ext.linear_token_logprobs(hidden, weight, targets).backward(grad)
+report(lambda: lambdapo_ext.linear_token_logprobs(hidden, weight, targets).backward(grad))
 assert hidden.grad is not None and (weight.grad is not None) == train_weight
-print(json.dumps({"peak_extra_mib": (status_kib("VmHWM") - before) / 1024}))
 """.replace("ROWS", str(ROWS)).replace("WIDTH", str(WIDTH)).replace("VOCAB", str(VOCAB))
-
-
-def peak_extra_mib(case: str) -> float:
-    result = subprocess.run([sys.executable, "-c", MEASURE, case], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_mib"]
 
 
 @pytest.mark.slow
 def test_trained_weight_peak_is_gradients_plus_working_set():
-    peak = peak_extra_mib("trained")
+    peak = peak_extra_mib(MEASURE, "trained")
     grads = HIDDEN_GRAD_MIB + WEIGHT_GRAD_MIB
     print(f"trained weight: peak extra {peak:.0f} MiB, gradients {grads:.0f} MiB")
     assert peak <= grads + WORKING_MIB
@@ -62,7 +38,7 @@ def test_trained_weight_peak_is_gradients_plus_working_set():
 
 @pytest.mark.slow
 def test_frozen_weight_peak_is_hidden_gradient_plus_working_set():
-    peak = peak_extra_mib("frozen")
+    peak = peak_extra_mib(MEASURE, "frozen")
     print(f"frozen weight: peak extra {peak:.0f} MiB, hidden gradient {HIDDEN_GRAD_MIB:.0f} MiB")
     # No weight gradient, and no [V, H] buffer of any kind.
     assert peak <= HIDDEN_GRAD_MIB + WORKING_MIB
