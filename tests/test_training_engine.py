@@ -4,11 +4,12 @@ without vLLM; tests/test_training_vllm.py runs the engine itself)."""
 import pytest
 import torch
 
-from lambdapo import cli, rollout_vllm
+from lambdapo import cli
+from lambdapo.rollout import vllm_engine
 from lambdapo.config import load_config
 from lambdapo.policy import load_policy
 from lambdapo.rollout import RolloutEngineError, TransformersEngine, build_engine
-from lambdapo.rollout_vllm import layer_buckets
+from lambdapo.rollout.vllm_engine import layer_buckets
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,8 @@ def builtin():
 
 @pytest.fixture
 def no_vllm(monkeypatch):
-    monkeypatch.setattr(rollout_vllm, "vllm_available", lambda: False)
-    monkeypatch.setattr(rollout_vllm, "vllm_import_error", lambda: "the vllm package is missing")
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    monkeypatch.setattr(vllm_engine, "vllm_import_error", lambda: "the vllm package is missing")
 
 
 def test_auto_falls_back_to_transformers(builtin, no_vllm):
@@ -32,8 +33,8 @@ def test_auto_falls_back_to_transformers(builtin, no_vllm):
 
 def test_auto_warns_and_falls_back_when_vllm_does_not_import(builtin, monkeypatch):
     model, tokenizer = builtin
-    monkeypatch.setattr(rollout_vllm, "vllm_available", lambda: True)
-    monkeypatch.setattr(rollout_vllm, "vllm_import_error",
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_engine, "vllm_import_error",
                         lambda: "importing vllm failed: ImportError: libfoo.so")
     with pytest.warns(RuntimeWarning, match="installed but importing vllm failed"):
         engine = build_engine(load_config(None, ["rollout.engine=auto"]), model, tokenizer, "")

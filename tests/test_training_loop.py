@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from lambdapo import checkpoint as ckpt
-from lambdapo import cli
+from lambdapo import cli, policy
+from lambdapo.batch import MicroBatch
 from lambdapo.config import load_config
-from lambdapo.policy import build_batch, load_policy, response_logprobs
+from lambdapo.policy import load_policy, response_logprobs
 from lambdapo.rollout import SamplingParams, TransformersEngine, process_logits
 from lambdapo.trainer import Trainer
 from tiny_model import make_tiny_model
@@ -42,23 +43,62 @@ def overrides(root, model, run, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def test_fused_logprobs_equal_the_models_logits(workspace):
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_fused_logprobs_equal_the_models_logits(workspace, share_prompts):
+    """Each row against the model's logits on its own unpadded sequence: prompts of two
+    lengths (left padding), one shared by two rows, responses of 1, 2 and 11 tokens."""
     root, model_dir = workspace
     model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
                              torch.device("cpu"))
-    prompts = [tok("1+2=")["input_ids"], tok("33+4=")["input_ids"]]
-    responses = [tok("3 \\boxed{3}", add_special_tokens=False)["input_ids"], [5, 6]]
-    batch = build_batch(prompts, responses, tok.pad_token_id, torch.device("cpu"))
-    lp, h = response_logprobs(model, batch, temperature=0.7)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    log_p = torch.log_softmax(logits.float() / 0.7, -1)
+    short, long = tok("1+2=")["input_ids"], tok("33+44=")["input_ids"]
+    prompts = [short, long, short, long]
+    responses = [tok("3 \\boxed{3}", add_special_tokens=False)["input_ids"], [5, 6], [7],
+                 [9, 10, 11]]
+    micro = MicroBatch.from_sequences(prompts, responses, tok.pad_token_id, torch.device("cpu"))
+    assert micro.prompt_ids.shape[0] == 2 and len(responses[0]) > 3
+    lp, h = response_logprobs(model, micro, temperature=0.7, share_prompts=share_prompts)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        rows = log_p[i, len(p) - 1:len(p) + len(r) - 1]
+        logits = model(input_ids=torch.tensor([p + r])).logits[0]
+        rows = torch.log_softmax(logits.float() / 0.7, -1)[len(p) - 1:len(p) + len(r) - 1]
         expected = rows.gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(lp[i, :len(r)], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(h[i, :len(r)], -(rows.exp() * rows).sum(-1), rtol=1e-5,
                                    atol=1e-5)
         assert float(lp[i, len(r):].detach().abs().sum()) == 0
+
+
+def test_shared_prompt_gradients_equal_the_plain_forwards(workspace):
+    root, model_dir = workspace
+    model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
+                             torch.device("cpu"))
+    prompts = [tok("1+2=")["input_ids"]] * 3 + [tok("33+44=")["input_ids"]] * 2
+    responses = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [4, 4], [6, 5, 4, 3]]
+    micro = MicroBatch.from_sequences(prompts, responses, tok.pad_token_id, torch.device("cpu"))
+    upstream = torch.randn(micro.response_ids.shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for share in (True, False):
+        lp, h = response_logprobs(model, micro, temperature=1.3, share_prompts=share)
+        grads.append(torch.autograd.grad((lp * upstream).sum() + (h * upstream).sum(),
+                                         list(model.parameters())))
+    for shared, plain in zip(*grads):
+        torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_prompt_sharing_check_falls_back_for_a_cache_that_cannot_be_shared(workspace,
+                                                                          monkeypatch):
+    from transformers import DynamicCache
+
+    root, model_dir = workspace
+    model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
+                             torch.device("cpu"))
+    micro = MicroBatch.from_sequences([[1, 5, 6]] * 2, [[7, 8], [9]], tok.pad_token_id,
+                                      torch.device("cpu"))
+    assert policy.prompt_sharing_agrees(model, micro, 1.0)
+
+    def unsupported(self, indices):
+        raise NotImplementedError("this cache cannot select rows")
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", unsupported)
+    assert not policy.prompt_sharing_agrees(model, micro, 1.0)
 
 
 def test_process_logits_top_k_and_top_p():
@@ -81,7 +121,7 @@ def test_engine_logprobs_agree_with_the_trainers(workspace):
     rollout = engine.generate(prompts, SamplingParams(n=3, temperature=0.8, max_new_tokens=12))
     assert len(rollout.completion_ids) == 6
     seq_prompts = [p for p in prompts for _ in range(3)]
-    batch = build_batch(seq_prompts, rollout.completion_ids, tok.pad_token_id, torch.device("cpu"))
+    batch = MicroBatch.from_sequences(seq_prompts, rollout.completion_ids, tok.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         lp, _ = response_logprobs(model, batch, temperature=0.8)
     for i, sampled in enumerate(rollout.logprobs):
@@ -194,12 +234,10 @@ def test_builtin_default_model_and_task_train(tmp_path):
 
 def test_logits_fallback_equals_the_fused_path(workspace, monkeypatch):
     """Models whose head is not a plain linear layer go through token_logprobs on logits."""
-    from lambdapo import policy
-
     root, model_dir = workspace
     model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
                              torch.device("cpu"))
-    batch = build_batch([tok("12+3=")["input_ids"]] * 2, [[5, 6, 7], [8]], tok.pad_token_id,
+    batch = MicroBatch.from_sequences([tok("12+3=")["input_ids"]] * 2, [[5, 6, 7], [8]], tok.pad_token_id,
                         torch.device("cpu"))
     fused = response_logprobs(model, batch, temperature=0.9)
     monkeypatch.setattr(policy, "_plain_linear_head", lambda m: None)
@@ -229,11 +267,11 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(workspace, tmp_path
     cfg["chat_template"] = "{% for m in messages %}Q:{{ m['content'] }}{% endfor %}A:"
     cfg_path.write_text(json.dumps(cfg))
     trainer = Trainer(load_config(None, overrides(root, chat_dir, "chat")), progress=False)
-    ids = trainer._prompt_ids({"prompt": "1+2="})
+    ids = trainer.encoder.prompt_ids({"prompt": "1+2="})
     assert trainer.tokenizer.decode(ids, skip_special_tokens=True) == "Q:1+2=A:"
     off = Trainer(load_config(None, overrides(root, chat_dir, "chat-off",
                                               **{"data.chat_template": "off"})), progress=False)
-    assert off.tokenizer.decode(off._prompt_ids({"prompt": "1+2="}),
+    assert off.tokenizer.decode(off.encoder.prompt_ids({"prompt": "1+2="}),
                                 skip_special_tokens=True) == "1+2="
 
 

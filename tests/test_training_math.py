@@ -173,3 +173,101 @@ def test_is_weights_scale_each_tokens_surrogate():
     loss.backward()
     torch.testing.assert_close(new.grad, torch.tensor([[0.0, -2.0 * 0.5 * 2 / 3,
                                                         -1.0 * 1.1 * 2 / 3]]))
+
+
+def test_a_registered_estimator_is_selectable_and_validated(monkeypatch):
+    from lambdapo import config as config_lib
+
+    monkeypatch.setattr(adv, "ESTIMATORS", dict(adv.ESTIMATORS))
+
+    @adv.register_estimator("best_of_group")
+    def best_of_group(rewards, scores, config):
+        return (rewards == rewards.max(1, keepdim=True).values).float()
+
+    config = config_lib.load_config(None, ["algorithm.adv_estimator=best_of_group"])
+    a = adv.compute_advantages(REWARDS, SCORES, config.algorithm)
+    torch.testing.assert_close(a, torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 1]]))
+    assert not adv.ESTIMATORS["best_of_group"].uses_scores
+    assert "best_of_group" in "\n".join(config_lib.help_lines())
+    with pytest.raises(ValueError, match="already registered"):
+        adv.register_estimator("grpo")(best_of_group)
+    with pytest.raises(ValueError, match="algorithm.adv_estimator"):
+        config_lib.load_config(None, ["algorithm.adv_estimator=nonesuch"])
+
+
+def test_choices_come_from_the_modules_that_interpret_them():
+    from lambdapo_ext.ops import NORMALIZE_MODES
+
+    from lambdapo import config as config_lib
+    from lambdapo.loss import AGG_MODES, IS_LEVELS
+
+    assert config_lib.allowed_values("algorithm.adv_estimator") == tuple(adv.ESTIMATORS)
+    assert config_lib.allowed_values("algorithm.lambda_score") == adv.SCORE_MODES
+    assert config_lib.allowed_values("algorithm.lambda_normalize") == NORMALIZE_MODES
+    assert config_lib.allowed_values("algorithm.loss_agg_mode") == AGG_MODES
+    assert config_lib.allowed_values("algorithm.rollout_is") == IS_LEVELS
+    for normalize in NORMALIZE_MODES:   # every mode the config accepts, the op runs
+        adv.compute_advantages(REWARDS, SCORES, algo(lambda_normalize=normalize))
+
+
+def _padded_tokens(parts, lengths):
+    return sum(len(p) * max(lengths[r] for r in p) for p in parts)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_micro_batch_plan_is_an_optimal_partition(seed):
+    """Every row once, at most ``limit`` rows each, and no partition into runs of the
+    length-sorted rows costs less (checked by enumerating all cut sets)."""
+    import itertools
+
+    from lambdapo.batch import MICRO_BATCH_COST_TOKENS, plan_micro_batches
+
+    rng = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 11, (), generator=rng))
+    lengths = torch.randint(0, 400, (n,), generator=rng).tolist()
+    limit = int(torch.randint(1, n + 1, (), generator=rng))
+    rows = list(range(n))
+    parts = plan_micro_batches(lengths, rows, limit)
+    assert sorted(r for p in parts for r in p) == rows
+    assert all(0 < len(p) <= limit for p in parts)
+
+    def cost(parts):
+        return sum(len(p) * max(max(lengths[r] for r in p), 1) + MICRO_BATCH_COST_TOKENS
+                   for p in parts)
+    order = sorted(rows, key=lambda r: (lengths[r], r))
+    best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (n,))])
+               for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+               if all(b - a <= limit for a, b in zip((0,) + cuts, cuts + (n,))))
+    assert cost(parts) == best
+
+
+def test_micro_batch_plan_cuts_padding_where_it_pays():
+    from lambdapo.batch import plan_micro_batches
+
+    lengths = [8] * 60 + [600] * 4
+    parts = plan_micro_batches(lengths, list(range(64)), 64)
+    assert [len(p) for p in parts] == [60, 4]
+    assert plan_micro_batches([5, 6, 7], [2, 0], 64) == [[0, 2]]   # only the rows asked
+
+
+def test_rollout_batch_tensors_and_micro_batches():
+    from lambdapo.batch import RolloutBatch
+    from lambdapo.rollout import Rollout
+
+    prompts = [[1, 5], [1, 6, 7, 8]]
+    rollout = Rollout([[9], [10, 11, 2], [], [12, 2]], [[-0.5], [-1, -2, -3], [], [-4, -5]],
+                      [False, True, False, True])
+    batch = RolloutBatch.from_rollout(prompts, rollout, 2, 0, torch.device("cpu"))
+    assert batch.prompt_ids.tolist() == [[0, 0, 1, 5], [1, 6, 7, 8]]
+    assert batch.prompt_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert batch.response_ids.tolist() == [[9, 0, 0], [10, 11, 2], [0, 0, 0], [12, 2, 0]]
+    assert batch.response_mask.sum(1).tolist() == [1, 3, 0, 2]
+    assert batch.engine_logprobs[1].tolist() == [-1, -2, -3]
+    micro = batch.micro_batch([3, 0])
+    assert micro.prompt_ids.tolist() == [[0, 0, 1, 5], [1, 6, 7, 8]]
+    assert micro.prompt_of_row.tolist() == [1, 0] and micro.width == 2
+    assert micro.response_ids.tolist() == [[12, 2], [9, 0]]
+    only_first = batch.micro_batch([0])
+    assert only_first.prompt_ids.tolist() == [[1, 5]] and only_first.width == 1
+    with pytest.raises(ValueError, match="group_size"):
+        RolloutBatch.from_rollout(prompts, rollout, 3, 0, torch.device("cpu"))

@@ -7,7 +7,8 @@ import torch
 
 from lambdapo import trainer as trainer_lib
 from lambdapo.config import load_config
-from lambdapo.policy import build_batch, load_policy, response_logprobs
+from lambdapo.batch import MicroBatch
+from lambdapo.policy import load_policy, response_logprobs
 from lambdapo.rewards import MathVerifyReward
 from lambdapo.rollout import SamplingParams, TransformersEngine
 from lambdapo.tasks import arithmetic
@@ -104,7 +105,7 @@ def test_sampled_logprobs_of_dropped_rows_are_the_trainers(builtin):
     rollout = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=48))
     assert any(rollout.finished) and len({len(c) for c in rollout.completion_ids}) > 1
     seq_prompts = [p for p in prompts for _ in range(4)]
-    batch = build_batch(seq_prompts, rollout.completion_ids, tok.pad_token_id,
+    batch = MicroBatch.from_sequences(seq_prompts, rollout.completion_ids, tok.pad_token_id,
                         torch.device("cpu"))
     with torch.no_grad():
         lp, _ = response_logprobs(model, batch, temperature=1.0)

@@ -16,7 +16,7 @@ from lambdapo.config import BUILTIN_MODEL, load_config  # noqa: E402
 from lambdapo.policy import load_policy, resolve_model_path  # noqa: E402
 from lambdapo.rollout import (RolloutEngineError, SamplingParams,  # noqa: E402
                               TransformersEngine, process_logits)
-from lambdapo.rollout_vllm import VLLMEngine  # noqa: E402
+from lambdapo.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from lambdapo.tasks import arithmetic  # noqa: E402
 from lambdapo.trainer import Trainer  # noqa: E402
 

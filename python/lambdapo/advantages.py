@@ -1,5 +1,6 @@
-"""Group advantage estimators, selectable by name, all with one signature:
-``estimator(rewards [P, G], scores [P, G], config) -> advantages [P, G]`` (float32).
+"""Group advantage estimators, registered by name (:func:`register_estimator`), all with one
+signature: ``estimator(rewards [P, G], scores [P, G], config) -> advantages [P, G]``
+(float32).
 
 * ``lambdapo``: the pairwise lambda advantage (DESIGN.md section 2) through
   ``lambdapo_ext.lambda_advantages``; scores are the responses' confidence (mean or sum of
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,30 +33,59 @@ def _check(rewards: Tensor, scores: Tensor) -> None:
         raise ValueError(f"a group needs >= 2 responses, got G={rewards.shape[1]}")
 
 
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: ``fn(rewards [P, G], scores [P, G], config) -> [P, G]``;
+    ``uses_scores``: whether it reads the confidence scores (the trainer then needs the
+    behaviour policy's log-probs before the update)."""
+    name: str
+    fn: Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]
+    uses_scores: bool
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+"""Every estimator by name; ``algorithm.adv_estimator`` is validated against it."""
+
+
+def register_estimator(name: str, *, uses_scores: bool = False):
+    """Decorator adding ``fn`` to :data:`ESTIMATORS` under ``name`` (like verl's
+    ``register_adv_est``): a new estimator is one decorated function.
+
+    Raises:
+        ValueError: ``name`` is taken.
+    """
+    def add(fn: Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]):
+        if name in ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ESTIMATORS[name] = Estimator(name, fn, uses_scores)
+        return fn
+    return add
+
+
+@register_estimator("lambdapo", uses_scores=True)
 def lambdapo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
     return lambdapo_ext.lambda_advantages(rewards.float(), scores.float(),
                                           beta=config.lambda_beta,
                                           normalize=config.lambda_normalize)
 
 
+@register_estimator("grpo")
 def grpo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
     r = rewards.float()
     return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + EPS)
 
 
+@register_estimator("dr_grpo")
 def dr_grpo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
     r = rewards.float()
     return r - r.mean(1, keepdim=True)
 
 
+@register_estimator("rloo")
 def rloo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
     r = rewards.float()
     g = r.shape[1]
     return (r - r.mean(1, keepdim=True)) * (g / (g - 1))
-
-
-ESTIMATORS: dict[str, Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]] = {
-    "lambdapo": lambdapo, "grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
 
 
 def compute_advantages(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
@@ -73,14 +104,21 @@ def compute_advantages(rewards: Tensor, scores: Tensor, config: AlgorithmConfig)
         raise ValueError(f"adv_estimator {config.adv_estimator!r} is not one of "
                          f"{sorted(ESTIMATORS)}")
     with torch.no_grad():
-        return ESTIMATORS[config.adv_estimator](rewards, scores, config)
+        return ESTIMATORS[config.adv_estimator].fn(rewards, scores, config)
+
+
+SCORE_MODES = ("mean", "sum")
 
 
 def sequence_scores(logprobs: Tensor, mask: Tensor, how: str) -> Tensor:
-    """Confidence of each response: mean (or sum) of its tokens' log-probs. [B, T] -> [B]."""
+    """Confidence of each response: mean (or sum) of its tokens' log-probs. [B, T] -> [B].
+
+    Raises:
+        ValueError: ``how`` is not one of :data:`SCORE_MODES`.
+    """
     total = (logprobs * mask).sum(-1)
     if how == "sum":
         return total
     if how == "mean":
         return total / mask.sum(-1).clamp(min=1)
-    raise ValueError(f"lambda_score must be 'mean' or 'sum', got {how!r}")
+    raise ValueError(f"lambda_score must be one of {SCORE_MODES}, got {how!r}")

@@ -145,10 +145,7 @@ def cmd_eval(args) -> int:
             config.data.dataset = args.dataset
         with Trainer(config, progress=False) as trainer:
             start = time.perf_counter()
-            sampled_temperature = config.eval_temperature
-            trainer.config.eval_temperature = 0.0
-            pass1 = trainer.evaluate()
-            trainer.config.eval_temperature = sampled_temperature
+            pass1 = trainer.evaluate(temperature=0.0)
             sampled = trainer.evaluate()
     k = config.eval_samples
     temperature = config.rollout.temperature if config.eval_temperature < 0 else config.eval_temperature

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lambdapo_ext.ops import NORMALIZE_MODES
+
+from .loss import AGG_MODES, IS_LEVELS
 
 BUILTIN_MODEL = "builtin:tiny-arithmetic"
 
@@ -88,20 +91,19 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    adv_estimator: str = _f("lambdapo", "lambdapo | grpo | dr_grpo | rloo")
+    adv_estimator: str = _f("lambdapo", "advantage estimator")
     lambda_beta: float = _f(1.0, "LambdaPO pair weight sharpness (0: RLOO)")
-    lambda_score: str = _f("mean", "confidence score of a response: mean | sum of its log-probs")
-    lambda_normalize: str = _f("mean", "LambdaPO normalization: mean | none | std")
+    lambda_score: str = _f("mean", "confidence score of a response, over its log-probs")
+    lambda_normalize: str = _f("mean", "LambdaPO normalization")
     clip_low: float = _f(0.2, "PPO clip: ratio >= 1 - clip_low")
     clip_high: float = _f(0.2, "PPO clip: ratio <= 1 + clip_high")
-    loss_agg_mode: str = _f("token-mean", "token-mean | seq-mean-token-mean | "
-                                          "seq-mean-token-sum-norm")
+    loss_agg_mode: str = _f("token-mean", "how token losses are aggregated")
     kl_coef: float = _f(0.0, "k3 KL penalty to a frozen reference (0: no reference loaded)")
     ppo_epochs: int = _f(1, "passes over each rollout batch")
     mini_batches: int = _f(1, "optimizer steps per pass (the batch split evenly)")
     rollout_is: str = _f("token", "importance weight between the engine's sampling and the "
-                                  "trainer's log-probs: token | sequence (exp of the mean "
-                                  "per-token log-ratio) | none")
+                                  "trainer's log-probs (sequence: exp of the mean per-token "
+                                  "log-ratio)")
     rollout_is_cap: float = _f(2.0, "truncation of that weight (verl's rollout_is_threshold)")
 
 
@@ -266,17 +268,31 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"config file {path}: YAML syntax error: {exc}") from None
 
 
-_CHOICES = {
+def _estimators() -> tuple[str, ...]:
+    from .advantages import ESTIMATORS   # the registry imports this module
+
+    return tuple(ESTIMATORS)
+
+
+def _score_modes() -> tuple[str, ...]:
+    from .advantages import SCORE_MODES
+
+    return SCORE_MODES
+
+
+# Allowed values per field. A callable reads them from the module that interprets the
+# field (its one owner); help_lines() shows those after the field's help.
+_CHOICES: dict[str, tuple | typing.Callable[[], tuple]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "data.chat_template": ("auto", "on", "off"),
     "rollout.engine": ("transformers", "vllm", "auto"),
     "rollout.sleep_level": (0, 1, 2),
-    "algorithm.rollout_is": ("token", "sequence", "none"),
-    "algorithm.adv_estimator": ("lambdapo", "grpo", "dr_grpo", "rloo"),
-    "algorithm.lambda_score": ("mean", "sum"),
-    "algorithm.lambda_normalize": ("mean", "none", "std"),
-    "algorithm.loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "algorithm.rollout_is": lambda: IS_LEVELS,
+    "algorithm.adv_estimator": _estimators,
+    "algorithm.lambda_score": _score_modes,
+    "algorithm.lambda_normalize": lambda: NORMALIZE_MODES,
+    "algorithm.loss_agg_mode": lambda: AGG_MODES,
     "reward.sd_metric": ("rouge_n", "rouge_l"),
     "reward.on_error": ("raise", "zero"),
     "optim.schedule": ("constant", "cosine"),
@@ -288,6 +304,12 @@ _POSITIVE = ("rollout.group_size", "rollout.max_new_tokens", "steps", "prompts_p
              "rollout.weight_bucket_mb")
 
 
+def allowed_values(key: str) -> tuple:
+    """The values field ``key`` (``section.field``) accepts."""
+    choices = _CHOICES[key]
+    return tuple(choices()) if callable(choices) else choices
+
+
 def get(config: TrainConfig, key: str) -> Any:
     node: Any = config
     for part in key.split("."):
@@ -297,7 +319,8 @@ def get(config: TrainConfig, key: str) -> Any:
 
 def validate(config: TrainConfig) -> None:
     """Raises ValueError naming the first field with an invalid value."""
-    for key, choices in _CHOICES.items():
+    for key in _CHOICES:
+        choices = allowed_values(key)
         if get(config, key) not in choices:
             raise ValueError(f"config {key}: {get(config, key)!r} is not one of {choices}")
     for key in _POSITIVE:
@@ -403,8 +426,11 @@ def help_lines(node: Any = None, prefix: str = "") -> list[str]:
             lines += help_lines(value, prefix=f"{prefix}{f.name}.")
         else:
             shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
-            lines.append(f"  {prefix + f.name + ' = ' + shown.strip():<44} "
-                         f"{f.metadata.get('help', '')}")
+            text = f.metadata.get("help", "")
+            choices = _CHOICES.get(prefix + f.name)
+            if callable(choices):
+                text += ": " + " | ".join(str(c) for c in choices())
+            lines.append(f"  {prefix + f.name + ' = ' + shown.strip():<44} {text}")
     return lines
 
 

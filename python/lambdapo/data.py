@@ -164,3 +164,61 @@ class PromptSampler:
     def load_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._shuffled(self.epoch)
+
+
+class PromptEncoder:
+    """Token ids of prompts and reference solutions, each distinct text tokenized once.
+
+    Prompts go through the tokenizer's chat template when ``data.chat_template`` asks for
+    it (``auto``: when the tokenizer has one); reference solutions are tokenized plainly
+    (no special tokens), as semantic density compares them with the responses' ids."""
+
+    def __init__(self, tokenizer, config: DataConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self._prompts: dict[str, list[int]] = {}
+        self._solutions: dict[str, list[int]] = {}
+
+    def uses_chat_template(self) -> bool:
+        """Raises ValueError when ``data.chat_template=on`` and the tokenizer has none."""
+        mode = self.config.chat_template
+        has = getattr(self.tokenizer, "chat_template", None) is not None
+        if mode == "on" and not has:
+            raise ValueError("data.chat_template=on but the tokenizer has no chat template")
+        return mode == "on" or (mode == "auto" and has)
+
+    def prompt_ids(self, row: dict) -> list[int]:
+        """The prompt of ``row`` as token ids.
+
+        Raises:
+            ValueError: longer than ``data.max_prompt_tokens`` (names the prompt).
+        """
+        text = row["prompt"]
+        if text not in self._prompts:
+            if self.uses_chat_template():
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True,
+                    tokenize=True)
+                # transformers 5 returns a BatchEncoding, 4.x a list of ids.
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            else:
+                ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            if len(ids) > self.config.max_prompt_tokens:
+                raise ValueError(f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens="
+                                 f"{self.config.max_prompt_tokens}: {text[:80]!r}")
+            self._prompts[text] = ids
+        return self._prompts[text]
+
+    def solution_ids(self, text: str) -> list[int]:
+        if text not in self._solutions:
+            self._solutions[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._solutions[text]
+
+    def columns(self, rows: list[dict], n: int) -> dict[str, list]:
+        """The reward functions' keyword columns for ``n`` samples of each row: every column
+        of the rows repeated, plus ``solution_ids`` and ``group_index`` (the row's number)."""
+        columns = {key: [row[key] for row in rows for _ in range(n)] for key in rows[0]}
+        solution_ids = [self.solution_ids(row["solution"]) for row in rows]
+        columns["solution_ids"] = [ids for ids in solution_ids for _ in range(n)]
+        columns["group_index"] = [p for p in range(len(rows)) for _ in range(n)]
+        return columns

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from dataclasses import dataclass
+import inspect
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 import lambdapo_ext
 
+from .batch import MicroBatch
 from .config import BUILTIN_MODEL, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -93,64 +94,96 @@ def _plain_linear_head(model) -> nn.Linear | None:
     return None
 
 
-@dataclass
-class SequenceBatch:
-    """Prompt + response rows, right-padded, with where each response token sits."""
-    input_ids: Tensor        # [B, L]
-    attention_mask: Tensor   # [B, L]
-    response_mask: Tensor    # [B, T] True on response tokens (T = longest response)
-    rows: Tensor             # [N] row of each response token (row-major order of the mask)
-    cols: Tensor             # [N] input column that predicts it
-    targets: Tensor          # [N] the response token ids
+def cache_argument(module: nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes a key-value cache (transformers 5
+    renamed ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                device: torch.device) -> SequenceBatch:
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    batch, width = len(prompts), max(lengths)
-    longest = max((len(r) for r in responses), default=0)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, width), dtype=torch.long)
-    response_mask = torch.zeros((batch, max(longest, 1)), dtype=torch.bool)
-    rows, cols, targets = [], [], []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attention[i, :len(p) + len(r)] = 1
-        response_mask[i, :len(r)] = True
-        rows += [i] * len(r)
-        cols += range(len(p) - 1, len(p) + len(r) - 1)
-        targets += r
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return SequenceBatch(input_ids.to(device), attention.to(device), response_mask.to(device),
-                         as_long(rows), as_long(cols), as_long(targets))
+def cache_of(output):
+    """The key-value cache a transformers forward returned (under either name)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
-def response_logprobs(model, batch: SequenceBatch, temperature: float, *,
-                      autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Log-probs and entropies [B, T] (zero off the response) of the response tokens under
-    ``softmax(logits / temperature)``; differentiable w.r.t. the model's parameters."""
-    device = batch.input_ids.device
+def _prediction_states(model, micro: MicroBatch, head: nn.Linear | None,
+                       share_prompts: bool) -> Tensor:
+    """[b, T, H] decoder states (``head`` given) or [b, T, V] logits from which response
+    token t of each row is predicted: the prompt's last position for t = 0, response
+    position t - 1 after it. Prompts are left-padded, so every prompt ends in the last
+    column and positions count real tokens only."""
+    network = model.get_decoder() if head is not None else model
+    read = (lambda out: out.last_hidden_state) if head is not None else (lambda out: out.logits)
+    positions = (micro.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    width = micro.width
+    response_in = micro.response_ids[:, :width - 1]
+    response_mask = micro.response_mask[:, :width - 1].long()
+    after_prompt = positions[micro.prompt_of_row, -1:] + 1
+    if not share_prompts:
+        ids = torch.cat([micro.prompt_ids[micro.prompt_of_row], response_in], 1)
+        mask = torch.cat([micro.prompt_mask[micro.prompt_of_row], response_mask], 1)
+        response_positions = after_prompt + torch.arange(width - 1, device=ids.device)
+        out = network(input_ids=ids, attention_mask=mask, position_ids=torch.cat(
+            [positions[micro.prompt_of_row], response_positions], 1))
+        return read(out)[:, micro.prompt_ids.shape[1] - 1:]
+    # Each distinct prompt runs once; its key-value cache, repeated for the rows that
+    # continue it (differentiably), serves their responses.
+    out = network(input_ids=micro.prompt_ids, attention_mask=micro.prompt_mask,
+                  position_ids=positions, use_cache=True)
+    last = read(out)[micro.prompt_of_row, -1:]
+    if width == 1:
+        return last
+    cache = cache_of(out)
+    cache.batch_select_indices(micro.prompt_of_row)
+    out = network(input_ids=response_in,
+                  attention_mask=torch.cat([micro.prompt_mask[micro.prompt_of_row],
+                                            response_mask], 1),
+                  position_ids=after_prompt + torch.arange(width - 1, device=last.device),
+                  use_cache=True, **{cache_argument(network): cache})
+    return torch.cat([last, read(out)], 1)
+
+
+def response_logprobs(model, micro: MicroBatch, temperature: float, *,
+                      autocast: torch.dtype | None = None,
+                      share_prompts: bool = True) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies [b, T] (zero off the response) of the micro-batch's response
+    tokens under ``softmax(logits / temperature)``; differentiable w.r.t. the model's
+    parameters. ``share_prompts``: run each distinct prompt once and continue its key-value
+    cache (else every row runs prompt and response as one sequence; the results agree to
+    float rounding, see :func:`prompt_sharing_agrees`)."""
+    device = micro.response_ids.device
+    mask = micro.response_mask
+    targets = micro.response_ids[mask]
     with autocast_context(device, autocast):
         head = _plain_linear_head(model)
+        states = _prediction_states(model, micro, head, share_prompts)[mask]
         if head is not None:
-            hidden = model.get_decoder()(input_ids=batch.input_ids,
-                                         attention_mask=batch.attention_mask).last_hidden_state
-            selected = hidden[batch.rows, batch.cols]
             weight = head.weight
             if autocast is not None:
-                selected, weight = selected.to(autocast), weight.to(autocast)
+                states, weight = states.to(autocast), weight.to(autocast)
             bias = head.bias.to(weight.dtype) if head.bias is not None else None
             lp, entropy = lambdapo_ext.linear_token_logprobs(
-                selected, weight, batch.targets, bias=bias, temperature=temperature,
+                states, weight, targets, bias=bias, temperature=temperature,
                 return_entropy=True)
         else:
-            logits = model(input_ids=batch.input_ids,
-                           attention_mask=batch.attention_mask).logits
-            lp, entropy = lambdapo_ext.token_logprobs(
-                logits[batch.rows, batch.cols], batch.targets, temperature=temperature,
-                return_entropy=True)
-    out_lp = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=device)
+            lp, entropy = lambdapo_ext.token_logprobs(states, targets, temperature=temperature,
+                                                      return_entropy=True)
+    out_lp = torch.zeros(mask.shape, dtype=torch.float32, device=device)
     out_h = torch.zeros_like(out_lp)
-    out_lp = out_lp.masked_scatter(batch.response_mask, lp.float())
-    out_h = out_h.masked_scatter(batch.response_mask, entropy.float())
-    return out_lp, out_h
+    return out_lp.masked_scatter(mask, lp.float()), out_h.masked_scatter(mask, entropy.float())
+
+
+@torch.no_grad()
+def prompt_sharing_agrees(model, micro: MicroBatch, temperature: float, *,
+                          autocast: torch.dtype | None = None) -> bool:
+    """Whether the shared-prompt forward gives this model's log-probs: some models' caches
+    cannot be repeated per row or their forward reads positions another way, so the trainer
+    checks once on a real micro-batch before it relies on sharing."""
+    try:
+        shared, _ = response_logprobs(model, micro, temperature, autocast=autocast)
+    except Exception:   # noqa: BLE001 - a cache without batch_select_indices, ...
+        return False
+    plain, _ = response_logprobs(model, micro, temperature, autocast=autocast,
+                                 share_prompts=False)
+    tolerance = 1e-3 if autocast is None else 0.1
+    return bool((shared - plain).abs().max() <= tolerance)

@@ -1,11 +1,18 @@
 """The LambdaPO training loop.
 
-One step: take ``prompts_per_step`` prompts -> sample ``group_size`` responses each with
-the rollout engine (transformers or vLLM) -> score them -> the trainer's log-probs of the
-responses (behaviour policy, no grad) and their importance weights over the engine's
-log-probs (rollout correction) -> confidence scores and advantages -> ``ppo_epochs``
-passes of PPO-clip over ``mini_batches`` optimizer steps, each accumulated over
-micro-batches -> the engine serves the new weights. Outputs go to one run directory:
+One step is collect -> score -> update:
+
+* collect: take ``prompts_per_step`` prompts, sample ``group_size`` responses each with the
+  rollout engine (transformers or vLLM) into one :class:`~lambdapo.batch.RolloutBatch` on
+  the policy's device;
+* score: rewards, confidence scores and advantages (and, when the update cannot be its own
+  behaviour forward, the trainer's log-probs of the responses with their importance
+  weights over the engine's: rollout correction);
+* update: ``ppo_epochs`` passes of PPO-clip over ``mini_batches`` optimizer steps, each
+  accumulated over micro-batches of similar response lengths that share their prompts'
+  forward; then the engine serves the new weights.
+
+Outputs go to one run directory:
 ``config.yaml``, ``metrics.jsonl``, ``samples.jsonl``, TensorBoard events, ``curves.png``,
 ``checkpoints/``.
 """
@@ -21,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import advantages as adv_lib
 from . import checkpoint as ckpt
 from .config import LambdapoWarning, TrainConfig, config_changes, save_config, to_dict
-from .data import PromptSampler, load_split
+from .batch import MicroBatch, RolloutBatch, plan_micro_batches
+from .data import PromptEncoder, PromptSampler, load_split
 from .loss import BatchTotals, policy_loss, rollout_is_weights
-from .policy import (autocast_dtype, build_batch, load_policy, pick_device,
+from .policy import (autocast_dtype, load_policy, pick_device, prompt_sharing_agrees,
                      resolve_model_path, response_logprobs)
 from .rewards import MathVerifyReward, RewardManager
 from .rollout import SamplingParams, build_engine
@@ -38,6 +47,15 @@ class EvalResult:
     accuracy: float      # mean over prompts and samples of the math_verify reward
     reward: float        # mean total reward
     samples: int
+
+
+@dataclass
+class Scored:
+    """What scoring a step's batch gives besides the tensors it sets on the batch."""
+    texts: list[str]                      # decoded responses
+    total: list[float]                    # total reward per response
+    per_function: dict[str, list[float]]  # each reward function's values
+    correct: list[float]                  # math_verify reward per response
 
 
 class Trainer:
@@ -72,8 +90,9 @@ class Trainer:
             if config.algorithm.kl_coef > 0:
                 self.ref_model, _ = load_policy(config.model, self.device)
                 self.ref_model.eval().requires_grad_(False)
-            self.eos = self.tokenizer.eos_token_id
             self.pad = self.tokenizer.pad_token_id
+            self.encoder = PromptEncoder(self.tokenizer, config.data)
+            self.share_prompts: bool | None = None   # decided on the first micro-batch
             self.rewards = RewardManager.from_config(config.reward)
             self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
                                                     config.reward.timeout_s)
@@ -104,47 +123,31 @@ class Trainer:
         except BaseException:
             self._lock.close()
             raise
-        self._prompt_cache: dict[str, list[int]] = {}
-        self._solution_cache: dict[str, list[int]] = {}
 
-    # ----------------------------------------------------------------------------- data
-    def _prompt_ids(self, row: dict) -> list[int]:
-        text = row["prompt"]
-        if text not in self._prompt_cache:
-            if self._use_chat_template():
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], add_generation_prompt=True,
-                    tokenize=True)
-                # transformers 5 returns a BatchEncoding, 4.x a list of ids.
-                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            else:
-                ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-            if len(ids) > self.config.data.max_prompt_tokens:
-                raise ValueError(f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens="
-                                 f"{self.config.data.max_prompt_tokens}: {text[:80]!r}")
-            self._prompt_cache[text] = ids
-        return self._prompt_cache[text]
-
-    def _use_chat_template(self) -> bool:
-        mode = self.config.data.chat_template
-        has = getattr(self.tokenizer, "chat_template", None) is not None
-        if mode == "on" and not has:
-            raise ValueError("data.chat_template=on but the tokenizer has no chat template")
-        return mode == "on" or (mode == "auto" and has)
-
-    def _columns(self, rows: list[dict], n: int) -> dict[str, list]:
-        columns: dict[str, list] = {}
-        for key in rows[0]:
-            columns[key] = [row[key] for row in rows for _ in range(n)]
-        solution_ids = [self._solution_ids(row["solution"]) for row in rows]
-        columns["solution_ids"] = [ids for ids in solution_ids for _ in range(n)]
-        columns["group_index"] = [p for p in range(len(rows)) for _ in range(n)]
-        return columns
-
-    def _solution_ids(self, text: str) -> list[int]:
-        if text not in self._solution_cache:
-            self._solution_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._solution_cache[text]
+    # ----------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, temperature: float | None = None) -> EvalResult:
+        """Held-out accuracy: the math_verify reward averaged over ``eval_samples`` samples
+        per prompt at ``temperature`` (None: ``eval_temperature``, whose negative values
+        mean the rollout temperature; 0: greedy, one sample). Sampling is seeded apart from
+        training's, so evaluating does not change what training draws next."""
+        cfg = self.config
+        if temperature is None:
+            temperature = cfg.eval_temperature
+        if temperature < 0:
+            temperature = cfg.rollout.temperature
+        n = 1 if temperature == 0 else cfg.eval_samples
+        params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        with self.engine.reseeded(cfg.seed + 12345):
+            rollout = self.engine.generate(
+                [self.encoder.prompt_ids(r) for r in self.eval_rows], params)
+        texts = self._decode(rollout.completion_ids)
+        columns = self.encoder.columns(self.eval_rows, n)
+        prompts = [row["prompt"] for row in self.eval_rows for _ in range(n)]
+        total, per_function = self.rewards.score(prompts, texts, rollout.completion_ids, columns)
+        correct = self._correct(per_function, prompts, texts, rollout.completion_ids, columns)
+        return EvalResult(sum(correct) / len(correct), sum(total) / len(total), len(correct))
 
     def _decode(self, ids: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -155,93 +158,37 @@ class Trainer:
             return per_function["math_verify"]
         return self.accuracy_reward(prompts, texts, completion_ids, **columns)
 
-    # ----------------------------------------------------------------------------- eval
-    @torch.no_grad()
-    def evaluate(self) -> EvalResult:
-        """Held-out accuracy: the math_verify reward averaged over ``eval_samples`` samples
-        per prompt at ``eval_temperature`` (< 0: the rollout temperature; 0: greedy, one
-        sample)."""
-        cfg = self.config
-        temperature = cfg.rollout.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
-        n = 1 if temperature == 0 else cfg.eval_samples
-        params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
-        # Evaluation draws from its own generator so that it does not shift training's.
-        saved = self.engine.generator_state()
-        self.engine.generator.manual_seed(cfg.seed + 12345)
-        try:
-            rollout = self.engine.generate([self._prompt_ids(r) for r in self.eval_rows], params)
-        finally:
-            self.engine.set_generator_state(saved)
-        texts = self._decode(rollout.completion_ids)
-        columns = self._columns(self.eval_rows, n)
-        prompts = [row["prompt"] for row in self.eval_rows for _ in range(n)]
-        total, per_function = self.rewards.score(prompts, texts, rollout.completion_ids, columns)
-        correct = self._correct(per_function, prompts, texts, rollout.completion_ids, columns)
-        return EvalResult(sum(correct) / len(correct), sum(total) / len(total), len(correct))
-
     # ----------------------------------------------------------------------------- train
     def train_step(self) -> dict:
-        cfg, algo = self.config, self.config.algorithm
+        """One step: :meth:`collect` -> :meth:`score` -> :meth:`update`, then the engine
+        serves the new weights. Returns the step's metrics."""
+        cfg = self.config
         t0 = time.perf_counter()
         rows = self.sampler.take(cfg.prompts_per_step)
-        prompt_ids = [self._prompt_ids(r) for r in rows]
-        g = cfg.rollout.group_size
-        params = SamplingParams(n=g, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
-        rollout = self.engine.generate(prompt_ids, params)
+        batch = self.collect(rows)
         gen_time = time.perf_counter() - t0
-
-        texts = self._decode(rollout.completion_ids)
-        prompts = [row["prompt"] for row in rows for _ in range(g)]
-        columns = self._columns(rows, g)
-        total, per_function = self.rewards.score(prompts, texts, rollout.completion_ids, columns)
-        correct = self._correct(per_function, prompts, texts, rollout.completion_ids, columns)
-
-        seq_prompts = [ids for ids in prompt_ids for _ in range(g)]
-        responses = rollout.completion_ids
-        mask, engine_lp = _response_tensors(responses, rollout.logprobs, self.device)
-        fused = self._behaviour_from_update()
-        if fused:
-            # pi_old is the training forward's own (detached) log-probs; the scores need
-            # them before it, and the engine's are the same numbers (see
-            # _behaviour_from_update), so they serve.
-            old_lp = ref_lp = is_weights = entropy = None
-            mismatch = {}
-            scores = adv_lib.sequence_scores(engine_lp, mask.float(), algo.lambda_score)
-        else:
-            old_lp, entropy, ref_lp = self._behaviour_logprobs(seq_prompts, responses)
-            is_weights, mismatch = rollout_is_weights(old_lp, engine_lp, mask,
-                                                      level=algo.rollout_is,
-                                                      cap=algo.rollout_is_cap)
-            scores = adv_lib.sequence_scores(old_lp, mask.float(), algo.lambda_score)
-        rewards_t = torch.tensor(total, dtype=torch.float32, device=self.device).view(-1, g)
-        advantages = adv_lib.compute_advantages(rewards_t, scores.view(-1, g), algo).view(-1)
-
+        scored = self.score(batch, rows)
         t1 = time.perf_counter()
-        update = self._update(seq_prompts, responses, old_lp, ref_lp, advantages, mask,
-                              is_weights, engine_lp)
-        if fused:
-            entropy = update.pop("entropy_tensor")
-            mismatch = update.pop("mismatch")
+        update = self.update(batch)
         self.engine.sync_weights()
         self.step += 1
-        tokens = rollout.num_tokens
-        n_tok = max(tokens, 1)
+        mask = batch.response_mask
+        tokens = batch.num_tokens
+        total = scored.total
         metrics = {
             "step": self.step,
             "reward": sum(total) / len(total),
-            **{f"reward/{k}": sum(v) / len(v) for k, v in per_function.items()},
-            "accuracy": sum(correct) / len(correct),
-            "advantage/mean": float(advantages.mean()),
-            "advantage/std": float(advantages.std()),
-            "advantage/abs_mean": float(advantages.abs().mean()),
-            "score/mean": float(scores.mean()),
-            "entropy": float((entropy * mask).sum() / n_tok),
-            "response_length": tokens / len(responses),
-            "finished": sum(rollout.finished) / len(rollout.finished),
+            **{f"reward/{k}": sum(v) / len(v) for k, v in scored.per_function.items()},
+            "accuracy": sum(scored.correct) / len(scored.correct),
+            "advantage/mean": float(batch.advantages.mean()),
+            "advantage/std": float(batch.advantages.std()),
+            "advantage/abs_mean": float(batch.advantages.abs().mean()),
+            "score/mean": float(batch.scores.mean()),
+            "entropy": float((batch.entropy * mask).sum() / max(tokens, 1)),
+            "response_length": tokens / batch.size,
+            "finished": sum(batch.finished) / batch.size,
             **update,
-            **mismatch,
+            **batch.mismatch,
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": tokens / max(gen_time, 1e-9),
             "gen_time": gen_time,
@@ -251,8 +198,49 @@ class Trainer:
         }
         if self.rewards.errors:
             metrics["reward_errors"] = sum(self.rewards.errors.values())
-        self._log_samples(rows[0]["prompt"], texts[:cfg.log_samples], total[:cfg.log_samples])
+        self._log_samples(rows[0]["prompt"], scored.texts[:cfg.log_samples],
+                          total[:cfg.log_samples])
         return metrics
+
+    def collect(self, rows: list[dict]) -> RolloutBatch:
+        """Samples ``rollout.group_size`` responses per row with the engine."""
+        cfg = self.config
+        prompts = [self.encoder.prompt_ids(r) for r in rows]
+        params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
+                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                                max_new_tokens=cfg.rollout.max_new_tokens)
+        rollout = self.engine.generate(prompts, params)
+        return RolloutBatch.from_rollout(prompts, rollout, params.n, self.pad, self.device)
+
+    def score(self, batch: RolloutBatch, rows: list[dict]) -> Scored:
+        """Rewards, confidence scores and advantages of ``batch`` (set on it, on the
+        device). When the update cannot serve as its own behaviour forward
+        (:meth:`_behaviour_from_update`), pi_old, the reference's log-probs, the
+        rollout-correction weights and the entropy are computed here first."""
+        algo = self.config.algorithm
+        g = batch.group_size
+        texts = self._decode(batch.completion_ids)
+        prompts = [row["prompt"] for row in rows for _ in range(g)]
+        columns = self.encoder.columns(rows, g)
+        total, per_function = self.rewards.score(prompts, texts, batch.completion_ids, columns)
+        correct = self._correct(per_function, prompts, texts, batch.completion_ids, columns)
+        mask = batch.response_mask.float()
+        if self._behaviour_from_update():
+            # pi_old is the training forward's own (detached) log-probs; the scores need
+            # them before it, and the engine's are the same numbers (see
+            # _behaviour_from_update), so they serve.
+            batch.scores = adv_lib.sequence_scores(batch.engine_logprobs, mask,
+                                                   algo.lambda_score)
+        else:
+            self._behaviour_logprobs(batch)
+            batch.is_weights, batch.mismatch = rollout_is_weights(
+                batch.old_logprobs, batch.engine_logprobs, batch.response_mask,
+                level=algo.rollout_is, cap=algo.rollout_is_cap)
+            batch.scores = adv_lib.sequence_scores(batch.old_logprobs, mask, algo.lambda_score)
+        batch.rewards = torch.tensor(total, dtype=torch.float32, device=self.device)
+        batch.advantages = adv_lib.compute_advantages(
+            batch.rewards.view(-1, g), batch.scores.view(-1, g), algo).view(-1)
+        return Scored(texts, total, per_function, correct)
 
     def _behaviour_from_update(self) -> bool:
         """Whether pi_old can be the training forward's detached log-probs (no forward of
@@ -265,83 +253,91 @@ class Trainer:
             return False
         engine_exact = (self.engine.name == "transformers" and self.autocast is None
                         and cfg.rollout.top_k == 0 and cfg.rollout.top_p == 1.0)
-        return engine_exact or algo.adv_estimator != "lambdapo"
+        return engine_exact or not adv_lib.ESTIMATORS[algo.adv_estimator].uses_scores
+
+    def _micro_batches(self, batch: RolloutBatch, rows: list[int]) -> list[MicroBatch]:
+        lengths = [batch.response_length(r) for r in range(batch.size)]
+        parts = plan_micro_batches(lengths, rows, self.config.micro_batch_size)
+        return [batch.micro_batch(part) for part in parts]
+
+    def _logprobs(self, model, micro: MicroBatch) -> tuple[Tensor, Tensor]:
+        if self.share_prompts is None:   # checked once, on the first real micro-batch
+            was_training = self.model.training
+            self.model.eval()
+            self.share_prompts = prompt_sharing_agrees(
+                self.model, micro, self.config.rollout.temperature, autocast=self.autocast)
+            self.model.train(was_training)
+            if not self.share_prompts:
+                warnings.warn("this model's key-value cache cannot be shared between the "
+                              "responses of a prompt; every response runs with its prompt",
+                              LambdapoWarning, stacklevel=3)
+        return response_logprobs(model, micro, self.config.rollout.temperature,
+                                 autocast=self.autocast, share_prompts=self.share_prompts)
 
     @torch.no_grad()
-    def _behaviour_logprobs(self, prompts, responses):
-        temperature = self.config.rollout.temperature
-        chunks_lp, chunks_h, chunks_ref = [], [], []
-        width = max(max((len(r) for r in responses), default=1), 1)
+    def _behaviour_logprobs(self, batch: RolloutBatch) -> None:
+        """pi_old, its entropy and the reference's log-probs of every row, set on ``batch``."""
+        old = torch.zeros_like(batch.engine_logprobs)
+        entropy = torch.zeros_like(old)
+        ref = torch.zeros_like(old) if self.ref_model is not None else None
         self.model.eval()
-        for start in range(0, len(responses), self.config.micro_batch_size):
-            end = start + self.config.micro_batch_size
-            batch = build_batch(prompts[start:end], responses[start:end], self.pad, self.device)
-            lp, h = response_logprobs(self.model, batch, temperature, autocast=self.autocast)
-            chunks_lp.append(_pad_to(lp, width))
-            chunks_h.append(_pad_to(h, width))
-            if self.ref_model is not None:
-                ref, _ = response_logprobs(self.ref_model, batch, temperature,
-                                           autocast=self.autocast)
-                chunks_ref.append(_pad_to(ref, width))
+        for micro in self._micro_batches(batch, list(range(batch.size))):
+            lp, h = self._logprobs(self.model, micro)
+            old[micro.rows, :micro.width] = lp
+            entropy[micro.rows, :micro.width] = h
+            if ref is not None:
+                ref[micro.rows, :micro.width] = self._logprobs(self.ref_model, micro)[0]
         self.model.train()
-        ref = torch.cat(chunks_ref) if chunks_ref else None
-        return torch.cat(chunks_lp), torch.cat(chunks_h), ref
+        batch.old_logprobs, batch.entropy, batch.ref_logprobs = old, entropy, ref
 
-    def _update(self, prompts, responses, old_lp, ref_lp, advantages, mask, is_weights,
-                engine_lp) -> dict:
-        """PPO-clip passes over the batch. ``old_lp`` None: pi_old is each micro-batch's own
-        detached log-probs (see _behaviour_from_update); the rollout-correction weights and
-        the reference's log-probs are then computed per micro-batch, and the result also
-        holds ``entropy_tensor`` [B, T] and the ``mismatch`` metrics."""
+    def update(self, batch: RolloutBatch) -> dict:
+        """PPO-clip passes over ``batch``: ``ppo_epochs`` x ``mini_batches`` optimizer steps,
+        each accumulated over micro-batches. Without a separate behaviour forward
+        (``batch.old_logprobs`` None) pi_old is each micro-batch's own detached log-probs,
+        and the rollout-correction weights, the reference's log-probs, the entropy and the
+        mismatch metrics are computed here (set on ``batch``). Returns the update's
+        metrics."""
         cfg, algo = self.config, self.config.algorithm
         sums = {"clipped": 0.0, "ratio": 0.0, "tokens": 0.0, "kl": 0.0}
         losses, grad_norms = [], []
-        count = len(responses)
-        fused = old_lp is None
+        count = batch.size
+        fused = batch.old_logprobs is None
         if fused:
-            seen_lp, seen_h = torch.zeros_like(engine_lp), torch.zeros_like(engine_lp)
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+            seen_lp = torch.zeros_like(batch.engine_logprobs)
+            seen_h = torch.zeros_like(batch.engine_logprobs)
         for _ in range(algo.ppo_epochs):
             order = torch.randperm(count, generator=self.shuffle).tolist()
             for part in range(algo.mini_batches):
                 mini = order[part * count // algo.mini_batches:(part + 1) * count // algo.mini_batches]
                 if not mini:
                     continue
-                # Micro-batches of similar lengths pad little (the loss is a sum of shares,
-                # so their order does not change it).
-                mini.sort(key=lambda i: lengths[i])
-                totals = BatchTotals(tokens=int(mask[mini].sum()), sequences=len(mini),
+                totals = BatchTotals(tokens=sum(batch.response_length(r) for r in mini),
+                                     sequences=len(mini),
                                      max_new_tokens=cfg.rollout.max_new_tokens)
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_loss = 0.0
-                for start in range(0, len(mini), cfg.micro_batch_size):
-                    idx = mini[start:start + cfg.micro_batch_size]
-                    batch = build_batch([prompts[i] for i in idx], [responses[i] for i in idx],
-                                        self.pad, self.device)
-                    lp, h = response_logprobs(self.model, batch, cfg.rollout.temperature,
-                                              autocast=self.autocast)
-                    width = lp.shape[1]
-                    index = torch.tensor(idx, device=self.device)
-                    micro_mask = mask[index, :width]
+                for micro in self._micro_batches(batch, mini):
+                    lp, h = self._logprobs(self.model, micro)
+                    rows, width, mask = micro.rows, micro.width, micro.response_mask
                     if fused:
                         old = lp.detach()
-                        seen_lp[index, :width] = old
-                        seen_h[index, :width] = h.detach()
-                        weights, _ = rollout_is_weights(old, engine_lp[index, :width],
-                                                        micro_mask, level=algo.rollout_is,
+                        seen_lp[rows, :width] = old
+                        seen_h[rows, :width] = h.detach()
+                        weights, _ = rollout_is_weights(old, batch.engine_logprobs[rows, :width],
+                                                        mask, level=algo.rollout_is,
                                                         cap=algo.rollout_is_cap)
                         ref = None
                         if self.ref_model is not None:
                             with torch.no_grad():
-                                ref, _ = response_logprobs(self.ref_model, batch,
-                                                           cfg.rollout.temperature,
-                                                           autocast=self.autocast)
+                                ref = self._logprobs(self.ref_model, micro)[0]
                     else:
-                        old = old_lp[index, :width]
-                        weights = None if is_weights is None else is_weights[index, :width]
-                        ref = None if ref_lp is None else ref_lp[index, :width]
+                        old = batch.old_logprobs[rows, :width]
+                        weights = (None if batch.is_weights is None
+                                   else batch.is_weights[rows, :width])
+                        ref = (None if batch.ref_logprobs is None
+                               else batch.ref_logprobs[rows, :width])
                     loss, m = policy_loss(
-                        lp, old, advantages[index], micro_mask,
+                        lp, old, batch.advantages[rows], mask,
                         clip_low=algo.clip_low, clip_high=algo.clip_high,
                         agg_mode=algo.loss_agg_mode, totals=totals, ref_logprobs=ref,
                         kl_coef=algo.kl_coef, is_weights=weights)
@@ -365,10 +361,10 @@ class Trainer:
         if algo.kl_coef > 0:
             out["kl"] = sums["kl"] / tokens
         if fused:
-            _, out["mismatch"] = rollout_is_weights(seen_lp, engine_lp, mask,
-                                                    level=algo.rollout_is,
-                                                    cap=algo.rollout_is_cap)
-            out["entropy_tensor"] = seen_h
+            _, batch.mismatch = rollout_is_weights(seen_lp, batch.engine_logprobs,
+                                                   batch.response_mask, level=algo.rollout_is,
+                                                   cap=algo.rollout_is_cap)
+            batch.entropy = seen_h
         return out
 
     # ----------------------------------------------------------------------------- outputs
@@ -479,22 +475,6 @@ class Trainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _response_tensors(responses: list[list[int]], logprobs: list[list[float]],
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask [B, T] bool, engine log-probs [B, T] float32, 0 off the response) from the
-    rollout's rows, T the longest response (>= 1), built in one host-to-device copy."""
-    width = max(max((len(r) for r in responses), default=1), 1)
-    padded = [row + [0.0] * (width - len(row)) for row in logprobs]
-    lengths = torch.tensor([len(r) for r in responses])
-    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-    return (mask.to(device, non_blocking=True),
-            torch.tensor(padded, dtype=torch.float32).to(device, non_blocking=True))
-
-
-def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1])) if t.shape[1] < width else t
 
 
 def _schedule(kind: str, warmup: int, total: int):

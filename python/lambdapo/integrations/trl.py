@@ -33,18 +33,15 @@ from dataclasses import dataclass, field
 import torch
 
 import lambdapo_ext
+from lambdapo_ext.ops import NORMALIZE_MODES
 
-from ..advantages import sequence_scores
+from ..advantages import SCORE_MODES, sequence_scores
 from ..rewards import semantic_density_to_texts
 
 try:
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as exc:   # pragma: no cover - exercised without TRL
     raise ImportError("lambdapo.integrations.trl needs TRL: pip install 'lambdapo[trl]'") from exc
-
-SCORES = ("mean", "sum")
-NORMALIZE = ("mean", "none", "std")
-
 
 @dataclass
 class LambdaPOConfig(GRPOConfig):
@@ -76,10 +73,10 @@ def check_lambda_settings(args) -> None:
     beta = float(getattr(args, "lambda_beta", 1.0))
     if beta != beta or abs(beta) == float("inf"):
         raise ValueError(f"lambda_beta must be finite, got {beta}")
-    if getattr(args, "lambda_score", "mean") not in SCORES:
-        raise ValueError(f"lambda_score must be one of {SCORES}, got {args.lambda_score!r}")
-    if getattr(args, "lambda_normalize", "mean") not in NORMALIZE:
-        raise ValueError(f"lambda_normalize must be one of {NORMALIZE}, got "
+    if getattr(args, "lambda_score", "mean") not in SCORE_MODES:
+        raise ValueError(f"lambda_score must be one of {SCORE_MODES}, got {args.lambda_score!r}")
+    if getattr(args, "lambda_normalize", "mean") not in NORMALIZE_MODES:
+        raise ValueError(f"lambda_normalize must be one of {NORMALIZE_MODES}, got "
                          f"{args.lambda_normalize!r}")
     if getattr(args, "semantic_density_weight", 0.0) < 0:
         raise ValueError(f"semantic_density_weight must be >= 0, got "

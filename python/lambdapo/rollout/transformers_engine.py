@@ -1,105 +1,17 @@
-"""Generation backends behind one interface.
+"""Generation with the policy's own transformers model.
 
-An engine samples ``n`` responses per prompt and returns them grouped (prompt p's
-responses are rows p*n .. p*n+n-1) with the log-prob of every sampled token under the
-*processed* distribution it was drawn from (logits / temperature, then top-k / top-p), the
-convention of vLLM's processed log-probs.
-
-``TransformersEngine`` runs the policy model itself with a key-value cache, so it always
-serves the current weights; its sampling uses its own ``torch.Generator`` whose state is
-part of a checkpoint (resumed runs draw the same samples). ``VLLMEngine``
-(:mod:`lambdapo.rollout_vllm`) runs a colocated vLLM engine that gets the weights pushed
-after every optimizer step. :func:`build_engine` picks one from ``rollout.engine``.
+``TransformersEngine`` runs the trainer's model itself with a key-value cache, so it always
+serves the current weights and needs no push; its samples come from the engine's seeded
+generator (:class:`lambdapo.rollout.base.RolloutEngine`).
 """
 
 from __future__ import annotations
 
-import inspect
-import warnings
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
-from .policy import autocast_context, autocast_dtype
-
-
-@dataclass
-class SamplingParams:
-    n: int = 1
-    temperature: float = 1.0    # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-
-
-@dataclass
-class Rollout:
-    """Responses grouped by prompt: entry p*n + k is prompt p's k-th response."""
-    completion_ids: list[list[int]]     # without padding; ends with EOS when finished
-    logprobs: list[list[float]]         # sampled tokens' processed log-probs
-    finished: list[bool]                # ended with EOS (else cut at max_new_tokens)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c) for c in self.completion_ids)
-
-
-class RolloutEngineError(RuntimeError):
-    """An engine could not be built or failed to generate (the cause is in the message)."""
-
-
-class RolloutEngine(Protocol):
-    name: str
-    generator: torch.Generator   # draws the samples; evaluation reseeds it
-
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
-        """Samples ``params.n`` responses for each prompt."""
-
-    def sync_weights(self) -> None:
-        """Makes the engine serve the trainer's current weights."""
-
-    def generator_state(self) -> Tensor:
-        """The sampling RNG state (uint8 tensor), for checkpoints."""
-
-    def set_generator_state(self, state: Tensor) -> None: ...
-
-    def close(self) -> None:
-        """Frees the engine's resources."""
-
-
-def build_engine(config: TrainConfig, model, tokenizer, model_path: str) -> RolloutEngine:
-    """The engine ``config.rollout.engine`` names (``auto``: vLLM when it imports, else
-    transformers, with a warning if vLLM is installed but broken) around the trainer's
-    ``model``; ``model_path`` is its folder.
-
-    Raises:
-        RolloutEngineError: ``vllm`` was asked for and cannot start (see VLLMEngine).
-    """
-    from .rollout_vllm import VLLMEngine, vllm_available, vllm_import_error
-
-    rollout = config.rollout
-    name = rollout.engine
-    if name == "auto":
-        error = vllm_import_error()
-        if error is not None and vllm_available():
-            warnings.warn(f"rollout.engine=auto: vLLM is installed but {error}; generating "
-                          f"with transformers", RuntimeWarning, stacklevel=2)
-        name = "vllm" if error is None else "transformers"
-    if name == "transformers":
-        return TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                  seed=config.seed, autocast_dtype=autocast_dtype(config.model))
-    max_len = rollout.max_model_len or min(
-        config.data.max_prompt_tokens + rollout.max_new_tokens,
-        getattr(model.config, "max_position_embeddings", None) or 1 << 30)
-    return VLLMEngine(model, model_path, eos_token_id=tokenizer.eos_token_id, seed=config.seed,
-                      dtype=config.model.dtype, max_model_len=max_len,
-                      gpu_memory_utilization=rollout.gpu_memory_utilization,
-                      kv_cache_bytes=int(rollout.kv_cache_gb * 2**30),
-                      sleep_level=rollout.sleep_level, bucket_mb=rollout.weight_bucket_mb,
-                      trust_remote_code=config.model.trust_remote_code)
+from ..policy import autocast_context, cache_argument, cache_of
+from .base import Rollout, RolloutEngine, SamplingParams
 
 
 def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -119,12 +31,7 @@ def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def _cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-class TransformersEngine:
+class TransformersEngine(RolloutEngine):
     """Sampling with the policy's own transformers model (key-value cache, batched)."""
 
     name = "transformers"
@@ -136,23 +43,14 @@ class TransformersEngine:
         self.pad = pad_token_id
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        # transformers renamed past_key_values to cache (5.x); accept either.
-        forward_args = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        super().__init__(seed, next(model.parameters()).device)
+        self._cache_arg = cache_argument(model)
 
     def sync_weights(self) -> None:
         """Nothing to do: the engine runs the trainer's model."""
 
     def close(self) -> None:
         """Nothing to free: the model belongs to the trainer."""
-
-    def generator_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_generator_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
@@ -194,7 +92,7 @@ class TransformersEngine:
         with autocast_context(device, self.autocast_dtype):
             out = self.model(input_ids=input_ids, attention_mask=attention[:, :longest],
                              position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = _cache_of(out)
+        cache = cache_of(out)
         logits = out.logits[:, -1]
         if params.n > 1:
             cache.batch_repeat_interleave(params.n)
@@ -230,7 +128,7 @@ class TransformersEngine:
                                  attention_mask=attention[:, :longest + t + 1],
                                  position_ids=next_position, use_cache=True, logits_to_keep=1,
                                  **{self._cache_arg: cache})
-            cache = _cache_of(out)
+            cache = cache_of(out)
             next_position = next_position + 1
         finished = (lengths < params.max_new_tokens) | \
             (tokens.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == self.eos)

