@@ -2,7 +2,10 @@
 
 ``TransformersEngine`` runs the trainer's model itself with a key-value cache, so it always
 serves the current weights and needs no push; its samples come from the engine's seeded
-generator (:class:`lambdapo.rollout.base.RolloutEngine`).
+generator (:class:`lambdapo.rollout.base.RolloutEngine`). The prompts run once (prefill);
+the decode steps run over preallocated key-value buffers
+(:class:`~lambdapo.rollout.static_decode.StaticDecoder`) for the Llama-family models it
+checks out on, else through transformers' own forward and cache.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import torch
 from torch import Tensor
 
 from ..policy import autocast_context, cache_argument, cache_of
+from . import static_decode
 from .base import Rollout, RolloutEngine, SamplingParams
+from .static_decode import StaticDecoder
 
 
 def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -44,7 +49,8 @@ class TransformersEngine(RolloutEngine):
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
         super().__init__(seed, next(model.parameters()).device)
-        self._cache_arg = cache_argument(model)
+        # Whether StaticDecoder serves this model, checked once on the first generation.
+        self.static_decode: bool | None = None
 
     def sync_weights(self) -> None:
         """Nothing to do: the engine runs the trainer's model."""
@@ -73,66 +79,84 @@ class TransformersEngine(RolloutEngine):
         (prefill) and their cache repeated, then rows p*n .. p*n+n-1 decode prompt p."""
         device = self.generator.device
         longest, batch = max(len(p) for p in prompts), len(prompts) * params.n
-        width = longest + params.max_new_tokens
-        # Left padding: every row's next token is at the same column. The attention mask is
-        # allocated for the whole generation once and filled column by column.
+        # Left padding: every row's next token is at the same column.
         input_ids = torch.tensor([[self.pad] * (longest - len(p)) + p for p in prompts])
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, ids in enumerate(prompts):
-            attention[i, longest - len(ids):longest] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention[:, :longest].cumsum(-1) - 1).clamp(min=0)
+        prompt_mask = (torch.arange(longest) >= longest - torch.tensor(
+            [len(p) for p in prompts]).unsqueeze(1)).long()
+        input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
         tokens = torch.full((batch, params.max_new_tokens), self.pad, dtype=torch.long,
                             device=device)
         token_logprobs = torch.zeros((batch, params.max_new_tokens), device=device)
         lengths = torch.full((batch,), params.max_new_tokens, dtype=torch.long, device=device)
-        # Rows still decoding, in the order of the cache's rows: finished rows leave the
-        # batch (and the cache) instead of being computed until the longest one ends.
+        # Rows still decoding, in the decoder's order: finished rows leave the batch.
         active = torch.arange(batch, device=device)
         with autocast_context(device, self.autocast_dtype):
-            out = self.model(input_ids=input_ids, attention_mask=attention[:, :longest],
-                             position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = cache_of(out)
-        logits = out.logits[:, -1]
-        if params.n > 1:
-            cache.batch_repeat_interleave(params.n)
-            logits = logits.repeat_interleave(params.n, dim=0)
-            attention = attention.repeat_interleave(params.n, dim=0)
-            positions = positions.repeat_interleave(params.n, dim=0)
-        next_position = positions[:, -1:] + 1
-        for t in range(params.max_new_tokens):
-            if t:
-                logits = out.logits[:, -1]
-            if params.temperature == 0:
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                next_token = logp.argmax(-1)
-            else:
-                logp = process_logits(logits, params)
-                next_token = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(1)
-            tokens[active, t] = next_token
-            token_logprobs[active, t] = logp.gather(-1, next_token.unsqueeze(-1)).squeeze(-1)
-            if t + 1 == params.max_new_tokens:
-                break
-            ended = next_token == self.eos
-            if bool(ended.any()):
-                lengths[active[ended]] = t + 1
-                keep = (~ended).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                active, next_token = active[keep], next_token[keep]
-                attention, next_position = attention[keep], next_position[keep]
-                cache.batch_select_indices(keep)
-            attention[:, longest + t] = 1
-            with autocast_context(device, self.autocast_dtype):
-                out = self.model(input_ids=next_token.unsqueeze(-1),
-                                 attention_mask=attention[:, :longest + t + 1],
-                                 position_ids=next_position, use_cache=True, logits_to_keep=1,
-                                 **{self._cache_arg: cache})
+            out = self.model(input_ids=input_ids, attention_mask=prompt_mask,
+                             position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=1)
             cache = cache_of(out)
-            next_position = next_position + 1
+            logits = out.logits[:, -1]
+            if params.n > 1:
+                cache.batch_repeat_interleave(params.n)
+                logits = logits.repeat_interleave(params.n, dim=0)
+                prompt_mask = prompt_mask.repeat_interleave(params.n, dim=0)
+            if self.static_decode is None:
+                self.static_decode = static_decode.matches_model(self.model)
+            decoder_type = StaticDecoder if self.static_decode else _DynamicCacheDecoder
+            decoder = decoder_type(self.model, cache, prompt_mask, params.max_new_tokens)
+            for t in range(params.max_new_tokens):
+                if params.temperature == 0:
+                    logp = torch.log_softmax(logits.float(), dim=-1)
+                    next_token = logp.argmax(-1)
+                else:
+                    logp = process_logits(logits, params)
+                    next_token = torch.multinomial(logp.exp(), 1,
+                                                   generator=self.generator).squeeze(1)
+                tokens[active, t] = next_token
+                token_logprobs[active, t] = logp.gather(-1, next_token.unsqueeze(-1)).squeeze(-1)
+                if t + 1 == params.max_new_tokens:
+                    break
+                ended = next_token == self.eos
+                if bool(ended.any()):
+                    lengths[active[ended]] = t + 1
+                    keep = (~ended).nonzero().squeeze(1)
+                    if keep.numel() == 0:
+                        break
+                    active, next_token = active[keep], next_token[keep]
+                    decoder.select(keep)
+                logits = decoder.step(next_token)
         finished = (lengths < params.max_new_tokens) | \
             (tokens.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == self.eos)
         lengths, finished = lengths.tolist(), finished.tolist()
         tokens, token_logprobs = tokens.tolist(), token_logprobs.tolist()
         return ([row[:n] for row, n in zip(tokens, lengths)],
                 [row[:n] for row, n in zip(token_logprobs, lengths)], finished)
+
+
+class _DynamicCacheDecoder:
+    """Decode steps through the model's own forward and transformers' cache: the path for
+    models :class:`~lambdapo.rollout.static_decode.StaticDecoder` does not serve."""
+
+    def __init__(self, model, cache, prompt_mask: Tensor, max_new_tokens: int):
+        self.model = model
+        self.cache = cache
+        self.cache_arg = cache_argument(model)
+        rows, self.width = prompt_mask.shape
+        # Allocated for the whole generation once and filled column by column.
+        self.attention = torch.cat([prompt_mask, prompt_mask.new_zeros(rows, max_new_tokens)], 1)
+        self.positions = prompt_mask.sum(-1, keepdim=True)
+
+    def select(self, keep: Tensor) -> None:
+        self.attention, self.positions = self.attention[keep], self.positions[keep]
+        self.cache.batch_select_indices(keep)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.attention[:, self.width] = 1
+        self.width += 1
+        out = self.model(input_ids=tokens.unsqueeze(-1),
+                         attention_mask=self.attention[:, :self.width],
+                         position_ids=self.positions, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: self.cache})
+        self.cache = cache_of(out)
+        self.positions = self.positions + 1
+        return out.logits[:, -1]

@@ -1,0 +1,157 @@
+"""Decode steps of Llama-family transformers models over preallocated key-value buffers.
+
+transformers' generic forward rebuilds Python state every decode step: its dynamic cache
+grows by concatenation (a copy of the whole cache per step), the attention mask is rebuilt,
+and the attention kernel runs on the grown tensors. For the small models of RL on a CPU
+that per-step work costs more than the matmuls. :class:`StaticDecoder` keeps one
+[rows, kv_heads, max_len, head_dim] buffer per layer and writes each new key and value into
+its column; a step runs the model's own modules (norms, projections, rotary embedding, MLP,
+head) with attention computed on the filled part of the buffers. Rows that finish stop
+being computed once a quarter of the buffer's rows have finished (the buffers are then
+compacted; until then a finished row costs a little compute and nothing else).
+
+It serves the architectures whose decoder layers are the Llama pattern (``model_type`` in
+:data:`StaticDecoder.MODEL_TYPES`); :meth:`StaticDecoder.matches_model` checks a model's own
+forward against it once, so a model that only looks the part falls back to transformers'.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor, nn
+
+
+class StaticDecoder:
+    """Decodes after a prefill: ``cache`` is transformers' cache of the prefill, one row per
+    sample, over ``prompt_mask`` ([rows, Lp] long, prompts left-padded so that every row's
+    next token goes to the same column); ``max_new_tokens`` bounds the steps."""
+
+    MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether ``model`` has the structure this decoder runs (checked, not trusted:
+        see :meth:`matches_model`)."""
+        config = model.config
+        if getattr(config, "model_type", None) not in cls.MODEL_TYPES:
+            return False
+        decoder = getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
+        if layers is None or not hasattr(decoder, "rotary_emb") or not len(layers):
+            return False
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window",
+                                                               True):
+            return False   # the buffers keep every column; a sliding window would not
+        attention = layers[0].self_attn
+        module = sys.modules[type(attention).__module__]
+        return (all(hasattr(attention, name) for name in
+                    ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"))
+                and hasattr(module, "apply_rotary_pos_emb"))
+
+    def __init__(self, model: nn.Module, cache, prompt_mask: Tensor, max_new_tokens: int):
+        self.model = model
+        self.decoder = model.model
+        layers = self.decoder.layers
+        attention = layers[0].self_attn
+        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.head_dim = attention.head_dim
+        self.scaling = attention.scaling
+        rows, prompt_width = prompt_mask.shape
+        self.column = prompt_width          # where the next token's key and value go
+        keys = [cache.layers[i].keys for i in range(len(layers))]
+        values = [cache.layers[i].values for i in range(len(layers))]
+        width = prompt_width + max_new_tokens
+        self.keys, self.values = [], []
+        for k, v in zip(keys, values):
+            buffer_k = k.new_zeros((rows, k.shape[1], width, k.shape[3]))
+            buffer_v = v.new_zeros((rows, v.shape[1], width, v.shape[3]))
+            buffer_k[:, :, :prompt_width] = k
+            buffer_v[:, :, :prompt_width] = v
+            self.keys.append(buffer_k)
+            self.values.append(buffer_v)
+        # Additive mask over the buffer's columns: -inf on the prompts' left padding.
+        dtype = keys[0].dtype
+        self.mask = torch.zeros((rows, 1, 1, width), dtype=dtype, device=prompt_mask.device)
+        self.mask[..., :prompt_width].masked_fill_(prompt_mask[:, None, None, :] == 0,
+                                                    float("-inf"))
+        self.positions = prompt_mask.sum(-1, keepdim=True)   # next position of every row
+        self.live = torch.arange(rows, device=prompt_mask.device)  # buffer row of each live row
+
+    def select(self, keep: Tensor) -> None:
+        """Keeps the live rows at positions ``keep`` (of the current live rows)."""
+        self.live = self.live[keep]
+        if self.live.numel() <= 3 * self.keys[0].shape[0] // 4:
+            self.keys = [k[self.live] for k in self.keys]
+            self.values = [v[self.live] for v in self.values]
+            self.mask = self.mask[self.live]
+            self.positions = self.positions[self.live]
+            self.live = torch.arange(self.live.numel(), device=self.live.device)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Logits [live rows, V] of the next token after ``tokens`` ([live rows] long)."""
+        rows = self.keys[0].shape[0]
+        every = tokens.new_zeros(rows)
+        every[self.live] = tokens
+        hidden = self.decoder.embed_tokens(every.unsqueeze(1))
+        cos, sin = self.decoder.rotary_emb(hidden, self.positions)
+        column = self.column
+        for layer, keys, values in zip(self.decoder.layers, self.keys, self.values):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attention.q_proj(x).view(rows, 1, -1, self.head_dim)
+            k = attention.k_proj(x).view(rows, 1, -1, self.head_dim)
+            if hasattr(attention, "q_norm"):   # Qwen3 normalizes each head's q and k
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            v = attention.v_proj(x).view(rows, 1, -1, self.head_dim)
+            q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            keys[:, :, column] = k[:, :, 0]
+            values[:, :, column] = v[:, 0]
+            heads, kv_heads = q.shape[1], keys.shape[1]
+            # [rows, kv_heads, heads per kv head, head_dim]: grouped-query heads share keys.
+            q = q.reshape(rows, kv_heads, heads // kv_heads, self.head_dim)
+            scores = torch.matmul(q, keys[:, :, :column + 1].transpose(-1, -2)) * self.scaling
+            scores = scores + self.mask[..., :column + 1]
+            out = torch.matmul(torch.softmax(scores.float(), -1).to(q.dtype),
+                               values[:, :, :column + 1])
+            hidden = hidden + attention.o_proj(out.reshape(rows, 1, heads * self.head_dim))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        self.column += 1
+        self.positions = self.positions + 1
+        logits = self.model.lm_head(self.decoder.norm(hidden[self.live]))
+        return logits[:, -1]
+
+
+@torch.no_grad()
+def matches_model(model: nn.Module, tolerance: float = 1e-4) -> bool:
+    """Whether :class:`StaticDecoder`'s logits equal the model's own forward on a probe
+    (two prompts of different lengths, three decode steps, a row finishing in between)."""
+    from ..policy import cache_of
+
+    if not StaticDecoder.supports(model):
+        return False
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    prompts = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8]], device=device) % vocab
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        out = model(input_ids=prompts, attention_mask=mask, position_ids=positions,
+                    use_cache=True)
+        decoder = StaticDecoder(model, cache_of(out), mask, max_new_tokens=3)
+        follow = torch.tensor([[9, 10, 11], [12, 13, 14]], device=device) % vocab
+        for t in range(3):
+            if t == 2:   # the first row has finished
+                decoder.select(torch.tensor([1], device=device))
+            got = decoder.step(follow[:, t] if t < 2 else follow[1:, t])
+            ids = torch.cat([prompts, follow[:, :t + 1]], 1)
+            full = torch.cat([mask, torch.ones_like(follow[:, :t + 1])], 1)
+            expected = model(input_ids=ids, attention_mask=full,
+                             position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+            expected = expected if t < 2 else expected[1:]
+            if not torch.allclose(got.float(), expected.float(), atol=tolerance, rtol=0):
+                return False
+    except Exception:   # noqa: BLE001 - any structural surprise means: not this model
+        return False
+    return True

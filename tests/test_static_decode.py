@@ -1,0 +1,81 @@
+"""The preallocated-buffer decode steps of the transformers engine against transformers' own
+forward and cache: the same samples and log-probs on Llama (with grouped-query heads),
+Qwen2 (biased projections) and Qwen3 (normalized q and k), and the fallback for models it
+does not serve."""
+
+import pytest
+import torch
+
+from lambdapo.rollout import SamplingParams, TransformersEngine, static_decode
+
+
+def _model(kind: str):
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
+
+    common = dict(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False)).eval()
+    return Qwen3ForCausalLM(Qwen3Config(**common, use_sliding_window=False)).eval()
+
+
+def _generate(model, static: bool, **params):
+    engine = TransformersEngine(model, eos_token_id=2, pad_token_id=0, seed=3)
+    engine.static_decode = static
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 12]]
+    return engine.generate(prompts, SamplingParams(**{"n": 4, "max_new_tokens": 24, **params}))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_static_decode_samples_what_transformers_samples(kind, temperature):
+    model = _model(kind)
+    assert static_decode.matches_model(model)
+    fast = _generate(model, True, temperature=temperature)
+    slow = _generate(model, False, temperature=temperature)
+    assert fast.completion_ids == slow.completion_ids
+    assert fast.finished == slow.finished
+    assert any(fast.finished) and not all(fast.finished)   # rows left the batch on the way
+    for a, b in zip(fast.logprobs, slow.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+
+
+def test_static_decode_compacts_its_buffers_when_a_quarter_has_finished():
+    model = _model("llama")
+    prompt = torch.tensor([[0, 1, 5]] + [[1, 6, 7]] * 7)
+    mask = (torch.arange(3) > 0).long().expand(8, 3).clone()
+    mask[1:, 0] = 1
+    out = model(input_ids=prompt, attention_mask=mask, use_cache=True,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    decoder = static_decode.StaticDecoder(model, out.past_key_values, mask, max_new_tokens=4)
+    decoder.step(torch.arange(5, 13))
+    decoder.select(torch.tensor([0, 1, 2, 3, 4, 5, 7]))     # 7 of 8 live: buffers stay
+    assert decoder.keys[0].shape[0] == 8 and decoder.live.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    assert decoder.step(torch.arange(5, 12)).shape[0] == 7
+    decoder.select(torch.tensor([0, 2, 3, 5, 6]))           # 5 of 8 live: compacted
+    assert decoder.keys[0].shape[0] == 5 and decoder.live.tolist() == [0, 1, 2, 3, 4]
+    assert decoder.step(torch.arange(5, 10)).shape[0] == 5
+
+
+def test_models_it_does_not_serve_fall_back_to_transformers(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=2,
+                                      n_positions=64, eos_token_id=2, bos_token_id=1)).eval()
+    assert not static_decode.StaticDecoder.supports(gpt2)
+    assert not static_decode.matches_model(gpt2)
+    engine = TransformersEngine(gpt2, eos_token_id=2, pad_token_id=0, seed=3)
+    engine.generate([[1, 5, 6]], SamplingParams(n=2, max_new_tokens=4))
+    assert engine.static_decode is False
+    # A Llama whose layers compute more than the pattern the decoder runs is refused.
+    llama = _model("llama")
+    layer_type = type(llama.model.layers[0])
+    forward = layer_type.forward
+    monkeypatch.setattr(layer_type, "forward", lambda self, *a, **k: 0.5 * forward(self, *a, **k))
+    assert static_decode.StaticDecoder.supports(llama)
+    assert not static_decode.matches_model(llama)
