@@ -149,6 +149,20 @@ def test_math_verify_time_limit(monkeypatch):
     assert time.monotonic() - start < 5 and reward.timeouts == 1
 
 
+def test_math_verify_in_worker_processes_scores_as_in_process():
+    completions = [r"so \boxed{579}", r"\boxed{-42}", r"\boxed{578}", "579 no box",
+                   r"\boxed{1/2}", r"so \boxed{579}", "#### 3"] * 3
+    answers = ["579", "-42", "579", "579", "0.5", "579", "3"] * 3
+    reward = MathVerifyReward(workers=2)
+    try:
+        assert mv(completions, answers) == reward(["p"] * 21, completions, [[]] * 21,
+                                                  answer=answers)
+        assert reward._pool is not None
+    finally:
+        reward.close()
+    assert reward._pool is None
+
+
 def test_time_limit_raises():
     with pytest.raises(TimeoutError):
         with time_limit(0.2):

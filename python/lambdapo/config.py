@@ -119,6 +119,8 @@ class RewardConfig:
     answer_marker: str = _f("", "text before the final answer (e.g. '####'); empty: \\boxed{} "
                                 "or the last expression, as math-verify extracts it")
     timeout_s: int = _f(5, "math-verify time limit per parse/verify call (seconds)")
+    workers: int = _f(0, "math-verify worker processes (0: in the trainer's process; worth "
+                         "it when verifying takes long, as on real math data)")
     on_error: str = _f("raise", "a reward that raises or returns NaN: raise | zero (score 0, "
                                 "logged)")
 
@@ -342,7 +344,8 @@ def validate(config: TrainConfig) -> None:
     for key in ("algorithm.clip_low", "algorithm.clip_high", "algorithm.kl_coef",
                 "reward.lambda_sd", "optim.weight_decay", "optim.max_grad_norm", "optim.lr",
                 "optim.warmup_steps", "rollout.max_model_len", "rollout.kv_cache_gb",
-                "eval_every", "save_every", "threads", "log_samples", "checkpoint.keep_last"):
+                "eval_every", "save_every", "threads", "log_samples", "checkpoint.keep_last",
+                "reward.workers"):
         if get(config, key) < 0:
             raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
     if len(config.optim.betas) != 2:
@@ -374,7 +377,8 @@ RESUMABLE_CHANGES = (
     "device", "threads", "log_samples", "micro_batch_size", "checkpoint.", "data.eval_dataset",
     "data.eval_split", "data.num_eval", "data.max_prompt_tokens", "rollout.engine",
     "rollout.gpu_memory_utilization", "rollout.kv_cache_gb", "rollout.max_model_len",
-    "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error")
+    "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error",
+    "reward.workers")
 
 
 def _flatten(tree: dict) -> dict:

@@ -18,7 +18,8 @@ Built-in:
   as the ``math-verify`` package parses and compares them, else 0.0. The final answer is
   what follows the last ``reward.answer_marker`` when one is set, else what math-verify
   extracts (``\\boxed{}`` first). Each parse/verify call runs under ``reward.timeout_s``
-  (a timed-out sample scores 0 and is counted in the metrics).
+  (a timed-out sample scores 0 and is counted in the metrics); each distinct final answer
+  of a batch is verified once, in ``reward.workers`` processes when that is > 0.
 * ``semantic_density``: ``lambdapo_ext.semantic_density`` between the completion's tokens and
   the reference solution's tokens (weight ``reward.lambda_sd``).
 * ``format``: 1.0 when a final answer can be found at all (boxed, or after the marker).
@@ -97,9 +98,14 @@ def _drop_timeout_disabled_warning(record: logging.LogRecord) -> bool:
 
 
 class MathVerifyReward:
-    """1.0 when math-verify finds the completion's final answer equal to the gold answer."""
+    """1.0 when math-verify finds the completion's final answer equal to the gold answer.
 
-    def __init__(self, answer_marker: str = "", timeout_s: int = 5):
+    ``workers`` > 0 verifies the distinct answers of a call in that many worker processes
+    (parsing and comparing with sympy can take far longer than a training step's other
+    work on real data); each worker keeps its own time limits and parse cache. Call
+    :meth:`close` to stop them."""
+
+    def __init__(self, answer_marker: str = "", timeout_s: int = 5, workers: int = 0):
         try:
             import math_verify
         except ImportError as exc:
@@ -113,6 +119,8 @@ class MathVerifyReward:
         self.marker = answer_marker
         self.timeout_s = timeout_s
         self.timeouts = 0
+        self.workers = workers
+        self._pool = None
         self._gold_cache: dict[str, list] = {}
 
     def _parse(self, text: str) -> list:
@@ -132,18 +140,39 @@ class MathVerifyReward:
             raise KeyError("math_verify needs the dataset's 'answer' column")
         # Sampled groups repeat completions (about half of a batch on the built-in task):
         # each distinct (final answer text, gold answer) is parsed and verified once.
-        known: dict[tuple[str, str], float] = {}
-        scores = []
+        keys = []
         for completion, answer in zip(completions, columns["answer"]):
             text = final_answer_text(completion, self.marker)
-            if text is None:
-                scores.append(0.0)
-                continue
-            key = (text, str(answer))
-            if key not in known:
-                known[key] = self._score(text, key[1])
-            scores.append(known[key])
+            keys.append(None if text is None else (text, str(answer)))
+        distinct = list(dict.fromkeys(k for k in keys if k is not None))
+        if self.workers > 0 and len(distinct) > 1:
+            known = dict(zip(distinct, self._score_in_workers(distinct)))
+        else:
+            known = {key: self._score(*key) for key in distinct}
+        return [0.0 if key is None else known[key] for key in keys]
+
+    def _score_in_workers(self, pairs: list[tuple[str, str]]) -> list[float]:
+        if self._pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            # spawn: the trainer's process holds torch's threads, which fork would copy.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"))
+        chunk = max(1, -(-len(pairs) // (4 * self.workers)))
+        parts = [pairs[i:i + chunk] for i in range(0, len(pairs), chunk)]
+        scores = []
+        for values, timeouts in self._pool.map(
+                _score_in_worker, [(self.marker, self.timeout_s, part) for part in parts]):
+            scores += values
+            self.timeouts += timeouts
         return scores
+
+    def close(self) -> None:
+        """Stops the worker processes (a later call starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def _score(self, text: str, answer: str) -> float:
         try:
@@ -155,6 +184,19 @@ class MathVerifyReward:
             self.timeouts += 1
             ok = False
         return 1.0 if ok else 0.0
+
+
+_WORKER_REWARD: dict[tuple[str, int], MathVerifyReward] = {}
+
+
+def _score_in_worker(job: tuple[str, int, list[tuple[str, str]]]) -> tuple[list[float], int]:
+    """(scores of ``pairs``, timeouts among them) in a worker process, whose main thread
+    runs the time limits."""
+    marker, timeout_s, pairs = job
+    reward = _WORKER_REWARD.setdefault((marker, timeout_s), MathVerifyReward(marker, timeout_s))
+    before = reward.timeouts
+    scores = [reward._score(text, answer) for text, answer in pairs]
+    return scores, reward.timeouts - before
 
 
 class SemanticDensityReward:
@@ -238,7 +280,8 @@ class RewardManager:
         functions: dict[str, RewardFn] = {}
         for name in config.functions:
             if name == "math_verify":
-                functions[name] = MathVerifyReward(config.answer_marker, config.timeout_s)
+                functions[name] = MathVerifyReward(config.answer_marker, config.timeout_s,
+                                                   config.workers)
             elif name == "semantic_density":
                 functions[name] = SemanticDensityReward(config.sd_metric, config.sd_max_n)
             elif name == "format":
@@ -290,6 +333,12 @@ class RewardManager:
         total = [sum(self.weights[name] * per_function[name][i] for name in per_function)
                  for i in range(n)]
         return total, per_function
+
+    def close(self) -> None:
+        """Stops the worker processes of the functions that have them."""
+        for fn in self.functions.values():
+            if hasattr(fn, "close"):
+                fn.close()
 
 
 def _first_failing_sample(fn: RewardFn, prompts, completions, completion_ids,

@@ -95,7 +95,8 @@ class Trainer:
             self.share_prompts: bool | None = None   # decided on the first micro-batch
             self.rewards = RewardManager.from_config(config.reward)
             self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
-                                                    config.reward.timeout_s)
+                                                    config.reward.timeout_s,
+                                                    config.reward.workers)
             self.train_rows = load_split(config.data, "train", config.seed)
             self.eval_rows = load_split(config.data, "eval", config.seed)
             self.sampler = PromptSampler(self.train_rows, config.seed)
@@ -465,9 +466,11 @@ class Trainer:
 
 
     def close(self) -> None:
-        """Shuts the rollout engine down (a vLLM engine holds memory until then) and
-        releases the lock on ``output_dir``."""
+        """Shuts the rollout engine down (a vLLM engine holds memory until then), stops the
+        reward worker processes and releases the lock on ``output_dir``."""
         self.engine.close()
+        self.rewards.close()
+        self.accuracy_reward.close()
         self._lock.close()
 
     def __enter__(self) -> "Trainer":
