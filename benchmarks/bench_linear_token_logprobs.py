@@ -34,7 +34,7 @@ from lambdapo_ext import reference  # noqa: E402
 
 OP = "linear_token_logprobs"
 RATIOS = ("torch_eager", "bare_matmuls")
-KERNELS = ("linear_token_logprobs",)
+KERNELS = ("linear_token_logprobs_forward", "linear_token_logprobs_backward")
 SIZES = {
     "small": {"cpu": [(256, 128, 8000, torch.float32)], "cuda": [(256, 128, 8000, torch.float32)]},
     "full": {"cpu": [(4096, 1024, 32000, torch.float32)],

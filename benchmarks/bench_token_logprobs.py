@@ -37,7 +37,7 @@ from lambdapo_ext import reference  # noqa: E402
 
 OP = "token_logprobs"
 RATIOS = ("torch_eager", "torch_compile")
-KERNELS = ("token_logprobs",)
+KERNELS = ("token_logprobs_forward", "token_logprobs_backward")
 SIZES = {
     "small": {"cpu": [(512, 8000, torch.float32), (512, 8000, torch.bfloat16)],
               "cuda": [(512, 8000, torch.float32), (512, 8000, torch.bfloat16)]},

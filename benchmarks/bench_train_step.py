@@ -50,7 +50,10 @@ import harness  # noqa: E402
 
 OP = "train_step"
 RATIOS = ("trl",)
-KERNELS = ("token_logprobs", "linear_token_logprobs", "lambda_advantages", "semantic_density")
+# The dispatcher ops the trainer reaches (token_logprobs, linear_token_logprobs,
+# lambda_advantages, semantic_density).
+KERNELS = ("token_logprobs_forward", "token_logprobs_backward", "linear_token_logprobs_forward",
+           "linear_token_logprobs_backward", "lambda_advantages", "ngram_overlap", "lcs_length")
 SETTINGS = {"model": "builtin", "seed": 0}
 MODELS = ("builtin", "qwen2.5-0.5b")
 PROMPTS, GROUP, MICRO_BATCH = 16, 8, 64
@@ -180,6 +183,7 @@ class PausedTrainLoop:
         self._stop = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._thread_done = False
         loop = self
 
         class Pause(TrainerCallback):
@@ -209,7 +213,6 @@ class PausedTrainLoop:
         import torch
 
         if self._thread is None:
-            self._thread_done = False
             self._thread = threading.Thread(target=self._run, args=(torch.get_num_threads(),),
                                             daemon=True)
             self._thread.start()

@@ -313,7 +313,7 @@ class Case:
     device: str
     spec: tuple = ()
     runs_on: str = ""              # device of the timed call when not ``device``
-    kernels: tuple[str, ...] = ()  # lambdapo ops whose CUDA kernel a CUDA case needs
+    kernels: tuple[str, ...] = ()  # dispatcher ops (lambdapo::NAME) a CUDA case needs
     rounds: int | None = None      # fixed timed rounds (None: the session's)
     min_rounds: int = 1
     warmup: int = 1                # untimed calls first (compilation, lazy init)

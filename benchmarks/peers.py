@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
-
 LOGITS_PEERS = ("flash_attn_triton", "liger_kernel")
 LINEAR_PEERS = ("cut_cross_entropy", "liger_fused_linear")
 # Peers without an entropy output.

@@ -53,6 +53,17 @@ def test_every_op_has_its_cases(name, size):
             assert (timer is harness.CUDA_EVENT_CLOCK) == (c.timing_device == "cuda")
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_kernels_are_dispatcher_ops(name):
+    """A CUDA case skips unless lambdapo::<op> has a CUDA kernel for each of its KERNELS:
+    a name that is no registered op would skip it on every GPU."""
+    from lambdapo_ext._loader import has_kernel
+
+    module = importlib.import_module(name)
+    kernels = {k for c in module.cases(harness.BenchOptions(), "cuda") for k in c.kernels}
+    assert all(has_kernel(k, "CPU") for k in kernels), kernels
+
+
 def test_full_sizes_are_the_recorded_ones():
     lambda_advantages = importlib.import_module("bench_lambda_advantages")
     sizes = {c.size for c in lambda_advantages.cases(harness.BenchOptions(size="full"), "cuda")}
