@@ -159,3 +159,29 @@ def test_one_case_through_pytest_benchmark(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "Comparing against benchmarks from" in again.stdout + again.stderr
     assert "(0001_first)" in again.stdout
+
+
+def test_cuda_event_clock_reads_event_time(monkeypatch):
+    """On a stand-in for torch.cuda.Event (no GPU here): a round's end minus start is the
+    elapsed time between its two events, whatever came before."""
+    device_ms = iter([0.0, 5000.0, 5002.5, 9000.0, 9000.25])
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = next(device_ms)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.at - self.at
+
+    monkeypatch.setattr(harness.torch.cuda, "Event", Event)
+    clock = harness.CudaEventClock()
+    readings = [clock() for _ in range(5)]
+    assert readings[0] == 0.0
+    assert readings[2] - readings[1] == pytest.approx(2.5e-3)
+    assert readings[4] - readings[3] == pytest.approx(0.25e-3)
