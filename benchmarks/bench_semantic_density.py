@@ -3,18 +3,19 @@ lcs_length) vs Google's pure-Python rouge-score and the Rust rouge-score-rs (CPU
 the vectorized torch references in lambdapo_ext.reference (torch.unique n-gram counting,
 TensorBLEU-style; cummax LCS dynamic programme), on CPU and CUDA.
 
+    pytest benchmarks/bench_semantic_density.py --benchmark-only [--bench-size full]
     python benchmarks/bench_semantic_density.py --device cpu   # or cuda, all; --quick
 
 Layouts: 1024 candidate/reference pairs of 1024 tokens, and 64 references x 16 candidates
 (candidates mapped by ref_index, references not copied). Tokens follow a Zipf law over a
 32000-token vocabulary, so overlaps are realistic. rouge-score's ROUGE-L is an O(n m)
-Python loop: it is timed on the first 16 pairs and scaled to the whole batch (marked).
+Python loop: a round scores the first 16 pairs and its clock is scaled to the whole batch
+(extra ``scaled_from_pairs``); rouge-score runs one round, without warm-up.
 
 rouge-score-rs (when importable) is called as a user would: text in (the ids written as
 words), `RougeScorer.score_batch` on all cores, its own tokenization included; the time its
 DefaultTokenizer takes alone on the same texts is given as tokenize_ms. On CUDA the CPU op
-(lambdapo_cpu, all cores) runs on the same inputs. The script ends with the targets of
-issue 18 and the measured ratios.
+(lambdapo_cpu, all cores) runs on the same inputs. The targets of issue 18 come last.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,8 +35,14 @@ import lambdapo_ext  # noqa: E402
 from lambdapo_ext import reference  # noqa: E402
 
 OP = "semantic_density"
-SIZES = [("pairs", 1024, 1, 1024), ("groups", 64, 16, 1024)]   # layout, refs, cands/ref, tokens
-QUICK_SIZES = [("pairs", 64, 1, 256), ("groups", 8, 8, 256)]
+RATIOS = {"cpu": ("rouge_score", "rouge_score_rs"), "cuda": ("torch_reference", "lambdapo_cpu")}
+KERNELS = ("ngram_overlap", "lcs_length")
+# layout, references, candidates per reference, tokens
+FULL = [("pairs", 1024, 1, 1024), ("groups", 64, 16, 1024)]
+SMALL = [("pairs", 64, 1, 256), ("groups", 8, 8, 256)]
+SIZES = {"small": {"cpu": SMALL, "cuda": SMALL}, "full": {"cpu": FULL, "cuda": FULL}}
+METRICS = ("rouge12", "rougeL")
+IMPLS = ("lambdapo", "lambdapo_cpu", "torch_reference", "rouge_score", "rouge_score_rs")
 ROUGE_L_SAMPLE = 16
 VOCAB = 32000
 # Issue 18: (impl, the impl it is compared with, device, metric, minimum speedup).
@@ -44,8 +53,36 @@ TARGETS = [("lambdapo", "rouge_score_rs", "cpu", "rouge12", 10.0),
            ("lambdapo", "torch_reference", "cuda", "rouge12", 5.0),
            ("lambdapo", "torch_reference", "cuda", "rougeL", 5.0)]
 
+_INPUTS = harness.InputSlot()
 
-def make_batch(layout: str, refs: int, per_ref: int, tokens: int, device: str):
+
+def cases(options: harness.BenchOptions, device: str) -> list[harness.Case]:
+    out = []
+    for layout, refs, per_ref, tokens in options.sizes(SIZES, device):
+        for metric in METRICS:
+            size = f"{layout} {refs}x{per_ref} L={tokens} {metric}"
+            spec = (layout, refs, per_ref, tokens, metric)
+            for impl in IMPLS:
+                if impl == "lambdapo_cpu" and device == "cpu":
+                    continue  # the same as "lambdapo" there
+                kwargs: dict = {}
+                if impl == "lambdapo_cpu":
+                    kwargs = {"runs_on": "cpu"}
+                elif impl == "torch_reference" and metric == "rougeL":
+                    kwargs = {"rounds": 1}   # the DP reference takes ~35 s at full size
+                elif impl == "rouge_score":
+                    pairs = refs * per_ref
+                    sample = min(ROUGE_L_SAMPLE, pairs) if metric == "rougeL" else pairs
+                    kwargs = {"rounds": 1, "warmup": 0, "peak_memory": False,
+                              "time_scale": pairs / sample}
+                out.append(harness.Case(OP, impl, size, device, spec=spec, kernels=KERNELS,
+                                        **kwargs))
+    return out
+
+
+def make_batch(refs: int, per_ref: int, tokens: int, device: str):
+    """((ids, lengths) of the candidates, of the references, ref_index) on ``device``, and
+    the same as lists."""
     gen = torch.Generator().manual_seed(0)
     zipf = 1.0 / torch.arange(1, VOCAB + 1, dtype=torch.float64) ** 1.1
     draw = lambda count: torch.multinomial(zipf, count * tokens, True, generator=gen)  # noqa: E731
@@ -58,7 +95,14 @@ def make_batch(layout: str, refs: int, per_ref: int, tokens: int, device: str):
     return cand, ref, ref_index.to(device), cand_ids.tolist(), ref_ids.tolist(), ref_index.tolist()
 
 
-def rouge_score_fn(metric: str, cand_lists, ref_lists, ref_index):
+def _texts(cand_lists, ref_lists, ref_index) -> tuple[list[str], list[str]]:
+    """Candidates and their references as text, the ids written as words."""
+    return ([" ".join(map(str, c)) for c in cand_lists],
+            [" ".join(map(str, ref_lists[i])) for i in ref_index])
+
+
+def rouge_score_fn(metric: str, cands: list[str], refs: list[str], count: int) -> Callable:
+    """Google's rouge-score on the first ``count`` pairs (whitespace tokens)."""
     from rouge_score import rouge_scorer
 
     class Tokenizer:
@@ -67,124 +111,75 @@ def rouge_score_fn(metric: str, cand_lists, ref_lists, ref_index):
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2"] if metric == "rouge12" else ["rougeL"],
                                       tokenizer=Tokenizer())
-    cands = [" ".join(map(str, c)) for c in cand_lists]
-    refs = [" ".join(map(str, ref_lists[i])) for i in ref_index]
 
-    def fn(count=len(cands)):
+    def fn():
         for c, r in zip(cands[:count], refs[:count]):
             scorer.score(r, c)
     return fn
 
 
-def rouge_score_rs_fn(metric: str, cand_lists, ref_lists, ref_index):
-    """rouge-score-rs on the ids written as text, and its tokenization time alone (ms)."""
+def rouge_score_rs_fn(metric: str, cands: list[str], refs: list[str]) -> tuple[Callable, float]:
+    """rouge-score-rs's batch scorer, and the time in ms its tokenizer takes alone."""
     import rouge_score_rs
     from rouge_score_rs.tokenizers import DefaultTokenizer
 
     scorer = rouge_score_rs.RougeScorer(["rouge1", "rouge2"] if metric == "rouge12"
                                         else ["rougeL"])
-    cands = [" ".join(map(str, c)) for c in cand_lists]
-    refs = [" ".join(map(str, ref_lists[i])) for i in ref_index]
     tokenizer = DefaultTokenizer()
     start = time.perf_counter()
     for text in cands + refs:
         tokenizer.tokenize(text)
-    tokenize_ms = (time.perf_counter() - start) * 1e3
-    return (lambda: scorer.score_batch(refs, cands)), tokenize_ms
+    return (lambda: scorer.score_batch(refs, cands)), (time.perf_counter() - start) * 1e3
 
 
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-        return True
-    except ImportError:
-        return False
+def build(case: harness.Case) -> tuple[Callable[[], object], dict]:
+    """The call to time and the extras it comes with."""
+    layout, refs, per_ref, tokens, metric = case.spec
+    if case.impl in ("rouge_score", "rouge_score_rs"):
+        if case.device != "cpu":
+            pytest.skip("CPU only")
+        pytest.importorskip(case.impl, reason=f"{case.impl.replace('_', '-')} not installed")
+    device = case.timing_device
+    cand, ref, ref_index, cand_lists, ref_lists, index_list = _INPUTS.get(
+        (layout, refs, per_ref, tokens, case.device),
+        lambda: make_batch(refs, per_ref, tokens, case.device))
+    if case.impl == "rouge_score":
+        sample = round(len(cand_lists) / case.time_scale)
+        fn = rouge_score_fn(metric, *_texts(cand_lists, ref_lists, index_list), sample)
+        return fn, {"scaled_from_pairs": sample} if case.time_scale != 1 else {}
+    if case.impl == "rouge_score_rs":
+        fn, tokenize_ms = rouge_score_rs_fn(metric, *_texts(cand_lists, ref_lists, index_list))
+        return fn, {"tokenize_ms": round(tokenize_ms, 1)}
+    if device != case.device:
+        cand, ref = tuple(t.to(device) for t in cand), tuple(t.to(device) for t in ref)
+        ref_index = ref_index.to(device)
+    if case.impl == "torch_reference":
+        if metric == "rouge12":
+            return lambda: reference.ngram_overlap(cand, ref, max_n=2, ref_index=ref_index), {}
+        return lambda: reference.lcs_length(cand, ref, ref_index=ref_index), {}
+    if metric == "rouge12":
+        return lambda: lambdapo_ext.rouge_n(cand, ref, max_n=2, ref_index=ref_index), {}
+    return lambda: lambdapo_ext.rouge_l(cand, ref, ref_index=ref_index), {}
 
 
-def run(device: str, sizes, repeats: int) -> list[harness.Result]:
-    results = []
-    have_rouge_score = _importable("rouge_score")
-    have_rouge_score_rs = _importable("rouge_score_rs")
-    for layout, refs, per_ref, tokens in sizes:
-        cand, ref, ref_index, cand_lists, ref_lists, index_list = make_batch(
-            layout, refs, per_ref, tokens, device)
-        for metric in ("rouge12", "rougeL"):
-            size = f"{layout} {refs}x{per_ref} L={tokens} {metric}"
-            if metric == "rouge12":
-                ours = lambda: lambdapo_ext.rouge_n(cand, ref, max_n=2, ref_index=ref_index)  # noqa: E731
-                torch_ref = lambda: reference.ngram_overlap(cand, ref, max_n=2, ref_index=ref_index)  # noqa: E731
-            else:
-                ours = lambda: lambdapo_ext.rouge_l(cand, ref, ref_index=ref_index)  # noqa: E731
-                torch_ref = lambda: reference.lcs_length(cand, ref, ref_index=ref_index)  # noqa: E731
-            results.append(harness.measure(OP, "lambdapo", size, device, ours, repeats=repeats))
-            row = len(results) - 1
-            if device != "cpu":
-                cpu_cand, cpu_ref, cpu_index = (tuple(t.cpu() for t in cand),
-                                                tuple(t.cpu() for t in ref), ref_index.cpu())
-                ours_cpu = ((lambda: lambdapo_ext.rouge_n(cpu_cand, cpu_ref, max_n=2,  # noqa: E731
-                                                          ref_index=cpu_index))
-                            if metric == "rouge12" else
-                            (lambda: lambdapo_ext.rouge_l(cpu_cand, cpu_ref,  # noqa: E731
-                                                          ref_index=cpu_index)))
-                results.append(harness.measure(OP, "lambdapo_cpu", size, "cpu", ours_cpu,
-                                               repeats=repeats))
-            results.append(harness.measure(OP, "torch_reference", size, device, torch_ref,
-                                           repeats=1 if metric == "rougeL" else repeats,
-                                           warmup=1))
-            if device != "cpu":
-                results.append(harness.not_run(OP, "rouge_score", size, device, "CPU only"))
-            elif not have_rouge_score:
-                results.append(harness.not_run(OP, "rouge_score", size, device,
-                                               "rouge-score not installed"))
-            else:
-                fn = rouge_score_fn(metric, cand_lists, ref_lists, index_list)
-                results.append(_time_rouge_score(size, fn, len(cand_lists), metric))
-            if device != "cpu":
-                results.append(harness.not_run(OP, "rouge_score_rs", size, device, "CPU only"))
-            elif not have_rouge_score_rs:
-                results.append(harness.not_run(OP, "rouge_score_rs", size, device,
-                                               "rouge-score-rs not installed"))
-            else:
-                fn, tokenize_ms = rouge_score_rs_fn(metric, cand_lists, ref_lists, index_list)
-                results.append(harness.measure(OP, "rouge_score_rs", size, device, fn,
-                                               repeats=repeats))
-                results[-1].extra["tokenize_ms"] = round(tokenize_ms, 1)
-            for r in results[row:]:
-                print(f"  {size} {r.impl}: {r.median_ms} ms {r.status}", file=sys.stderr)
-    print_targets(results, device)
-    return results
+def test_semantic_density(case: harness.Case, measure) -> None:
+    fn, extra = build(case)
+    measure(fn).extra.update(extra)
 
 
-def print_targets(results: list[harness.Result], device: str) -> None:
-    """The issue-18 targets for this device with the measured ratio, met or not."""
-    times = {(r.size, r.impl): r.median_ms for r in results if r.median_ms}
-    print(f"targets on {device} (issue 18):")
+def targets(rows: list[harness.Result], device: str) -> list[harness.Target]:
+    """The issue-18 targets for this device."""
+    index = harness.by_impl_size(rows)
+    out = []
     for impl, other, target_device, metric, minimum in TARGETS:
         if target_device != device:
             continue
-        for size in sorted({r.size for r in results if r.size.endswith(metric)}):
-            ours, theirs = times.get((size, impl)), times.get((size, other))
-            if ours and theirs:
-                ratio = theirs / ours
-                verdict = f"{ratio:.1f}x, {'met' if ratio >= minimum else 'NOT met'}"
-            else:
-                verdict = "not measured"
-            print(f"  {size}: {impl} >= {minimum:g}x {other}: {verdict}")
-
-
-def _time_rouge_score(size: str, fn, batch: int, metric: str) -> harness.Result:
-    sample = ROUGE_L_SAMPLE if metric == "rougeL" else batch
-    start = time.perf_counter()
-    fn(sample)
-    elapsed_ms = (time.perf_counter() - start) * 1e3 * batch / sample
-    result = harness.Result(op=OP, impl="rouge_score", size=size, device="cpu",
-                            median_ms=round(elapsed_ms, 3))
-    if sample != batch:
-        result.extra["scaled_from_pairs"] = sample
-    return result
+        for size in dict.fromkeys(r.size for r in rows if r.size.endswith(metric)):
+            out.append(harness.Target(size, f"{impl} vs {other}",
+                                      harness.ratio(index, size, other, impl), minimum,
+                                      impl=impl))
+    return out
 
 
 if __name__ == "__main__":
-    harness.main(OP, __doc__.splitlines()[0], run, cpu_sizes=SIZES, cuda_sizes=SIZES,
-                 quick_sizes=QUICK_SIZES, baseline={"cpu": "rouge_score",
-                                                     "cuda": "torch_reference"})
+    sys.exit(harness.main(__file__, __doc__))

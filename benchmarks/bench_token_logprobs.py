@@ -1,28 +1,31 @@
 """token_logprobs (fused log-prob + entropy from logits) vs torch eager
 (fp32 log_softmax + gather), torch.compile of it, and on CUDA the fused cross-entropy
-kernels of flash-attention (Triton), Liger-Kernel and cut-cross-entropy where installed.
+kernels of flash-attention (Triton) and Liger-Kernel where installed.
 
+    pytest benchmarks/bench_token_logprobs.py --benchmark-only [--bench-size full]
     python benchmarks/bench_token_logprobs.py --device cpu   # or cuda, all; --quick
 
-Modes: fwd (no grad) and fwd+bwd (random upstream gradient), each with and without entropy.
-"lambdapo" runs with validate=False (no host sync, as the training loop calls it);
-"lambdapo_validated" (CUDA) with the default target check. On CUDA the table's extra column
-is the fraction of the HBM roofline (bytes of logits read/written: 1 pass forward, 3
-passes forward+backward).
+Modes: fwd (no grad) and fwd+bwd (random upstream gradient), each with and without entropy
+(",H"). "lambdapo" runs with validate=False (no host sync, as the training loop calls it);
+"lambdapo_validated" (CUDA) with the default target check. On CUDA each row records GB/s
+and the fraction of the HBM roofline (bytes of logits read/written: 1 pass forward, 3
+passes forward+backward), and "copy" is a device-to-device copy of the logits, the
+bandwidth ceiling. On the CPU "lambdapo_1_thread" is fwd+bwd at one torch thread.
 
-After the table, the issue-17 targets are printed: on CUDA the ratio against
-flash-attention's Triton cross-entropy (>= 1.05x), fwd+bwd as a fraction of the measured
-device-to-device copy rate (>= 88%) and the entropy overhead (<= 3%); on the CPU the ratio
-against torch.compile (>= 1x) and the speed-up of fwd+bwd from 1 thread to all (>= 1.6x on
-2 cores).
+The issue-17 targets: on CUDA the ratio against flash-attention's Triton cross-entropy
+(>= 1.05x), fwd+bwd as a fraction of the measured copy rate (>= 88%) and the entropy
+overhead (<= 3%); on the CPU the ratio against torch.compile (>= 1x) and the speed-up of
+fwd+bwd from 1 thread to all (>= 1.6x on 2 cores).
 """
 
 from __future__ import annotations
 
-import statistics
+import functools
 import sys
 from pathlib import Path
+from typing import Callable
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,23 +36,63 @@ import lambdapo_ext  # noqa: E402
 from lambdapo_ext import reference  # noqa: E402
 
 OP = "token_logprobs"
-CPU_SIZES = [(4096, 32000, torch.float32), (4096, 32000, torch.bfloat16), (1024, 151936, torch.bfloat16)]
-CUDA_SIZES = [(4096, 32000, torch.bfloat16), (16384, 151936, torch.bfloat16)]
-QUICK_SIZES = [(512, 8000, torch.float32), (512, 8000, torch.bfloat16)]
+RATIOS = ("torch_eager", "torch_compile")
+KERNELS = ("token_logprobs_forward", "token_logprobs_backward")
+SIZES = {
+    "small": {"cpu": [(512, 8000, torch.float32), (512, 8000, torch.bfloat16)],
+              "cuda": [(512, 8000, torch.float32), (512, 8000, torch.bfloat16)]},
+    "full": {"cpu": [(4096, 32000, torch.float32), (4096, 32000, torch.bfloat16),
+                     (1024, 151936, torch.bfloat16)],
+             "cuda": [(4096, 32000, torch.bfloat16), (16384, 151936, torch.bfloat16)]},
+}
+IMPLS = ("lambdapo", "torch_eager", "torch_compile", "lambdapo_validated", *peers.LOGITS_PEERS)
+MODES = ("fwd", "fwd+bwd")
+
+_INPUTS = harness.InputSlot()
 
 
-def implementations(device: str):
-    """name -> fn(logits, targets, entropy) -> (logprobs, entropy or None), or a reason."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cases(options: harness.BenchOptions, device: str) -> list[harness.Case]:
+    out = []
+    for rows, vocab, dtype in options.sizes(SIZES, device):
+        lead = f"N={rows},V={vocab},{_dtype_name(dtype)}"
+        elem = torch.finfo(dtype).bits // 8
+        for entropy in (False, True):
+            for mode in MODES:
+                size = f"{lead},{mode}{',H' if entropy else ''}"
+                bytes_moved = (1 if mode == "fwd" else 3) * rows * vocab * elem
+                for impl in IMPLS:
+                    if impl == "lambdapo_validated" and device != "cuda":
+                        continue  # the CPU kernel checks in its one pass
+                    out.append(harness.Case(OP, impl, size, device,
+                                            spec=(rows, vocab, dtype, entropy, mode),
+                                            kernels=KERNELS, bytes_moved=bytes_moved))
+        if device == "cuda":
+            out.append(harness.Case(OP, "copy", lead, device, spec=(rows, vocab, dtype),
+                                    rounds=20, kernels=KERNELS,
+                                    bytes_moved=2 * rows * vocab * elem))
+        else:
+            out.append(harness.Case(OP, "lambdapo_1_thread", f"{lead},fwd+bwd", device,
+                                    spec=(rows, vocab, dtype, False, "fwd+bwd"), threads=1))
+    return out
+
+
+@functools.cache
+def implementations(device: str) -> dict[str, Callable | str]:
+    """name -> fn(logits, targets, entropy) -> (logprobs, entropy or None), or why not."""
     compiled = torch.compile(reference.token_logprobs, dynamic=False)
     impls = {
         "lambdapo": lambda x, t, ent: _pair(lambdapo_ext.token_logprobs(
             x, t, return_entropy=ent, validate=False)),
+        "lambdapo_validated": lambda x, t, ent: _pair(
+            lambdapo_ext.token_logprobs(x, t, return_entropy=ent)),
         "torch_eager": lambda x, t, ent: _pair(reference.token_logprobs(x, t, return_entropy=ent)),
         "torch_compile": lambda x, t, ent: _pair(compiled(x, t, return_entropy=ent)),
     }
-    if device == "cuda":
-        impls["lambdapo_validated"] = lambda x, t, ent: _pair(
-            lambdapo_ext.token_logprobs(x, t, return_entropy=ent))
+    impls["lambdapo_1_thread"] = impls["lambdapo"]
     impls.update(peers.logits_peers(device))
     return impls
 
@@ -58,113 +101,27 @@ def _pair(out):
     return out if isinstance(out, tuple) else (out, None)
 
 
-def run(device: str, sizes, repeats: int) -> list[harness.Result]:
-    results = []
-    impls = implementations(device)
-    for rows, vocab, dtype in sizes:
+def _inputs(device: str, rows: int, vocab: int, dtype: torch.dtype):
+    def make():
         gen = torch.Generator().manual_seed(0)
         logits = torch.randn(rows, vocab, generator=gen).to(device=device, dtype=dtype)
         targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
-        grad = torch.randn(rows, generator=gen).to(device)
-        elem = logits.element_size()
-        for entropy in (False, True):
-            for mode in ("fwd", "fwd+bwd"):
-                size = f"N={rows},V={vocab},{str(dtype)[6:]},{mode}{',H' if entropy else ''}"
-                for name, impl in impls.items():
-                    if isinstance(impl, str):
-                        results.append(harness.not_run(OP, name, size, device, impl))
-                        continue
-                    if entropy and name in peers.NO_ENTROPY:
-                        results.append(harness.not_run(OP, name, size, device, "no entropy output"))
-                        continue
-                    fn = _case(impl, logits, targets, grad, entropy, mode)
-                    r = harness.measure(OP, name, size, device, fn, repeats=repeats)
-                    passes = 1 if mode == "fwd" else 3
-                    harness.add_bandwidth(r, passes * rows * vocab * elem, device)
-                    results.append(r)
-                    print(f"  {size} {name}: {r.median_ms} ms {r.peak_mib} MiB {r.status}",
-                          file=sys.stderr)
-        if device == "cuda":
-            results.append(_copy_rate(logits))
-        else:
-            results.append(_thread_scaling(impls["lambdapo"], logits, targets, grad, repeats))
-    print_targets(results, device)
-    return results
+        return logits, targets, torch.randn(rows, generator=gen).to(device)
+    return _INPUTS.get((device, rows, vocab, dtype), make)
 
 
-def _copy_rate(logits) -> harness.Result:
-    """Device-to-device copy of the logits (read + write), the bandwidth ceiling."""
-    rows, vocab = logits.shape
-    size = f"N={rows},V={vocab},{str(logits.dtype)[6:]}"
-    out = torch.empty_like(logits)
-    r = harness.measure(OP, "copy", size, "cuda", lambda: out.copy_(logits), repeats=20)
-    harness.add_bandwidth(r, 2 * logits.numel() * logits.element_size(), "cuda")
-    return r
-
-
-def _thread_scaling(impl, logits, targets, grad, repeats) -> harness.Result:
-    """lambdapo fwd+bwd (no entropy) at 1 thread and at torch's thread count."""
-    rows, vocab = logits.shape
-    size = f"N={rows},V={vocab},{str(logits.dtype)[6:]},fwd+bwd"
-    fn = _case(impl, logits, targets, grad, False, "fwd+bwd")
-    threads = torch.get_num_threads()
-    times = {}
-    try:
-        for n in (1, threads):
-            torch.set_num_threads(n)
-            times[n] = harness.time_ms(fn, "cpu", warmup=1, repeats=repeats)
-    finally:
-        torch.set_num_threads(threads)
-    r = harness.Result(OP, "lambdapo_1_thread", size, "cpu", median_ms=round(times[1], 4))
-    r.extra = {"threads": threads, f"ms_at_{threads}": round(times[threads], 4),
-               "thread_speedup": round(times[1] / times[threads], 3)}
-    return r
-
-
-def print_targets(results: list[harness.Result], device: str) -> None:
-    """The issue-17 target ratios of this run."""
-    by = {(r.impl, r.size): r.median_ms for r in results if r.median_ms}
-    print(f"# token_logprobs targets ({device})")
-    sizes = sorted({r.size for r in results if r.impl == "lambdapo"},
-                   key=lambda s: [r.size for r in results].index(s))
-    for size in sizes:
-        ours = by.get(("lambdapo", size))
-        if device == "cuda":
-            flash = by.get(("flash_attn_triton", size))
-            line = f"  {size:<34} {ours} ms"
-            if flash and ours:
-                line += f"  vs flash {flash / ours:.2f}x (target >= 1.05x)"
-            base = size.split(",H")[0]
-            plain = by.get(("lambdapo", base))
-            if size.endswith(",H") and plain and ours:
-                line += f"  entropy overhead {100 * (ours / plain - 1):+.1f}% (target <= 3%)"
-            lead = ",".join(size.split(",")[:3])
-            copy = next((r for r in results if r.impl == "copy" and r.size == lead), None)
-            if "fwd+bwd" in size and copy and ours and copy.median_ms:
-                rows, vocab = (int(x.split("=")[1]) for x in lead.split(",")[:2])
-                elem = 2 if ("bfloat16" in lead or "float16" in lead) else 4
-                copy_rate = 2 * rows * vocab * elem / copy.median_ms
-                rate = 3 * rows * vocab * elem / ours
-                line += (f"  {100 * rate / copy_rate:.0f}% of copy rate "
-                         f"({copy_rate / 1e9:.2f} TB/s; target >= 88%)")
-        else:
-            compiled = by.get(("torch_compile", size))
-            line = f"  {size:<34} {ours} ms"
-            if compiled and ours:
-                line += f"  vs torch.compile {compiled / ours:.2f}x (target >= 1x)"
-        print(line)
-    for r in results:
-        if r.impl == "lambdapo_1_thread":
-            print(f"  {r.size:<34} 1 -> {r.extra['threads']} threads: "
-                  f"{r.extra['thread_speedup']:.2f}x (target >= 1.6x on 2 cores)")
-    ratios = [by[("torch_compile", s)] / by[("lambdapo", s)] for s in sizes
-              if ("torch_compile", s) in by and ("lambdapo", s) in by]
-    if ratios:
-        print(f"  vs torch.compile: min {min(ratios):.2f}x, median "
-              f"{statistics.median(ratios):.2f}x")
-
-
-def _case(impl, logits, targets, grad, entropy, mode):
+def build(case: harness.Case) -> Callable[[], object]:
+    rows, vocab, dtype = case.spec[:3]
+    logits, targets, grad = _inputs(case.device, rows, vocab, dtype)
+    if case.impl == "copy":
+        out = torch.empty_like(logits)
+        return lambda: out.copy_(logits)
+    entropy, mode = case.spec[3:]
+    impl = implementations(case.device)[case.impl]
+    if isinstance(impl, str):
+        pytest.skip(impl)
+    if entropy and case.impl in peers.NO_ENTROPY:
+        pytest.skip("no entropy output")
     if mode == "fwd":
         def fwd():
             with torch.no_grad():
@@ -179,6 +136,44 @@ def _case(impl, logits, targets, grad, entropy, mode):
     return fwd_bwd
 
 
+def test_token_logprobs(case: harness.Case, measure) -> None:
+    measure(build(case))
+
+
+def targets(rows: list[harness.Result], device: str) -> list[harness.Target]:
+    """The issue-17 targets of this run."""
+    index = harness.by_impl_size(rows)
+
+    def median(impl: str, size: str) -> float | None:
+        row = index.get((impl, size))
+        return row.median_ms if row is not None else None
+
+    out = []
+    for size in dict.fromkeys(r.size for r in rows if r.impl == "lambdapo"):
+        ours = median("lambdapo", size)
+        if device == "cuda":
+            out.append(harness.Target(size, "lambdapo vs flash-attn Triton CE", harness.ratio(
+                index, size, "flash_attn_triton", "lambdapo"), 1.05))
+            plain = median("lambdapo", size.removesuffix(",H"))
+            if size.endswith(",H"):
+                out.append(harness.Target(
+                    size, "entropy overhead", 100 * (ours / plain - 1) if ours and plain
+                    else None, 3.0, at_least=False, unit="%"))
+            copy = median("copy", ",".join(size.split(",")[:3]))
+            if "fwd+bwd" in size:
+                # fwd+bwd moves 3 passes over the logits, the copy 2 (read + write).
+                out.append(harness.Target(
+                    size, "fwd+bwd share of the measured copy rate",
+                    100 * 1.5 * copy / ours if ours and copy else None, 88.0, unit="%"))
+        else:
+            out.append(harness.Target(size, "lambdapo vs torch.compile", harness.ratio(
+                index, size, "torch_compile", "lambdapo"), 1.0))
+            if ("lambdapo_1_thread", size) in index:
+                out.append(harness.Target(
+                    size, "1 thread -> all threads speed-up (on 2 cores)",
+                    harness.ratio(index, size, "lambdapo_1_thread", "lambdapo"), 1.6))
+    return out
+
+
 if __name__ == "__main__":
-    harness.main(OP, __doc__.splitlines()[0], run, cpu_sizes=CPU_SIZES, cuda_sizes=CUDA_SIZES,
-                 quick_sizes=QUICK_SIZES)
+    sys.exit(harness.main(__file__, __doc__))

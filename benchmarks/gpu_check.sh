@@ -10,7 +10,8 @@
 # GPU_CHECK_BUDGET (seconds, default 1800) bounds the whole script: each stage is cut short
 # so that the summary still prints. Peer packages (liger-kernel, cut-cross-entropy,
 # rouge-score, flash-attn's Triton sources) are used when importable; wheels in .whl/ are
-# installed to /tmp/site first and .gpu/site is put on the path (see benchmarks/README.md).
+# installed to /tmp/site first and .gpu/site is put on the path (see docs/gpu.md); the
+# benchmarks need pytest-benchmark there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -116,17 +117,23 @@ if has_stage sanitizer; then
   done
 fi
 
-if has_stage bench; then
+if has_stage bench && ! $PY -c "import pytest_benchmark" 2>/dev/null; then
+  note "bench: SKIPPED, pytest-benchmark is not importable (put its wheel and py-cpuinfo2's in .whl/)"
+elif has_stage bench; then
   benches=$(sed -nE 's/.*bench:([a-z_,]+).*/\1/p' <<< "$STAGES" | tr ',' ' ')
   benches=${benches:-token_logprobs lambda_advantages semantic_density linear_token_logprobs}
   run_stage "ceilings" 60 "$OUT/bench.log" $PY benchmarks/gpu_ceilings.py
   grep '"copy_TB_per_s"' "$OUT/bench.log" | tail -1 | tee -a "$SUMMARY"
+  first_line=$(( $(wc -l < "$OUT/bench.log") + 1 ))
+  # Each script runs its cases through pytest-benchmark: the ratio table and target lines
+  # go to bench.log, pytest-benchmark's JSON (every round, extra_info) to $OUT.
   for bench in $benches; do
     run_stage "bench $bench" 240 "$OUT/bench.log" \
-      $PY "benchmarks/bench_$bench.py" --device cuda
+      $PY "benchmarks/bench_$bench.py" --device cuda --benchmark-json "$OUT/bench_$bench.json"
   done
   tar -cf "$OUT/results.tar" benchmarks/results
   $PY benchmarks/summarize.py --device cuda --since "$START" $benches | tee -a "$SUMMARY"
+  tail -n "+$first_line" "$OUT/bench.log" | grep -E '^target ' | tee -a "$SUMMARY"
 fi
 echo
 echo "=== summary ($(( $(date +%s) - START )) s)"

@@ -1,35 +1,62 @@
-"""Shared benchmark harness: median time after warm-up, peak extra memory, environment,
-a printed table of ratios against a baseline, and results appended as JSON lines.
+"""What the benchmarks add to pytest-benchmark, and nothing it already does.
 
-Peak memory is what a call allocates beyond its inputs: torch.cuda's peak allocation on
-CUDA; on the CPU the process's peak resident set (VmHWM, reset before each call) over
-the resident set before it, with glibc's mmap threshold pinned so freed buffers go back
-to the system and every call starts from the same place.
+pytest-benchmark times every case (``benchmark.pedantic``), keeps the statistics, writes
+``--benchmark-json`` / ``--benchmark-save`` and compares runs (``--benchmark-compare``).
+This module adds what it lacks:
+
+* :class:`Case`: one implementation of an op at one size on one device; its parameters
+  ``device``, ``size`` and ``impl`` make ``--benchmark-group-by param:size`` (or the
+  default group, "op device size") line the implementations of one size up;
+* :class:`CudaEventClock`: a pytest-benchmark timer that reads CUDA events, so that a CUDA
+  case reports the device time between two events around the call;
+* :func:`peak_mib`: the peak memory one call needs beyond its inputs;
+* :class:`Results`: a pytest plugin that keeps one row per case (measured, not run with
+  its reason, or failed), adds the ratios against the op's baselines and the op's targets
+  to ``extra_info``, prints the ratio tables and the target lines last, and appends the
+  rows to ``benchmarks/results/<op>.jsonl`` when asked (``--bench-results``);
+* :func:`main`: the ``python benchmarks/bench_<op>.py`` command line, which runs the same
+  cases through pytest.
+
+A bench module defines ``OP``, ``RATIOS`` (the implementations the others are compared
+with, first one in the table; or a dict device -> tuple), optionally ``SETTINGS``
+(name -> default, set with ``--bench-set NAME=VALUE``), ``cases(options, device)``,
+``targets(rows, device)`` and one test function taking ``case`` and ``measure``.
+
+Peak memory is what a call allocates beyond what exists before it: torch.cuda's peak
+allocation on CUDA; on the CPU the process's peak resident set (VmHWM, reset before the
+call) over the resident set before it, with glibc's mmap threshold pinned so that freed
+buffers go back to the system and every call starts from the same place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Any, Callable, Iterator
 
+import pytest
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SIZES = ("small", "full")
+MIB = 2**20
 
 
+# ------------------------------------------------------------------------------ rows
 @dataclass
 class Result:
+    """One row of a run: a case's median time, peak extra memory and status."""
     op: str
     impl: str
     size: str
@@ -38,9 +65,59 @@ class Result:
     peak_mib: float | None = None
     status: str = "ok"
     extra: dict = field(default_factory=dict)
+    device_name: str = ""
 
 
+@dataclass
+class Target:
+    """A goal of an issue, checked on one row of this run (``bound`` None: a ratio that is
+    reported but not judged)."""
+    size: str
+    label: str
+    value: float | None
+    bound: float | None = None
+    at_least: bool = True       # met when value >= bound (else value <= bound)
+    unit: str = "x"
+    impl: str = "lambdapo"      # the row it is attached to
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or self.bound is None:
+            return None
+        return self.value >= self.bound if self.at_least else self.value <= self.bound
+
+    def line(self, op: str, device: str) -> str:
+        head = f"target {op} {device} {self.size}: {self.label}"
+        if self.value is None:
+            return f"{head}: not measured"
+        if self.bound is None:
+            return f"{head}: {self.value:.3f}{self.unit}"
+        sign = ">=" if self.at_least else "<="
+        return (f"{head}: {self.value:.3f}{self.unit} (bound {sign} {self.bound:g}{self.unit}) "
+                f"{'met' if self.met else 'MISSED'}")
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "value": self.value, "bound": self.bound,
+                "at_least": self.at_least, "unit": self.unit, "met": self.met}
+
+
+def ratio(rows: dict[tuple[str, str], Result], size: str, numerator: str,
+          denominator: str) -> float | None:
+    """median time of ``numerator`` / that of ``denominator`` at ``size``, or None when one
+    of them has no time; ``rows`` maps (impl, size) to rows."""
+    a, b = rows.get((numerator, size)), rows.get((denominator, size))
+    if a is None or b is None or not a.median_ms or not b.median_ms:
+        return None
+    return a.median_ms / b.median_ms
+
+
+def by_impl_size(rows: list[Result]) -> dict[tuple[str, str], Result]:
+    return {(r.impl, r.size): r for r in rows}
+
+
+# ------------------------------------------------------------------------------ environment
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model with torch's current thread count."""
     if device == "cuda":
         return torch.cuda.get_device_name()
     model = platform.processor() or "cpu"
@@ -72,25 +149,19 @@ def environment(device: str) -> dict:
     }
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``count`` (None or 0: left as it is) inside."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time of ``fn`` in milliseconds after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
+# ------------------------------------------------------------------------------ memory
 def _proc_status_kib(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
@@ -117,7 +188,7 @@ def peak_mib(fn: Callable[[], object], device: str) -> float:
         before = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return (torch.cuda.max_memory_allocated() - before) / MIB
     _pin_malloc_thresholds()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _proc_status_kib("VmRSS")
@@ -126,27 +197,210 @@ def peak_mib(fn: Callable[[], object], device: str) -> float:
 
 
 def available_bytes(device: str) -> int:
+    """Free memory of ``device``: the GPU's, or the system's MemAvailable."""
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return free
-    return _meminfo_available()
-
-
-def _meminfo_available() -> int:
     match = re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
     return int(match.group(1)) * 1024
 
 
-def measure(op: str, impl: str, size: str, device: str, fn: Callable[[], object], *,
-            repeats: int = 5, warmup: int = 2) -> Result:
-    """Peak memory of the first call (after one warm-up), then the median time."""
-    result = Result(op=op, impl=impl, size=size, device=device)
-    try:
-        fn()  # warm-up: compilation, lazy init
-        result.peak_mib = round(peak_mib(fn, device), 2)
-        result.median_ms = round(time_ms(fn, device, warmup=warmup - 1, repeats=repeats), 4)
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
-        result.status = f"failed: {str(exc).splitlines()[0][:120]}"
+class InputSlot:
+    """Holds the inputs (or engines) of one size at a time: the cases of a size run one
+    after another, and a full-size GPU input (5 GiB of logits) must be freed before the
+    next size's is made."""
+
+    def __init__(self) -> None:
+        self._key: object = None
+        self._value: Any = None
+        self._release: Callable[[Any], None] | None = None
+
+    def get(self, key: object, build: Callable[[], Any],
+            release: Callable[[Any], None] | None = None) -> Any:
+        """The value built for ``key``, building it (after releasing the previous one)
+        when the key changed."""
+        if self._key != key or self._value is None:
+            self.clear()
+            self._value, self._key, self._release = build(), key, release
+        return self._value
+
+    def clear(self) -> None:
+        value, release = self._value, self._release
+        self._key = self._value = self._release = None
+        if value is not None and release is not None:
+            release(value)
+        del value
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ timers
+class CudaEventClock:
+    """A pytest-benchmark timer in seconds of GPU time. Every reading records a CUDA event
+    on the current stream, waits for it and adds the time since the previous reading's
+    event, so that end minus start of a round is the device time between two events
+    around the call (what ``torch.cuda.Event`` timing measures), all the work it queued
+    included. Each step is one float32 ``elapsed_time``, so precision does not decay over
+    a long session."""
+
+    __name__ = "cuda_event_clock"
+
+    def __init__(self) -> None:
+        self._last: torch.cuda.Event | None = None
+        self._seconds = 0.0
+
+    def __call__(self) -> float:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        event.synchronize()
+        if self._last is not None:
+            self._seconds += self._last.elapsed_time(event) / 1e3
+        self._last = event
+        return self._seconds
+
+
+CUDA_EVENT_CLOCK = CudaEventClock()
+
+
+class ScaledPerfCounter:
+    """``time.perf_counter`` times ``factor``: a round that runs 1/factor of a batch reads
+    as the whole batch (for a peer too slow to run a full batch per round)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.__name__ = f"perf_counter_x{factor:g}"
+
+    def __call__(self) -> float:
+        return time.perf_counter() * self.factor
+
+
+# ------------------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class BenchOptions:
+    """The session's benchmark options (benchmarks/conftest.py's ``--bench-*``)."""
+    size: str = "small"
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    threads: int | None = None        # torch CPU threads for every case (None: each case's)
+    warmup: int | None = None         # untimed calls before timing (None: each case's)
+    rounds: int = 5                   # timed rounds (--benchmark-min-rounds)
+    settings: tuple[tuple[str, str], ...] = ()
+    results_dir: Path | None = None   # append rows to <dir>/<op>.jsonl
+
+    def sizes(self, presets: dict[str, dict[str, list]], device: str) -> list:
+        """The sizes of ``presets[self.size][device]``."""
+        return presets[self.size][device]
+
+    def setting(self, defaults: dict[str, Any], name: str) -> Any:
+        """``--bench-set name=VALUE`` converted to the type of ``defaults[name]``, or that
+        default."""
+        given = dict(self.settings)
+        if name not in given:
+            return defaults[name]
+        kind = type(defaults[name])
+        return given[name].lower() in ("1", "true", "yes") if kind is bool else kind(given[name])
+
+
+@dataclass(frozen=True)
+class Case:
+    """One implementation of an op at one size, on one device.
+
+    ``spec`` is what the bench module needs to build the inputs. ``bytes_moved`` and
+    ``flops`` (per call) give a CUDA row its GB/s and roofline fraction, or TFLOP/s.
+    ``time_scale`` > 1 marks a round that runs 1/time_scale of the batch."""
+    op: str
+    impl: str
+    size: str
+    device: str
+    spec: tuple = ()
+    runs_on: str = ""              # device of the timed call when not ``device``
+    kernels: tuple[str, ...] = ()  # dispatcher ops (lambdapo::NAME) a CUDA case needs
+    rounds: int | None = None      # fixed timed rounds (None: the session's)
+    min_rounds: int = 1
+    warmup: int = 1                # untimed calls first (compilation, lazy init)
+    peak_memory: bool = True
+    threads: int | None = None
+    time_scale: float = 1.0
+    bytes_moved: int | None = None
+    flops: int | None = None
+
+    @property
+    def timing_device(self) -> str:
+        return self.runs_on or self.device
+
+    @property
+    def group(self) -> str:
+        return f"{self.op} {self.device} {self.size}"
+
+    def param(self) -> Any:
+        """The pytest parameter set (device, size, impl) of this case: its benchmark group,
+        its timer, and on CUDA a skip when the GPU or a kernel is missing."""
+        options: dict[str, Any] = {"group": self.group}
+        if self.timing_device == "cuda":
+            options["timer"] = CUDA_EVENT_CLOCK
+        elif self.time_scale != 1:
+            options["timer"] = ScaledPerfCounter(self.time_scale)
+        marks = [pytest.mark.benchmark(**options)]
+        if self.device == "cuda":
+            reason = cuda_missing(self.kernels)
+            if reason:
+                marks.append(pytest.mark.skip(reason=reason))
+        case_id = f"{self.device}-{self.size}-{self.impl}".replace(" ", "_")
+        return pytest.param(self.device, self.size, self.impl, marks=marks, id=case_id)
+
+
+def cuda_missing(kernels: tuple[str, ...]) -> str | None:
+    """Why CUDA cases cannot run here (no GPU, or no CUDA kernel of one of ``kernels``),
+    or None."""
+    if not torch.cuda.is_available():
+        return "no GPU visible to torch"
+    from lambdapo_ext._loader import has_kernel
+
+    missing = [op for op in kernels if not has_kernel(op, "CUDA")]
+    if missing:
+        return f"lambdapo_ext has no CUDA kernel of lambdapo::{', '.join(missing)}"
+    return None
+
+
+def calls(case: Case, options: BenchOptions) -> tuple[int, int]:
+    """(untimed warm-up calls, timed rounds) of ``case`` in this session."""
+    warmup = options.warmup if options.warmup is not None else case.warmup
+    return warmup, case.rounds or max(options.rounds, case.min_rounds)
+
+
+def measure(benchmark: Any, case: Case, fn: Callable[[], object],
+            options: BenchOptions) -> Result:
+    """Times ``fn`` with pytest-benchmark after ``case.warmup`` untimed calls and one call
+    for the peak memory. Out of memory in an implementation other than lambdapo's is
+    "not run" (a skip); in lambdapo's it fails the case."""
+    device = case.timing_device
+    threads = options.threads if options.threads is not None else case.threads
+    warmup, rounds = calls(case, options)
+    result = Result(case.op, case.impl, case.size, case.device)
+    with torch_threads(threads):
+        result.device_name = device_name(device)
+        try:
+            for _ in range(warmup):
+                fn()
+            if case.peak_memory:
+                result.peak_mib = round(peak_mib(fn, device), 2)
+            benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+        except torch.OutOfMemoryError as exc:
+            if case.impl.startswith("lambdapo"):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            pytest.skip(f"out of memory: {str(exc).splitlines()[0][:160]}")
+    if benchmark.disabled:
+        result.status = "not timed (--benchmark-disable)"
+        return result
+    median_s = benchmark.stats.stats.median
+    result.median_ms = round(median_s * 1e3, 4)
+    if device == "cuda" and case.bytes_moved:
+        result.extra.update(bandwidth(case.bytes_moved, median_s))
+    if device == "cuda" and case.flops:
+        result.extra["TFLOP/s"] = round(case.flops / median_s / 1e12, 1)
+    if threads:
+        result.extra["threads"] = threads
     return result
 
 
@@ -155,80 +409,266 @@ HBM_BYTES_PER_S = {"H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 
                    "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.56e12}
 
 
-def add_bandwidth(result: Result, bytes_moved: int, device: str) -> None:
-    """Records achieved bandwidth and, for a known card, the fraction of its HBM peak."""
-    if device != "cuda" or not result.median_ms:
-        return
-    achieved = bytes_moved / (result.median_ms / 1e3)
-    result.extra["GB/s"] = round(achieved / 1e9, 1)
+def bandwidth(bytes_moved: int, seconds: float) -> dict:
+    """Achieved GB/s and, for a known card, the fraction of its datasheet HBM peak."""
+    achieved = bytes_moved / seconds
+    out = {"GB/s": round(achieved / 1e9, 1)}
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
     if peak:
-        result.extra["roofline"] = round(achieved / peak, 3)
+        out["roofline"] = round(achieved / peak, 3)
+    return out
 
 
-def not_run(op: str, impl: str, size: str, device: str, reason: str) -> Result:
-    return Result(op=op, impl=impl, size=size, device=device, status=f"not run: {reason}")
+# ------------------------------------------------------------------------------ the plugin
+class Results:
+    """pytest plugin (registered by benchmarks/conftest.py) that keeps one row per case and
+    reports them: ratio tables and target lines in the terminal summary, ratios and
+    targets in pytest-benchmark's JSON ``extra_info``, rows appended to
+    ``<results_dir>/<op>.jsonl``."""
+
+    def __init__(self, options: BenchOptions) -> None:
+        self.options = options
+        self.modules: dict[str, ModuleType] = {}
+        self._cases: dict[tuple[str, str, str, str], Case] = {}
+        self._order: list[tuple[str, str, str, str]] = []
+        self.rows: dict[tuple[str, str, str, str], Result] = {}
+        self._nodeids: dict[str, tuple[str, str, str, str]] = {}
+        self._targets: dict[tuple[str, str], list[Target]] = {}
+        self._final = False
+
+    # -- collection
+    def add_cases(self, module: ModuleType) -> list:
+        """Every case of ``module`` on the session's devices, as pytest parameter sets."""
+        self.modules[module.OP] = module
+        params = []
+        for device in self.options.devices:
+            for case in module.cases(self.options, device):
+                key = (case.op, case.device, case.size, case.impl)
+                if key in self._cases:
+                    raise ValueError(f"two cases named {key}")
+                self._cases[key] = case
+                self._order.append(key)
+                params.append(case.param())
+        return params
+
+    def case(self, op: str, device: str, size: str, impl: str) -> Case:
+        return self._cases[(op, device, size, impl)]
+
+    def check_settings(self) -> None:
+        """Every ``--bench-set`` name is a setting of a collected bench module."""
+        known = {name for m in self.modules.values() for name in getattr(m, "SETTINGS", {})}
+        unknown = [name for name, _ in self.options.settings if name not in known]
+        if unknown and self.modules:
+            raise pytest.UsageError(f"--bench-set {', '.join(unknown)}: not a setting of the "
+                                    f"collected benchmarks (they have {sorted(known)})")
+
+    # -- results
+    def record(self, nodeid: str, result: Result) -> None:
+        key = (result.op, result.device, result.size, result.impl)
+        self.rows[key] = result
+        self._nodeids[nodeid] = key
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Any:
+        report = yield
+        key = self._key_of(item)
+        if key is None:
+            return report
+        case = self._cases[key]
+        if report.skipped and key not in self.rows:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
+                report.longrepr)
+            self.record(item.nodeid, Result(
+                case.op, case.impl, case.size, case.device,
+                status=f"not run: {reason.removeprefix('Skipped: ')}"))
+        elif report.failed and call.excinfo is not None:
+            self.record(item.nodeid, Result(
+                case.op, case.impl, case.size, case.device,
+                status=f"failed: {call.excinfo.exconly().splitlines()[0][:160]}"))
+        return report
+
+    def _key_of(self, item: pytest.Item) -> tuple[str, str, str, str] | None:
+        callspec = getattr(item, "callspec", None)
+        module = getattr(item, "module", None)
+        if callspec is None or module is None or not hasattr(module, "OP"):
+            return None
+        params = callspec.params
+        key = (module.OP, params.get("device"), params.get("size"), params.get("impl"))
+        return key if key in self._cases else None
+
+    def rows_of(self, op: str, device: str) -> list[Result]:
+        """The rows of ``op`` on ``device`` in case order."""
+        return [self.rows[k] for k in self._order
+                if k[0] == op and k[1] == device and k in self.rows]
+
+    def finalize(self) -> None:
+        """Adds the ratios against each op's baselines to the rows and checks the targets
+        (once)."""
+        if self._final:
+            return
+        self._final = True
+        for op, module in self.modules.items():
+            for device in self.options.devices:
+                rows = self.rows_of(op, device)
+                if not any(r.median_ms for r in rows):
+                    continue
+                add_ratios(rows, ratio_bases(module, device))
+                targets = module.targets(rows, device) if hasattr(module, "targets") else []
+                self._targets[(op, device)] = targets
+                index = by_impl_size(rows)
+                for target in targets:
+                    row = index.get((target.impl, target.size))
+                    if row is not None:
+                        row.extra.setdefault("targets", []).append(target.as_dict())
+
+    # -- reporting
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: list,
+                                     output_json: dict) -> None:
+        """extra_info of every benchmark: its row (op, impl, size, device, device name, peak
+        memory, ratios, targets); the cases that did not run, with the reason."""
+        self.finalize()
+        for bench in output_json["benchmarks"]:
+            key = self._nodeids.get(bench["fullname"])
+            if key is not None:
+                row = self.rows[key]
+                bench["extra_info"].update(
+                    op=row.op, impl=row.impl, size=row.size, device=row.device,
+                    device_name=row.device_name, peak_mib=row.peak_mib, **row.extra)
+        output_json["lambdapo_not_run"] = [
+            {"op": r.op, "impl": r.impl, "size": r.size, "device": r.device, "status": r.status}
+            for r in self.rows.values() if r.status not in ("ok", "not timed (--benchmark-disable)")]
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """After pytest-benchmark's tables: one ratio table per op and device, then every
+        target line, then where the rows were appended."""
+        self.finalize()
+        write = terminalreporter.write_line
+        lines: list[str] = []
+        saved = []
+        for op, module in self.modules.items():
+            for device in self.options.devices:
+                rows = self.rows_of(op, device)
+                if not rows:
+                    continue
+                if any(r.median_ms for r in rows):
+                    terminalreporter.section(f"{op} on {device}", sep="-")
+                    env = environment(device)
+                    for line in table_lines(rows, ratio_bases(module, device)[0], env):
+                        write(line)
+                    lines += [t.line(op, device) for t in self._targets.get((op, device), [])]
+                else:
+                    reasons = sorted({r.status for r in rows})
+                    write(f"# {op} on {device}: nothing timed ({'; '.join(reasons)[:200]})")
+                    if device == "cuda" and cuda_missing(getattr(module, "KERNELS", ())):
+                        continue   # no GPU here: no rows worth keeping
+                if self.options.results_dir is not None:
+                    saved.append(append_results(self.options.results_dir, op, device, rows))
+        if lines:
+            terminalreporter.section("targets", sep="-")
+            for line in lines:
+                write(line)
+        for path in dict.fromkeys(saved):
+            write(f"appended to {path}")
 
 
-def print_table(results: list[Result], baseline: str, env: dict) -> None:
-    """One row per (size, impl): time, peak memory, and the baseline's time and memory
-    divided by this impl's (so > 1 means this impl is faster / leaner)."""
-    print(f"# {env['device_name']} | torch {env['torch']} | commit {env['commit']} | {env['date']}")
-    header = (f"{'size':<34} {'impl':<18} {'time ms':>11} {'peak MiB':>10} {'speedup':>9} "
+def ratio_bases(module: ModuleType, device: str) -> tuple[str, ...]:
+    """The implementations the others of ``module`` are compared with on ``device``."""
+    bases = module.RATIOS
+    return bases[device] if isinstance(bases, dict) else bases
+
+
+def add_ratios(rows: list[Result], bases: tuple[str, ...]) -> None:
+    """``speedup_vs_<base>`` (the base's time / the row's) and ``mem_ratio_vs_<base>``
+    (peak memory, the same way; None under the 0.1 MiB resolution) into each row's extra."""
+    index = by_impl_size(rows)
+    for base in bases:
+        for r in rows:
+            b = index.get((base, r.size))
+            if b is None or b is r or not r.median_ms or not b.median_ms:
+                continue
+            r.extra[f"speedup_vs_{base}"] = _significant(b.median_ms / r.median_ms)
+            if b.peak_mib and r.peak_mib is not None:
+                r.extra[f"mem_ratio_vs_{base}"] = (
+                    _significant(b.peak_mib / r.peak_mib) if r.peak_mib >= 0.1 else None)
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def table_lines(rows: list[Result], baseline: str, env: dict) -> list[str]:
+    """A heading from ``env`` (:func:`environment`), then one line per row: time, peak
+    memory, and ``baseline``'s time and memory over the row's (> 1: faster / leaner), then
+    the status and the other extras."""
+    header = (f"{'size':<34} {'impl':<20} {'time ms':>11} {'peak MiB':>10} {'speedup':>9} "
               f"{'mem ratio':>9}  status / extra")
-    print(header)
-    print("-" * len(header))
-    base = {(r.size, r.device): r for r in results if r.impl == baseline}
-    for r in results:
-        b = base.get((r.size, r.device))
-        speed = mem = ""
-        if b and b.median_ms and r.median_ms:
-            speed = f"{b.median_ms / r.median_ms:.2f}x"
-        if b and b.peak_mib and r.peak_mib is not None:
-            # Under 0.1 MiB is at the resolution of the measurement: no meaningful ratio.
-            mem = f"{b.peak_mib / r.peak_mib:.2f}x" if r.peak_mib >= 0.1 else "(~0 MiB)"
+    lines = [f"# {rows[0].device_name or env['device_name']} | torch {env['torch']} | commit "
+             f"{env['commit']} | {env['date']} | ratios against {baseline}",
+             header, "-" * len(header)]
+    shown = {f"speedup_vs_{baseline}", f"mem_ratio_vs_{baseline}", "targets"}
+    for r in rows:
+        speed = r.extra.get(f"speedup_vs_{baseline}")
+        mem_key = f"mem_ratio_vs_{baseline}"
+        mem = "" if mem_key not in r.extra else (
+            "(~0 MiB)" if r.extra[mem_key] is None else f"{r.extra[mem_key]:.2f}x")
         t = f"{r.median_ms:.3f}" if r.median_ms is not None else "-"
         m = f"{r.peak_mib:.1f}" if r.peak_mib is not None else "-"
-        extra = " ".join(f"{k}={v}" for k, v in r.extra.items())
-        print(f"{r.size:<34} {r.impl:<18} {t:>11} {m:>10} {speed:>9} {mem:>9}  {r.status} {extra}")
+        # Other bases' memory ratios and per-round lists are in the JSON only.
+        extra = " ".join(f"{k}={v}" for k, v in r.extra.items()
+                         if k not in shown and not k.startswith("mem_ratio_vs_")
+                         and not isinstance(v, (list, dict)))
+        speed_s = f"{speed:.2f}x" if speed else ""
+        lines.append(f"{r.size:<34} {r.impl:<20} {t:>11} {m:>10} {speed_s:>9} {mem:>9}  "
+                     f"{r.status} {extra}".rstrip())
+    return lines
 
 
-def append_results(op: str, results: list[Result], env: dict) -> Path:
-    """Appends one JSON line per result to benchmarks/results/<op>.jsonl."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{op}.jsonl"
+def append_results(folder: Path, op: str, device: str, rows: list[Result]) -> Path:
+    """Appends one JSON line per row (with date, torch and commit) to ``folder/<op>.jsonl``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{op}.jsonl"
+    env = environment(device)
     with path.open("a") as f:
-        for r in results:
-            f.write(json.dumps({**env, **asdict(r)}) + "\n")
+        for r in rows:
+            row = asdict(r)
+            row["device_name"] = row["device_name"] or env["device_name"]
+            f.write(json.dumps({**env, **row}) + "\n")
     return path
 
 
-def devices_from_arg(arg: str) -> list[str]:
-    if arg == "all":
-        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if arg == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible to torch")
-    return [arg]
+# ------------------------------------------------------------------------------ command line
+def main(bench_file: str, description: str, *, settings: dict[str, Any] | None = None,
+         default_device: str = "all") -> int:
+    """``python benchmarks/bench_<op>.py``: runs the file's cases through pytest
+    (``--benchmark-only``) and prints the ratio table and the targets.
 
-
-def main(op: str, description: str, run: Callable[[str, list, int], list[Result]], *,
-         cpu_sizes: list, cuda_sizes: list, quick_sizes: list,
-         baseline: str | dict[str, str] = "torch_eager") -> None:
-    """The command line every bench_<op>.py shares: --device, --quick, --repeats, --no-save;
-    runs ``run(device, sizes, repeats)``, prints the table (ratios against ``baseline``, or
-    ``baseline[device]``) and appends the rows."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    --device cpu|cuda|all, --quick (the small sizes), --repeats N (timed rounds),
+    --no-save (do not append to benchmarks/results/), one flag per entry of ``settings``;
+    any other argument goes to pytest (``--benchmark-json out.json``, ``-k lambdapo``...).
+    """
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0],
+                                     epilog="Other arguments are passed to pytest.")
+    parser.add_argument("--device", default=default_device, choices=["cpu", "cuda", "all"])
     parser.add_argument("--quick", action="store_true", help="small sizes only")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case")
     parser.add_argument("--no-save", action="store_true", help="do not append to results/")
-    args = parser.parse_args()
-    for device in devices_from_arg(args.device):
-        env = environment(device)
-        sizes = quick_sizes if args.quick else (cuda_sizes if device == "cuda" else cpu_sizes)
-        results = run(device, sizes, args.repeats)
-        base = baseline[device] if isinstance(baseline, dict) else baseline
-        print_table(results, baseline=base, env=env)
-        if not args.no_save:
-            print(f"appended to {append_results(op, results, env)}")
+    for name, default in (settings or {}).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(default),
+                            default=default, help=f"(default {default})")
+    args, pytest_args = parser.parse_known_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible to torch")
+    if device == "all" and not torch.cuda.is_available():
+        device = "cpu"
+    argv = [str(Path(bench_file).resolve()), "--benchmark-only", "--benchmark-quiet",
+            "-p", "no:cacheprovider", "-v", "-rfE",
+            f"--bench-device={device}", f"--bench-size={'small' if args.quick else 'full'}",
+            f"--benchmark-min-rounds={args.repeats}"]
+    argv += [f"--bench-set={name}={getattr(args, name)}" for name in settings or {}]
+    if not args.no_save:
+        argv.append(f"--bench-results={RESULTS_DIR}")
+    return int(pytest.main(argv + pytest_args))

@@ -8,16 +8,16 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
-
+LOGITS_PEERS = ("flash_attn_triton", "liger_kernel")
+LINEAR_PEERS = ("cut_cross_entropy", "liger_fused_linear")
 # Peers without an entropy output.
-NO_ENTROPY = {"flash_attn_triton", "liger_kernel", "cut_cross_entropy", "liger_fused_linear"}
+NO_ENTROPY = {*LOGITS_PEERS, *LINEAR_PEERS}
 
 
 def logits_peers(device: str) -> dict:
     """Peers of token_logprobs: name -> fn(logits, targets, entropy) -> (logprobs, None)."""
     if device != "cuda":
-        return {name: "CUDA only" for name in ("flash_attn_triton", "liger_kernel")}
+        return {name: "CUDA only" for name in LOGITS_PEERS}
     peers = {}
     try:
         cross_entropy_loss = _flash_attn_triton_cross_entropy()
@@ -59,7 +59,7 @@ def _flash_attn_triton_cross_entropy():
 def linear_peers(device: str) -> dict:
     """Peers of linear_token_logprobs: name -> fn(hidden, weight, targets, entropy)."""
     if device != "cuda":
-        return {name: "CUDA only" for name in ("cut_cross_entropy", "liger_fused_linear")}
+        return {name: "CUDA only" for name in LINEAR_PEERS}
     peers = {}
     try:
         from cut_cross_entropy import linear_cross_entropy
