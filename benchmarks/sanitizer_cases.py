@@ -15,6 +15,7 @@ import sys
 import torch
 
 import lambdapo_ext as lp
+from lambdapo_ext.ops import NORMALIZE_MODES
 
 
 def _check(name: str, got, expected, **tol) -> None:
@@ -30,7 +31,7 @@ def lambda_advantages_cases(gen: torch.Generator) -> None:
         rewards = torch.randint(0, 2, (p, g), generator=gen).float()
         scores = -torch.rand(p, g, generator=gen)
         mask = torch.rand(p, g, generator=gen) > 0.3
-        for normalize in ("mean", "none", "std"):
+        for normalize in NORMALIZE_MODES:
             cpu = lp.lambda_advantages(rewards, scores, mask=mask, normalize=normalize)
             gpu = lp.lambda_advantages(rewards.cuda(), scores.cuda(), mask=mask.cuda(),
                                        normalize=normalize)

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernel_constants.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LAMBDAPO_ISA_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -14,11 +16,11 @@
 
 namespace lambdapo {
 
-// exp(x) to ~1 ulp (Cephes polynomial); x is clamped to [-87, 88], the normal float range,
-// so exp(-inf) gives about 1.6e-38 rather than 0.
+// exp(x) to ~1 ulp (Cephes polynomial); x is clamped to [kExpNormalMin, kExpNormalMax], the
+// normal float range, so exp(-inf) gives about 1.6e-38 rather than 0.
 inline __attribute__((always_inline)) float exp_vectorizable(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
+  x = x < kExpNormalMin ? kExpNormalMin : x;
+  x = x > kExpNormalMax ? kExpNormalMax : x;
   const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
   const float f = (x - k * 0.693359375f) + k * 2.12194440e-4f;            // x - k ln2
   float p = 1.9875691500e-4f;

@@ -10,6 +10,9 @@ from torch import Tensor
 from lambdapo_ext import _vocab_parallel
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
+# lambda_advantages' normalize modes: the one Python list (configs and adapters import it).
+# The C++ kernels parse the string themselves (kNormalizeModes in csrc/lambda_advantages.h);
+# tests check that both accept exactly these.
 NORMALIZE_MODES = ("mean", "none", "std")
 # Logits memory of one linear_token_logprobs tile when the chunk sizes are not given, and
 # the fewest vocabulary entries a default tile spans.

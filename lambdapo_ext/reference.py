@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lambdapo_ext.ops import NORMALIZE_MODES
+
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -59,8 +61,8 @@ def lambda_advantages(
         dense = lambda_advantages(r, s, mask=pad_mask & (m > 0), beta=beta,
                                   normalize=normalize, eps=eps)
         return dense[group, position]
-    if normalize not in ("mean", "none", "std"):
-        raise ValueError(f"normalize must be 'mean', 'none' or 'std', got {normalize!r}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     valid = torch.ones_like(r, dtype=torch.bool) if mask is None else mask
     r = torch.where(valid, r, 0)
     s = torch.where(valid, s, 0)

@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 import torch
@@ -7,9 +8,8 @@ from hypothesis import strategies as st
 
 from lambdapo_ext import lambda_advantages
 from lambdapo_ext import reference
+from lambdapo_ext.ops import NORMALIZE_MODES as NORMALIZE
 from tests.conftest import devices, skip_without_cuda, to_device
-
-NORMALIZE = ("mean", "none", "std")
 
 
 def random_groups(p, g, *, seed, binary=False, dtype=torch.float32):
@@ -258,6 +258,29 @@ def test_bad_normalize_through_the_raw_op():
     r = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="normalize"):
         torch.ops.lambdapo.lambda_advantages(r, r, None, None, 1.0, "bogus", 1e-6)
+
+
+def test_kernel_accepts_exactly_the_python_normalize_modes():
+    """The C++ guard (kNormalizeModes) and lambdapo_ext.ops.NORMALIZE_MODES list the same
+    modes: each Python mode runs through the raw op, and the op's error lists exactly them."""
+    rewards, scores = random_groups(2, 5, seed=4)
+    for mode in NORMALIZE:
+        torch.ops.lambdapo.lambda_advantages(rewards, scores, None, None, 1.0, mode, 1e-6)
+    for near_miss in ("", "Mean", "mean ", "std\0", "median", "max"):
+        with pytest.raises(ValueError, match="normalize must be one of") as error:
+            torch.ops.lambdapo.lambda_advantages(rewards, scores, None, None, 1.0, near_miss,
+                                                 1e-6)
+    listed = re.search(r"normalize must be one of (.*), got", str(error.value)).group(1)
+    assert tuple(re.findall(r'"([^"]*)"', listed)) == tuple(NORMALIZE)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_groups_past_one_float_partial_match_float64_reference(normalize):
+    """G = 2500 crosses the CPU kernel's blocks of 1024 rows and columns (float partials
+    summed in double, as on CUDA): still the float64 reference at the usual tolerance."""
+    rewards, scores = random_groups(2, 2500, seed=5)
+    out = lambda_advantages(rewards, scores, beta=1.3, normalize=normalize)
+    assert_matches_reference(out, rewards, scores, beta=1.3, normalize=normalize)
 
 
 @skip_without_cuda("lambda_advantages")

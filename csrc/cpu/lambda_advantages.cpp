@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -15,25 +16,42 @@
 namespace lambdapo {
 namespace {
 
+// (r_i - r_j) w_ij with w = 2 sigmoid(-beta sign(dr) ds) = 2 / (1 + exp(beta sign(dr) ds)).
+// Ties give dr = 0 and so contribute nothing whatever their weight.
+inline __attribute__((always_inline)) float pair_term(float ri, float si, float rj, float sj,
+                                                      float beta) {
+  const float dr = ri - rj;
+  const float sign = static_cast<float>(dr > 0.0f) - static_cast<float>(dr < 0.0f);
+  return dr * 2.0f / (1.0f + exp_vectorizable(beta * sign * (si - sj)));
+}
+
 // Pairs (i, j) for j > i: adds sum_j (r_i - r_j) w_ij to adv[i] and subtracts each term
-// from adv[j]. Ties give dr = 0 and so contribute nothing whatever their weight. Sums are
-// in double: partial sums grow to O(G) before they cancel.
+// from adv[j]. Float partials of at most kPairsPerFloatPartial terms (lambda_advantages.h):
+// a row's in chunks of columns, and column j's in `partial` over a block of that many rows,
+// flushed into the double adv after each block.
 LAMBDAPO_ISA_CLONES
 void accumulate_pairs(const float* __restrict r, const float* __restrict s,
-                      double* __restrict adv, int64_t n, float beta) {
-  for (int64_t i = 0; i + 1 < n; ++i) {
-    const float ri = r[i], si = s[i];
-    double row = 0.0;
-#pragma omp simd reduction(+ : row)
-    for (int64_t j = i + 1; j < n; ++j) {
-      const float dr = ri - r[j];
-      const float sign = static_cast<float>(dr > 0.0f) - static_cast<float>(dr < 0.0f);
-      // w = 2 sigmoid(-beta sign(dr) ds) = 2 / (1 + exp(beta sign(dr) ds))
-      const float term = dr * 2.0f / (1.0f + exp_vectorizable(beta * sign * (si - s[j])));
-      row += term;
-      adv[j] -= term;
+                      double* __restrict adv, float* __restrict partial, int64_t n, float beta) {
+  for (int64_t i0 = 0; i0 + 1 < n; i0 += kPairsPerFloatPartial) {
+    const int64_t i1 = std::min(n - 1, i0 + kPairsPerFloatPartial);
+    for (int64_t j = i0 + 1; j < n; ++j) partial[j] = 0.0f;
+    for (int64_t i = i0; i < i1; ++i) {
+      const float ri = r[i], si = s[i];
+      double row = 0.0;
+      for (int64_t j0 = i + 1; j0 < n; j0 += kPairsPerFloatPartial) {
+        const int64_t j1 = std::min(n, j0 + kPairsPerFloatPartial);
+        float row_part = 0.0f;
+#pragma omp simd reduction(+ : row_part)
+        for (int64_t j = j0; j < j1; ++j) {
+          const float term = pair_term(ri, si, r[j], s[j], beta);
+          row_part += term;
+          partial[j] -= term;
+        }
+        row += row_part;
+      }
+      adv[i] += row;
     }
-    adv[i] += row;
+    for (int64_t j = i0 + 1; j < n; ++j) adv[j] += partial[j];
   }
 }
 
@@ -45,11 +63,12 @@ void accumulate_rows(const float* __restrict r, const float* __restrict s,
   for (int64_t i = 0; i < n; ++i) {
     const float ri = r[i], si = s[i];
     double row = 0.0;
-#pragma omp simd reduction(+ : row)
-    for (int64_t j = 0; j < n; ++j) {
-      const float dr = ri - r[j];
-      const float sign = static_cast<float>(dr > 0.0f) - static_cast<float>(dr < 0.0f);
-      row += dr * 2.0f / (1.0f + exp_vectorizable(beta * sign * (si - s[j])));
+    for (int64_t j0 = 0; j0 < n; j0 += kPairsPerFloatPartial) {
+      const int64_t j1 = std::min(n, j0 + kPairsPerFloatPartial);
+      float row_part = 0.0f;
+#pragma omp simd reduction(+ : row_part)
+      for (int64_t j = j0; j < j1; ++j) row_part += pair_term(ri, si, r[j], s[j], beta);
+      row += row_part;
     }
     adv[i] = row;
   }
@@ -59,7 +78,7 @@ void accumulate_rows(const float* __restrict r, const float* __restrict s,
 constexpr int64_t kWholeRowsMaxGroup = 192;
 
 struct GroupScratch {
-  std::vector<float> r, s;
+  std::vector<float> r, s, partial;
   std::vector<double> adv;
   std::vector<int64_t> slot;
 };
@@ -102,7 +121,9 @@ void lambda_advantages_segments_cpu(const GroupSegments& seg, float beta, Normal
       if (n <= kWholeRowsMaxGroup) {
         accumulate_rows(scratch.r.data(), scratch.s.data(), scratch.adv.data(), n, beta);
       } else {
-        accumulate_pairs(scratch.r.data(), scratch.s.data(), scratch.adv.data(), n, beta);
+        scratch.partial.resize(n);
+        accumulate_pairs(scratch.r.data(), scratch.s.data(), scratch.adv.data(),
+                         scratch.partial.data(), n, beta);
       }
 
       double scale = norm == Normalize::None ? 1.0 : 1.0 / static_cast<double>(n - 1);

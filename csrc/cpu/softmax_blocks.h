@@ -11,15 +11,13 @@
 #include <limits>
 #include <type_traits>
 
+#include "kernel_constants.h"
 #include "vectorizable_math.h"
 
 namespace lambdapo {
 namespace {  // internal linkage: each kernel file gets its own (ISA-cloned) copies
 
 constexpr int64_t kBlock = 2048;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Block loads: dst = src / T in the accumulation type.
 LAMBDAPO_ISA_CLONES
@@ -52,8 +50,8 @@ double block_max(const double* __restrict x, int64_t n) {
   return m;
 }
 
-// sum exp(x - m) and sum exp(x - m) (x - m). exp of a shift below -87 (under float's
-// normal range, e.g. a -inf logit) is 0, and the clamped shift avoids 0 * inf; NaN passes.
+// sum exp(x - m) and sum exp(x - m) (x - m). exp of a shift below kExpNormalMin (under
+// float's normal range, e.g. a -inf logit) is 0, and the clamped shift avoids 0 * inf; NaN passes.
 LAMBDAPO_ISA_CLONES
 void block_exp_sums(const float* __restrict x, int64_t n, float m, float* sum_exp,
                     float* sum_exp_shift) {
@@ -61,8 +59,8 @@ void block_exp_sums(const float* __restrict x, int64_t n, float m, float* sum_ex
 #pragma omp simd reduction(+ : s, t)
   for (int64_t i = 0; i < n; ++i) {
     const float d = x[i] - m;
-    const float clamped = d < -87.0f ? -87.0f : d;
-    const float e = d < -87.0f ? 0.0f : exp_vectorizable(clamped);
+    const float clamped = d < kExpNormalMin ? kExpNormalMin : d;
+    const float e = d < kExpNormalMin ? 0.0f : exp_vectorizable(clamped);
     s += e;
     t += e * clamped;
   }
@@ -89,8 +87,8 @@ void block_grad(const float* __restrict x, float* __restrict dz, int64_t n, floa
                 float g_lp, float g_h, float entropy, float inv_t) {
   for (int64_t i = 0; i < n; ++i) {
     const float log_p = x[i] - lse;
-    const float clamped = log_p < -87.0f ? -87.0f : log_p;
-    const float p = log_p < -87.0f ? 0.0f : exp_vectorizable(clamped);
+    const float clamped = log_p < kExpNormalMin ? kExpNormalMin : log_p;
+    const float p = log_p < kExpNormalMin ? 0.0f : exp_vectorizable(clamped);
     dz[i] = -inv_t * p * (g_lp + g_h * (clamped + entropy));
   }
 }

@@ -14,6 +14,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <torch/library.h>
 
+#include "kernel_constants.h"
 #include "lambda_advantages.h"
 
 namespace lambdapo {
@@ -41,8 +42,9 @@ __device__ __forceinline__ float pair_term_direct(float ri, float si, float rj, 
                                                   float beta) {
   const float dr = ri - rj;
   const float sign = static_cast<float>(dr > 0.0f) - static_cast<float>(dr < 0.0f);
-  // |x| <= 80 keeps the fast division in its exact range.
-  const float x = fminf(fmaxf(beta * sign * (si - sj), -80.0f), 80.0f);
+  // Keeps the fast division in its accurate range.
+  const float x =
+      fminf(fmaxf(beta * sign * (si - sj), -kFastDivideExpBound), kFastDivideExpBound);
   return dr * __fdividef(1.0f, 1.0f + expf(x));
 }
 
@@ -87,14 +89,20 @@ lambda_advantages_member_kernel(const float* __restrict__ rewards,
   if (valid == nullptr || valid[k]) {
     const float ri = rewards[k], si = scores[k];
     flag_non_finite(flag, ri, si);
-    double count = 0.0, sum = 0.0;
-    float acc = 0.0f;
-    for (int64_t j = begin; j < end; ++j) {
-      if (valid != nullptr && !valid[j]) continue;
-      const float rj = rewards[j];
-      count += 1.0;
-      sum += rj;
-      acc += pair_term_direct(ri, si, rj, scores[j], beta);  // j == k adds 0
+    double count = 0.0, sum = 0.0, acc = 0.0;
+    // Float partials of at most kPairsPerFloatPartial terms (lambda_advantages.h): ragged
+    // groups met without a group table may be of any size.
+    for (int64_t j0 = begin; j0 < end; j0 += kPairsPerFloatPartial) {
+      const int64_t j1 = end - j0 < kPairsPerFloatPartial ? end : j0 + kPairsPerFloatPartial;
+      float partial = 0.0f;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (valid != nullptr && !valid[j]) continue;
+        const float rj = rewards[j];
+        count += 1.0;
+        sum += rj;
+        partial += pair_term_direct(ri, si, rj, scores[j], beta);  // j == k adds 0
+      }
+      acc += partial;
     }
     if (count >= 2.0) {
       double sum_sq_dev = 0.0;
@@ -200,7 +208,7 @@ lambda_advantages_tiled_kernel(const float* __restrict__ rewards,
   const float si = own ? scores[begin + i] : 0.0f;
   if (own) flag_non_finite(flag, ri, si);
   const float ai = expf(beta * (si - stats.score_ref));
-  float acc = 0.0f;
+  double acc = 0.0;  // of float partials (lambda_advantages.h)
   for (int64_t t0 = 0; t0 < size; t0 += kTile) {
     const int m = size - t0 < kTile ? static_cast<int>(size - t0) : kTile;
     for (int k = threadIdx.x; k < m; k += kBlock) {
@@ -215,18 +223,25 @@ lambda_advantages_tiled_kernel(const float* __restrict__ rewards,
     }
     __syncthreads();
     if (own) {
-      if (ai >= kMinFactorSum) {  // then every a_i + a_j is too
+      const bool factored = ai >= kMinFactorSum;  // then every a_i + a_j is too
+      for (int k0 = 0; k0 < m; k0 += static_cast<int>(kPairsPerFloatPartial)) {
+        const int k1 = min(m, k0 + static_cast<int>(kPairsPerFloatPartial));
+        float partial = 0.0f;
+        if (factored) {
 #pragma unroll 4
-        for (int k = 0; k < m; ++k) {
-          const float4 t = tile[k];
-          acc += t.w * pair_term_factored(ri, ai, t.x, t.y);
+          for (int k = k0; k < k1; ++k) {
+            const float4 t = tile[k];
+            partial += t.w * pair_term_factored(ri, ai, t.x, t.y);
+          }
+        } else {
+          for (int k = k0; k < k1; ++k) {
+            const float4 t = tile[k];
+            partial += t.w * (ai + t.y >= kMinFactorSum
+                                  ? pair_term_factored(ri, ai, t.x, t.y)
+                                  : pair_term_direct(ri, si, t.x, t.z, beta));
+          }
         }
-      } else {
-        for (int k = 0; k < m; ++k) {
-          const float4 t = tile[k];
-          acc += t.w * (ai + t.y >= kMinFactorSum ? pair_term_factored(ri, ai, t.x, t.y)
-                                                  : pair_term_direct(ri, si, t.x, t.z, beta));
-        }
+        acc += partial;
       }
     }
     __syncthreads();
@@ -257,7 +272,7 @@ void lambda_advantages_segments_cuda(const GroupSegments& seg, float beta, Norma
       seg.max_group_size < 0 || seg.max_group_size <= kMemberKernelMaxGroup;
   if (member_path) {
     const int64_t blocks = (n_members + kMemberThreads - 1) / kMemberThreads;
-    TORCH_CHECK(blocks <= int64_t{2147483647},
+    TORCH_CHECK(blocks <= kMaxGridX,
                 "lambda_advantages: too many members for one CUDA launch: ", n_members);
     lambda_advantages_member_kernel<<<static_cast<unsigned>(blocks), kMemberThreads, 0, stream>>>(
         rewards, scores, valid, n_members, seg.dense_group_size,
@@ -266,9 +281,9 @@ void lambda_advantages_segments_cuda(const GroupSegments& seg, float beta, Norma
         static_cast<int>(norm), eps, flag_ptr, out.data_ptr<float>());
   } else {
     const int64_t chunks = (seg.max_group_size + kBlock - 1) / kBlock;
-    TORCH_CHECK(chunks <= 65535, "lambda_advantages: groups of up to ", int64_t{65535} * kBlock,
+    TORCH_CHECK(chunks <= kMaxGridY, "lambda_advantages: groups of up to ", kMaxGridY * kBlock,
                 " members are supported on CUDA, got ", seg.max_group_size);
-    TORCH_CHECK(seg.num_groups <= int64_t{2147483647},
+    TORCH_CHECK(seg.num_groups <= kMaxGridX,
                 "lambda_advantages: too many groups for one CUDA launch: ", seg.num_groups);
     const dim3 grid(static_cast<unsigned>(seg.num_groups), static_cast<unsigned>(chunks));
     lambda_advantages_tiled_kernel<<<grid, kBlock, 0, stream>>>(

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "kernel_constants.h"
 #include "sequence_overlap.h"
 
 namespace lambdapo {
@@ -154,7 +155,7 @@ at::Tensor lcs_length_cuda(const at::Tensor& cand_values, const at::Tensor& cand
   const int64_t max_words = rm.words_per_ref.index_select(0, ref_of).max().item<int64_t>();
   const int64_t max_chunks = (max_words + 31) / 32;
   const int64_t blocks = (batch + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK(blocks <= int64_t{2147483647}, "lcs_length: too many candidates for one launch");
+  TORCH_CHECK(blocks <= kMaxGridX, "lcs_length: too many candidates for one launch");
   // Only the longest references need a scratch row per candidate.
   const int64_t scratch_words = max_chunks > kRegisterChunks ? max_words : 0;
   at::Tensor scratch = at::empty({batch * scratch_words}, cand.values.options());

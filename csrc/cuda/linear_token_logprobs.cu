@@ -14,22 +14,14 @@
 #include <cstdint>
 #include <limits>
 
+#include "kernel_constants.h"
 #include "linear_token_logprobs.h"
 
 namespace lambdapo {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVecBytes = 16;
 constexpr int kBackwardVecsPerThread = 4;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 template <typename acc_t>
 struct Softmax {
@@ -200,9 +192,10 @@ int64_t backward_chunks(int64_t cols) {
 }
 
 void check_grid(int64_t rows, int64_t chunks) {
-  TORCH_CHECK(rows <= int64_t{2147483647}, linear::kOp,
-              ": at most 2^31-1 rows per chunk on CUDA, got ", rows);
-  TORCH_CHECK(chunks <= 65535, linear::kOp, ": vocab_chunk_size too large for one CUDA launch");
+  TORCH_CHECK(rows <= kMaxGridX, linear::kOp, ": at most 2^31-1 rows per chunk on CUDA, got ",
+              rows);
+  TORCH_CHECK(chunks <= kMaxGridY, linear::kOp,
+              ": vocab_chunk_size too large for one CUDA launch");
 }
 
 // A 2-D operand as cuBLAS (column-major) sees it: X [r, c] row-major is X^T column-major.

@@ -12,23 +12,15 @@
 
 #include <cstdint>
 
+#include "kernel_constants.h"
 #include "token_logprobs.h"
 
 namespace lambdapo {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVecBytes = 16;
 constexpr int kForwardLoads = 4;
 constexpr int kBackwardVecsPerThread = 4;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 // The kernels work in base 2: x = z * log2(e) / T, so each element costs one ex2 on the
 // special-function unit (MUFU.EX2) and an FFMA, instead of expf's range reduction.
@@ -279,9 +271,9 @@ int64_t backward_chunks(int64_t vocab) {
 }
 
 void check_grid(int64_t rows, int64_t chunks) {
-  TORCH_CHECK(rows <= int64_t{2147483647}, "token_logprobs: at most 2^31-1 rows per call on "
-              "CUDA, got ", rows);
-  TORCH_CHECK(chunks <= 65535, "token_logprobs: vocabulary too large for one CUDA launch");
+  TORCH_CHECK(rows <= kMaxGridX, "token_logprobs: at most 2^31-1 rows per call on CUDA, got ",
+              rows);
+  TORCH_CHECK(chunks <= kMaxGridY, "token_logprobs: vocabulary too large for one CUDA launch");
 }
 
 void forward_kernel(const TokenLogprobsRows& rows, at::Tensor& logprobs,
