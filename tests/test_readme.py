@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,10 @@ def python_examples() -> list[tuple[str, int, str]]:
         text = page.read_text()
         for match in re.finditer(r"```python\n(.*?)```", text, flags=re.S):
             if not match.group(1).lstrip().startswith(">>>"):
+                # A block inside a list item is indented with it.
                 found.append((page.relative_to(ROOT).as_posix(),
-                              text.count("\n", 0, match.start()) + 1, match.group(1)))
+                              text.count("\n", 0, match.start()) + 1,
+                              textwrap.dedent(match.group(1))))
     return found
 
 
