@@ -9,7 +9,11 @@ import torch
 from lambdapo.rollout import SamplingParams, TransformersEngine, static_decode
 
 
-def _model(kind: str):
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU")])]
+
+
+def _model(kind: str, device: str = "cpu"):
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                               Qwen3Config, Qwen3ForCausalLM)
 
@@ -18,10 +22,12 @@ def _model(kind: str):
                   max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False)).eval()
-    return Qwen3ForCausalLM(Qwen3Config(**common, use_sliding_window=False)).eval()
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**common, use_sliding_window=False))
+    return model.to(device).eval()
 
 
 def _generate(model, static: bool, **params):
@@ -31,10 +37,11 @@ def _generate(model, static: bool, **params):
     return engine.generate(prompts, SamplingParams(**{"n": 4, "max_new_tokens": 24, **params}))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
-def test_static_decode_samples_what_transformers_samples(kind, temperature):
-    model = _model(kind)
+def test_static_decode_samples_what_transformers_samples(kind, temperature, device):
+    model = _model(kind, device)
     assert static_decode.matches_model(model)
     fast = _generate(model, True, temperature=temperature)
     slow = _generate(model, False, temperature=temperature)
