@@ -324,10 +324,10 @@ def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None,
             reference without copying it); default: candidate b uses reference b.
         validate: check offsets, lengths, ids and ``ref_index`` against each other (reads
             them back: host syncs on CUDA). ``False`` trusts them: no host sync, CUDA-graph
-            capturable. Unchecked bad values give unspecified counts, never an out-of-bounds
-            access: each sequence is clipped to its values (start into ``[0, T]``, length into
-            ``[0, T - start]``), an out-of-range ``ref_index`` means an empty reference, and
-            negative ids compare like other ids.
+            capturable. An unchecked bad value gives the counts of the clipped input, never
+            an out-of-bounds access: each sequence is clipped to its values (start into
+            ``[0, T]``, length into ``[0, T - start]``), an out-of-range ``ref_index`` means an
+            empty reference, and negative ids compare like other ids.
 
     Returns:
         ``(matches, cand_counts, ref_counts)``, int64 ``[B, max_n]``: clipped matches, number
