@@ -5,7 +5,9 @@
 Each case is small (the sanitizers slow kernels down by orders of magnitude) but crosses
 the kernels' internal boundaries: partial tiles and blocks, vocabularies that are not a
 multiple of the vector width, references longer than the shared-memory copy, masked and
-ignored entries. Results are checked against the CPU kernels, so a wrong answer fails too.
+ignored entries, and the semantic-density ops' unchecked (validate=False) bad offsets,
+lengths, ref_index and ids, which must stay within the inputs. Results are checked against
+the CPU kernels, so a wrong answer fails too.
 """
 
 from __future__ import annotations
@@ -124,6 +126,53 @@ def overlap_cases(gen: torch.Generator) -> None:
                                              ref_index=ref_index.cuda()), cpu_n, rtol=0, atol=0)
     _check("lcs_length", lp.lcs_length(gpu_cands, gpu_refs, ref_index=ref_index.cuda()), cpu_l,
            rtol=0, atol=0)
+    # Unchecked (validate=False) bad values: offsets and lengths negative, past the end or near
+    # 2^63, ref_index outside [0, R), negative ids. The kernels must read only the clipped
+    # sequences (memcheck finds any stray access) and agree with the CPU kernels' result.
+    for validate_free_case in range(40):
+        args = _unchecked_overlap_args(gen, validate_free_case)
+        gpu_args = [t.cuda() for t in args]
+        for max_n in (1, 3):
+            _check(f"ngram_overlap unchecked #{validate_free_case} max_n={max_n}",
+                   torch.ops.lambdapo.ngram_overlap(*gpu_args, max_n, False),
+                   torch.ops.lambdapo.ngram_overlap(*args, max_n, False), rtol=0, atol=0)
+        _check(f"lcs_length unchecked #{validate_free_case}",
+               torch.ops.lambdapo.lcs_length(*gpu_args, False),
+               torch.ops.lambdapo.lcs_length(*args, False), rtol=0, atol=0)
+    # Unchecked, references past the shared n-gram table (1024 tokens) and the LCS's registers
+    # (8192 tokens): the second launches, with scratch sized from the number of reference ids.
+    long_refs = [torch.randint(-2, 20, (n,), generator=gen).tolist() for n in (1500, 9000)]
+    long_cands = [seqs[3], long_refs[0][:700], long_refs[1], seqs[6]]
+    long_index = torch.tensor([1, 0, 1, 5])            # 5: no such reference
+    cpu_args = (_packed(long_cands), _packed(long_refs))
+    gpu_args = tuple(tuple(t.cuda() for t in a) for a in cpu_args)
+    for fn, name in ((lambda c, r, i: lp.ngram_overlap(c, r, max_n=4, ref_index=i,
+                                                       validate=False), "ngram_overlap"),
+                     (lambda c, r, i: lp.rouge_l(c, r, ref_index=i, validate=False), "rouge_l")):
+        _check(f"{name} unchecked long references", fn(*gpu_args, long_index.cuda()),
+               fn(*cpu_args, long_index), rtol=0, atol=0)
+
+
+def _packed(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return torch.tensor([t for s in seqs for t in s], dtype=torch.int64), offsets
+
+
+def _unchecked_overlap_args(gen: torch.Generator, case: int) -> list[torch.Tensor]:
+    """Raw ngram_overlap / lcs_length arguments (CPU) with bad values of every kind."""
+    def draw(low, high, count):
+        values = torch.randint(low, high, (count,), generator=gen)
+        extremes = torch.tensor([-2**62, 2**62, -2**63, 2**63 - 1])
+        pick = torch.randint(0, 6, (count,), generator=gen)
+        return torch.where(pick < 4, extremes[pick.clamp(max=3)], values) if case % 2 else values
+
+    batch, num_refs = 1 + case % 7, case % 4
+    cand_total, ref_total = 3 * case % 70, 5 * case % 90
+    return [torch.randint(-3, 8, (cand_total,), generator=gen), draw(-5, cand_total + 5, batch),
+            draw(-5, cand_total + 5, batch), torch.randint(-3, 8, (ref_total,), generator=gen),
+            draw(-5, ref_total + 5, num_refs), draw(-5, ref_total + 5, num_refs),
+            draw(-2, num_refs + 2, batch)]
 
 
 def main() -> int:

@@ -40,7 +40,11 @@ TORCH_LIBRARY(lambdapo, m) {
       "bool[3] output_mask, bool validate=True) -> (Tensor, Tensor, Tensor)");
   // Semantic density: candidate i is cand_values[cand_starts[i] : + cand_lengths[i]],
   // compared with reference ref_index[i] (same layout). ngram_overlap returns
-  // (clipped matches, candidate n-gram counts, reference n-gram counts), each [B, max_n].
+  // (clipped matches, candidate n-gram counts, reference n-gram counts), each [B, max_n];
+  // lcs_length (LCS, candidate length, reference length), each [B]. With validate=False the
+  // sequences are clipped to their values and an out-of-range ref_index means an empty
+  // reference (csrc/sequence_overlap.h); the counts and lengths are those of the clipped
+  // sequences.
   m.def(
       "ngram_overlap(Tensor cand_values, Tensor cand_starts, Tensor cand_lengths, "
       "Tensor ref_values, Tensor ref_starts, Tensor ref_lengths, Tensor ref_index, "
@@ -48,5 +52,5 @@ TORCH_LIBRARY(lambdapo, m) {
   m.def(
       "lcs_length(Tensor cand_values, Tensor cand_starts, Tensor cand_lengths, "
       "Tensor ref_values, Tensor ref_starts, Tensor ref_lengths, Tensor ref_index, "
-      "bool validate=True) -> Tensor");
+      "bool validate=True) -> (Tensor, Tensor, Tensor)");
 }

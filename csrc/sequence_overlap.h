@@ -1,6 +1,6 @@
 // Token-sequence overlap ops (n-gram matches, LCS) for the semantic-density reward
-// (DESIGN.md sections 2 and 4): argument checks, the candidate -> reference task plan and
-// the per-reference match masks of the bit-parallel LCS, shared by CPU and CUDA.
+// (DESIGN.md sections 2 and 4): argument checks, the clipping of unchecked inputs, the
+// candidate -> reference task plan and the bit-parallel LCS steps, shared by CPU and CUDA.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -54,13 +54,18 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
               seq.lengths.numel());
   if (!validate) return;
   if (seq.starts.numel() > 0) {
-    TORCH_CHECK_VALUE(seq.starts.min().item<int64_t>() >= 0, op, ": ", name,
-                      "_starts must be >= 0");
-    TORCH_CHECK_VALUE(seq.lengths.min().item<int64_t>() >= 0, op, ": ", name,
-                      "_lengths must be >= 0");
-    TORCH_CHECK_VALUE(seq.starts.add(seq.lengths).max().item<int64_t>() <= seq.values.numel(),
-                      op, ": ", name, " sequences run past the end of ", name, "_values (",
-                      seq.values.numel(), " ids)");
+    // One read-back for the four bounds. Each is taken in turn, so a later one is only judged
+    // once the earlier ones hold (and so cannot have overflowed): starts >= 0, lengths >= 0,
+    // starts <= T, lengths <= T - starts (start + length could wrap around).
+    const int64_t total = seq.values.numel();
+    const at::Tensor room = seq.starts.neg().add_(total);  // T - start
+    const at::Tensor bounds = at::stack({seq.starts.min(), seq.lengths.min(), room.min(),
+                                         room.sub(seq.lengths).min()}).cpu();
+    const int64_t* b = bounds.data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(b[0] >= 0, op, ": ", name, "_starts must be >= 0");
+    TORCH_CHECK_VALUE(b[1] >= 0, op, ": ", name, "_lengths must be >= 0");
+    TORCH_CHECK_VALUE(b[2] >= 0 && b[3] >= 0, op, ": ", name, " sequences run past the end of ",
+                      name, "_values (", total, " ids)");
   }
   // Negative ids are rejected inside the sequences; padding outside them may be anything.
   if (holds_negative(seq.values)) {
@@ -96,24 +101,43 @@ inline void check_overlap_args(const char* op, const Sequences& cand, const Sequ
   }
 }
 
-// The arguments every overlap op takes, made contiguous and checked.
+// The arguments every overlap op takes, made contiguous, checked, and clipped to memory:
+// the kernels read exactly the sequences these describe, so no value of the inputs (checked or
+// not) can send them out of bounds.
 struct OverlapInputs {
-  Sequences cand, ref;
-  at::Tensor ref_index;  // [B] int64 in [0, R)
+  Sequences cand, ref;   // ref has one more sequence than given: R, empty
+  at::Tensor ref_index;  // [B] int64 in [0, R]
+  int64_t num_refs = 0;  // R, the number of references given
 };
+
+// The unchecked-input rule (validate=False; with validate=True the checks leave nothing for
+// it to change): each sequence is clipped to its values, its start clamped into [0, T] and
+// its length into [0, T - start] (T = the number of values), and a candidate whose ref_index
+// lies outside [0, R) is compared with an empty reference. Negative ids are compared like any
+// other id. Elementwise ops on the inputs' device: no host sync.
+inline Sequences clipped_sequences(const Sequences& seq) {
+  const int64_t total = seq.values.numel();
+  const at::Tensor starts = seq.starts.clamp(0, total);
+  const at::Tensor lengths = at::minimum(seq.lengths.clamp_min(0), starts.neg().add_(total));
+  return {seq.values, starts, lengths};
+}
 
 inline OverlapInputs checked_overlap_inputs(
     const char* op, const at::Tensor& cand_values, const at::Tensor& cand_starts,
     const at::Tensor& cand_lengths, const at::Tensor& ref_values, const at::Tensor& ref_starts,
     const at::Tensor& ref_lengths, const at::Tensor& ref_index, bool validate) {
-  OverlapInputs in{{cand_values.contiguous(), cand_starts.contiguous(), cand_lengths.contiguous()},
-                   {ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()},
-                   ref_index.contiguous()};
-  // The overlap kernels index memory with these values (an unchecked negative id, offset or
-  // ref_index could read out of bounds) and still read sizes back to the host on CUDA, so
-  // their value checks always run: validate=False does not skip them (yet).
-  static_cast<void>(validate);
-  check_overlap_args(op, in.cand, in.ref, in.ref_index, /*validate=*/true);
+  const Sequences cand{cand_values.contiguous(), cand_starts.contiguous(),
+                       cand_lengths.contiguous()};
+  const Sequences ref{ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()};
+  const at::Tensor index = ref_index.contiguous();
+  check_overlap_args(op, cand, ref, index, validate);
+  OverlapInputs in;
+  in.num_refs = ref.starts.numel();
+  in.cand = clipped_sequences(cand);
+  const Sequences clipped_ref = clipped_sequences(ref);
+  const at::Tensor empty = at::zeros({1}, clipped_ref.starts.options());
+  in.ref = {ref.values, at::cat({clipped_ref.starts, empty}), at::cat({clipped_ref.lengths, empty})};
+  in.ref_index = at::where(index.ge(0).logical_and_(index.lt(in.num_refs)), index, in.num_refs);
   return in;
 }
 
@@ -123,12 +147,23 @@ inline at::Tensor ngram_counts(const at::Tensor& lengths, int64_t max_n) {
   return lengths.unsqueeze(1).sub(n.unsqueeze(0)).add_(1).clamp_min_(0);
 }
 
+// The length of each candidate's reference, as the kernels read it.
+inline at::Tensor reference_lengths(const OverlapInputs& in) {
+  return in.ref.lengths.index_select(0, in.ref_index);
+}
+
 // ngram_overlap's outputs around a backend's clipped matches [B, max_n]: the n-gram counts
 // follow from the lengths alone.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_outputs(
     const OverlapInputs& in, const at::Tensor& matches, int64_t max_n) {
   return {matches, ngram_counts(in.cand.lengths, max_n),
-          ngram_counts(in.ref.lengths.index_select(0, in.ref_index), max_n)};
+          ngram_counts(reference_lengths(in), max_n)};
+}
+
+// lcs_length's outputs: the LCS and the two lengths it was taken over.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_outputs(
+    const OverlapInputs& in, const at::Tensor& lcs) {
+  return {lcs, in.cand.lengths, reference_lengths(in)};
 }
 
 // CPU work plan: candidates sorted by their reference (order), in tasks of consecutive
@@ -238,69 +273,6 @@ C10_HOST_DEVICE inline int64_t lcs_from_state(const uint64_t* v, int64_t words, 
 #endif
   }
   return m - ones;
-}
-
-// Match masks of the bit-parallel LCS, built once per reference: for reference r with
-// distinct tokens tokens[token_offsets[r] : token_offsets[r+1]] (sorted), the mask of its
-// k-th distinct token is words_per_ref[r] 64-bit words at
-// masks[mask_offsets[r] + k * words_per_ref[r]], bit j set where ref[j] is that token.
-struct ReferenceMasks {
-  at::Tensor tokens;          // [D] int64
-  at::Tensor token_offsets;   // [R+1] int64
-  at::Tensor words_per_ref;   // [R] int64
-  at::Tensor mask_offsets;    // [R] int64
-  at::Tensor masks;           // [sum_r D_r * W_r] int64 (bit patterns)
-};
-
-// Device-generic (ATen): sort the positions by (reference, token), and set one bit per
-// reference position. Each (word, bit) is set by exactly one position, so the bits are
-// summed into the words: a sum of distinct powers of two is their OR, and it never
-// overflows int64 (bit 63 is INT64_MIN, added to at most 2^63 - 1).
-inline ReferenceMasks reference_masks(const Sequences& ref) {
-  const auto opts = ref.values.options().dtype(at::kLong);
-  const int64_t num_refs = ref.starts.numel();
-  ReferenceMasks out;
-  const at::Tensor ref_of_pos = at::repeat_interleave(at::arange(num_refs, opts), ref.lengths);
-  const at::Tensor seg_begin = at::cumsum(ref.lengths, 0).sub_(ref.lengths);
-  const at::Tensor index_in_ref = at::arange(ref_of_pos.numel(), opts).sub_(
-      seg_begin.index_select(0, ref_of_pos));
-  const at::Tensor tokens = ref.values.index_select(0, ref.starts.index_select(0, ref_of_pos)
-                                                           .add(index_in_ref));
-  // Sort positions by (reference, token); distinct (reference, token) pairs are the masks.
-  const at::Tensor by_token = std::get<1>(at::sort(tokens, /*stable=*/true, 0, false));
-  const at::Tensor order = by_token.index_select(
-      0, std::get<1>(at::sort(ref_of_pos.index_select(0, by_token), /*stable=*/true, 0, false)));
-  const at::Tensor sorted_ref = ref_of_pos.index_select(0, order);
-  const at::Tensor sorted_tok = tokens.index_select(0, order);
-  // A sorted position starts a new distinct (reference, token) pair where either changes.
-  at::Tensor is_new = at::ones_like(sorted_ref, sorted_ref.options().dtype(at::kBool));
-  if (sorted_ref.numel() > 1) {
-    is_new.narrow(0, 1, sorted_ref.numel() - 1)
-        .copy_(sorted_ref.narrow(0, 1, sorted_ref.numel() - 1)
-                   .ne(sorted_ref.narrow(0, 0, sorted_ref.numel() - 1))
-                   .logical_or_(sorted_tok.narrow(0, 1, sorted_tok.numel() - 1)
-                                    .ne(sorted_tok.narrow(0, 0, sorted_tok.numel() - 1))));
-  }
-  const at::Tensor inverse = is_new.cumsum(0).sub_(1);
-  const at::Tensor first = at::nonzero(is_new).view({-1});
-  out.tokens = sorted_tok.index_select(0, first);
-  const at::Tensor distinct_ref = sorted_ref.index_select(0, first);
-  const at::Tensor per_ref = at::bincount(distinct_ref, {}, num_refs);
-  out.token_offsets = at::cat({at::zeros({1}, opts), per_ref.cumsum(0)});
-  out.words_per_ref = ref.lengths.add(63).div_(64, "floor");
-  const at::Tensor words = per_ref.mul(out.words_per_ref);
-  out.mask_offsets = words.cumsum(0).sub_(words);
-  const int64_t total_words = num_refs ? words.sum().item<int64_t>() : 0;
-  out.masks = at::zeros({total_words}, opts);
-  // Word and bit of each sorted position p = (reference r, index j, distinct token k).
-  const at::Tensor k_in_ref = inverse.sub(out.token_offsets.index_select(0, sorted_ref));
-  const at::Tensor j = index_in_ref.index_select(0, order);
-  const at::Tensor word = out.mask_offsets.index_select(0, sorted_ref)
-                              .add_(k_in_ref.mul(out.words_per_ref.index_select(0, sorted_ref)))
-                              .add_(j.div(64, "floor"));
-  const at::Tensor bit = at::bitwise_left_shift(at::ones_like(j), j.remainder(64));
-  out.masks.index_add_(0, word, bit);
-  return out;
 }
 
 }  // namespace lambdapo

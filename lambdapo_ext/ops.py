@@ -323,11 +323,15 @@ def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None,
         ref_index: ``[B]`` reference row of each candidate (G candidates may share one
             reference without copying it); default: candidate b uses reference b.
         validate: check offsets, lengths, ids and ``ref_index`` against each other (reads
-            them back: host syncs on CUDA). ``False`` trusts them.
+            them back: host syncs on CUDA). ``False`` trusts them: no host sync, CUDA-graph
+            capturable. An unchecked bad value gives the counts of the clipped input, never
+            an out-of-bounds access: each sequence is clipped to its values (start into
+            ``[0, T]``, length into ``[0, T - start]``), an out-of-range ``ref_index`` means an
+            empty reference, and negative ids compare like other ids.
 
     Returns:
         ``(matches, cand_counts, ref_counts)``, int64 ``[B, max_n]``: clipped matches, number
-        of n-grams in the candidate, number in its reference.
+        of n-grams in the candidate, number in its reference (of the clipped sequences).
 
     Raises:
         ValueError / TypeError / RuntimeError naming the argument for malformed inputs
@@ -345,7 +349,7 @@ def lcs_length(cand, ref, *, ref_index: Tensor | None = None, validate: bool = T
     :func:`ngram_overlap` (``validate`` too). Returns int64 ``[B]``."""
     require_library()
     return torch.ops.lambdapo.lcs_length.default(*_overlap_inputs(cand, ref, ref_index, validate),
-                                                 bool(validate))
+                                                 bool(validate))[0]
 
 
 def _f_measure(p: Tensor, r: Tensor, beta: float) -> Tensor:
@@ -381,10 +385,10 @@ def rouge_l(cand, ref, *, beta: float = 1.0, ref_index: Tensor | None = None,
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"rouge_l: beta must be finite and > 0, got {beta}")
     require_library()
-    args = _overlap_inputs(cand, ref, ref_index, validate)
-    lcs = torch.ops.lambdapo.lcs_length.default(*args, bool(validate)).double()
-    cand_len = args[2].double()
-    ref_len = args[5].index_select(0, args[6]).double()
+    # The op returns the lengths it compared (with validate=False, those of the clipped
+    # sequences): no index with an unchecked ref_index here.
+    lcs, cand_len, ref_len = (t.double() for t in torch.ops.lambdapo.lcs_length.default(
+        *_overlap_inputs(cand, ref, ref_index, validate), bool(validate)))
     p = torch.where(cand_len > 0, lcs / cand_len.clamp_min(1), 0.0)
     r = torch.where(ref_len > 0, lcs / ref_len.clamp_min(1), 0.0)
     return p.float(), r.float(), _f_measure(p, r, beta).float()
@@ -595,7 +599,8 @@ if _LOAD_ERROR is None:
                          ref_lengths, ref_index, validate=True):
         _check_overlap_fake("lcs_length", cand_values, cand_starts, cand_lengths, ref_values,
                             ref_starts, ref_lengths, ref_index)
-        return cand_values.new_empty(cand_starts.shape, dtype=torch.int64)
+        return tuple(cand_values.new_empty(cand_starts.shape, dtype=torch.int64)
+                     for _ in range(3))
 
     def _check_overlap_fake(op, cand_values, cand_starts, cand_lengths, ref_values, ref_starts,
                             ref_lengths, ref_index):

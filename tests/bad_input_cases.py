@@ -617,11 +617,80 @@ def overlap_cases(op: str) -> list[Case]:
     return cases
 
 
+# ------------------------------------------------ unchecked sequence-overlap inputs
+# With validate=False a bad offset, length, ref_index or id is not an error, but it must never
+# reach memory outside the inputs: the kernels read the sequences clipped by the rule of
+# csrc/sequence_overlap.h, and give the result of the clipped input (issue 17).
+
+def clipped_sequences(values: torch.Tensor, starts: torch.Tensor,
+                      lengths: torch.Tensor) -> list[list[int]]:
+    """The sequences an unchecked overlap op reads: each clipped to the values, its start
+    into [0, T] and its length into [0, T - start] (T = the number of values)."""
+    flat, total = values.tolist(), values.numel()
+    out = []
+    for start, length in zip(starts.tolist(), lengths.tolist()):
+        start = min(max(start, 0), total)
+        out.append(flat[start:start + min(max(length, 0), total - start)])
+    return out
+
+
+def unchecked_overlap_expected(op: str, cand, ref, ref_index: torch.Tensor, **kwargs):
+    """What ``op(cand, ref, ref_index=ref_index, validate=False, **kwargs)`` must give: the
+    validated op on the clipped sequences, an out-of-range ref_index meaning an empty
+    reference, negative ids renamed one to one to non-negative ones (they compare like any
+    other id). On the CPU."""
+    cands = clipped_sequences(*(t.cpu() for t in lp.ops._as_sequences(cand, "cand",
+                                                                    validate=False)))
+    refs = clipped_sequences(*(t.cpu() for t in lp.ops._as_sequences(ref, "ref",
+                                                                   validate=False)))
+    paired = [refs[i] if 0 <= i < len(refs) else [] for i in ref_index.tolist()]
+    low = min([0] + [t for seq in cands + paired for t in seq])
+    rename = lambda seqs: [[t - low for t in seq] for seq in seqs]  # noqa: E731
+    return getattr(lp, op)(rename(cands), rename(paired), **kwargs)
+
+
+def _matches_unchecked(op: str, make: Callable[[str], tuple], kwargs: dict):
+    def check(result):
+        cand, ref, ref_index = make("cpu")
+        on_cpu = tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu()
+        _assert_same(on_cpu, unchecked_overlap_expected(op, cand, ref, ref_index, **kwargs))
+    return check
+
+
+# (name, (cand, ref, ref_index) on a device): two candidates, one or two references.
+UNCHECKED_OVERLAP_INPUTS = [
+    ("ref_index_out_of_range", lambda d: (_cand(d), _ref(d), _long([1, 0], d))),
+    ("ref_index_negative", lambda d: (_cand(d), _ref(d), _long([0, -3], d))),
+    ("ref_index_huge", lambda d: (_cand(d), _ref(d), _long([2**62, -2**62], d))),
+    ("negative_token_ids", lambda d: ((_long([1, -7, 3, -7, 2, 3], d), _cand(d)[1]),
+                                      (_long([-7, 3, -1, 5], d), _ref(d)[1]), _both(d))),
+    ("offsets_not_monotone_and_past_end", lambda d: ((_cand(d)[0], _long([3, 1, 40], d)),
+                                                     (_ref(d)[0], _long([-5, 9], d)),
+                                                     _both(d))),
+    ("padded_lengths_out_of_range", lambda d: ((_long([[1, 2, 3], [2, 3, 4]], d),
+                                                _long([7, -2], d)),
+                                               (_long([[2, 3, 4, 5]], d), _long([2**62], d)),
+                                               _both(d))),
+    ("huge_offsets", lambda d: ((_cand(d)[0], _long([0, 2**62, 2], d)),
+                                (_ref(d)[0], _long([0, 2**62], d)), _both(d))),
+]
+
+
+def unchecked_overlap_cases(op: str) -> list[Case]:
+    kwargs = {"max_n": MAX_N[op]} if op in MAX_N else {}
+    return [Case(op, "range", f"unchecked_{name}",
+                 lambda d, make=make: getattr(lp, op)(*make(d)[:2], ref_index=make(d)[2],
+                                                      validate=False, **kwargs),
+                 check=_matches_unchecked(op, make, kwargs))
+            for name, make in UNCHECKED_OVERLAP_INPUTS]
+
+
 # ---------------------------------------------------------------- registry
+OVERLAP_OPS = ("ngram_overlap", "rouge_n", "lcs_length", "rouge_l", "semantic_density")
 CASES: list[Case] = (token_logprobs_cases() + linear_token_logprobs_cases()
                      + lambda_advantages_cases()
-                     + [c for op in ("ngram_overlap", "rouge_n", "lcs_length", "rouge_l",
-                                     "semantic_density") for c in overlap_cases(op)])
+                     + [c for op in OVERLAP_OPS for c in overlap_cases(op)]
+                     + [c for op in OVERLAP_OPS for c in unchecked_overlap_cases(op)])
 CASES_BY_ID = {case.id: case for case in CASES}
 assert len(CASES_BY_ID) == len(CASES), "duplicate case ids"
 

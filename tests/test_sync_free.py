@@ -5,11 +5,13 @@ validate=True still rejecting bad values."""
 from __future__ import annotations
 
 import contextlib
+import random
 
 import pytest
 import torch
 
 import lambdapo_ext as ops
+from tests.bad_input_cases import clipped_sequences
 from tests.conftest import skip_without_cuda
 
 
@@ -200,6 +202,71 @@ def test_validated_overlap_rejects_bad_lengths_and_ref_index(name):
         OVERLAP_OPS[name](cand, ref, ref_index + 2, True)
 
 
+# validate=False on the overlap ops: bad offsets, lengths, ref_index or ids give the result of
+# the clipped input (csrc/sequence_overlap.h), never an out-of-bounds access.
+
+def _random_unchecked_overlap(rng: random.Random):
+    """Raw op arguments with values of every kind: starts and lengths negative, past the end
+    or near 2^63 (start + length overflows), ref_index outside [0, R), negative ids, no ids."""
+    def edge(low, high):
+        return rng.choice([rng.randint(low, high), rng.randint(low, high),
+                           rng.choice([-2**62, 2**62, -2**63, 2**63 - 1])])
+
+    def sequences(count):
+        total = rng.choice([0, rng.randint(1, 60)])
+        values = [rng.randint(-3, 6) for _ in range(total)]
+        starts = [edge(-5, total + 5) for _ in range(count)]
+        lengths = [edge(-5, total + 5) for _ in range(count)]
+        return [torch.tensor(x, dtype=torch.int64) for x in (values, starts, lengths)]
+
+    batch, num_refs = rng.randint(0, 7), rng.randint(0, 4)
+    ref_index = torch.tensor([edge(-2, num_refs + 2) for _ in range(batch)], dtype=torch.int64)
+    return sequences(batch), sequences(num_refs), ref_index
+
+
+def _unchecked_overlap_expected(cand, ref, ref_index, max_n):
+    """The validated ops on the clipped sequences (ids renamed to non-negative ones)."""
+    cands, refs = clipped_sequences(*cand), clipped_sequences(*ref)
+    paired = [refs[i] if 0 <= i < len(refs) else [] for i in ref_index.tolist()]
+    low = min([0] + [t for seq in cands + paired for t in seq])
+    cands, paired = ([[t - low for t in seq] for seq in seqs] for seqs in (cands, paired))
+    counts = ops.ngram_overlap(cands, paired, max_n=max_n)
+    lengths = (torch.tensor([len(c) for c in cands], dtype=torch.int64),
+               torch.tensor([len(r) for r in paired], dtype=torch.int64))
+    return counts, (ops.lcs_length(cands, paired), *lengths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_bad_overlap_inputs_give_the_clipped_result(device):
+    rng = random.Random(17)
+    for _ in range(300):
+        cand, ref, ref_index = _random_unchecked_overlap(rng)
+        max_n = rng.randint(1, 4)
+        args = [t.to(device) for t in (*cand, *ref, ref_index)]
+        counts = torch.ops.lambdapo.ngram_overlap(*args, max_n, False)
+        lcs = torch.ops.lambdapo.lcs_length(*args, False)
+        expected_counts, expected_lcs = _unchecked_overlap_expected(cand, ref, ref_index, max_n)
+        assert_same(tuple(t.cpu() for t in counts), expected_counts)
+        assert_same(tuple(t.cpu() for t in lcs), expected_lcs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_and_checked_overlap_agree_where_the_input_is_valid(device):
+    """The clipping changes nothing on valid input, long references too (past the n-gram
+    op's shared-memory table and the LCS's registers: the second CUDA launch)."""
+    gen = torch.Generator().manual_seed(5)
+    ref_lengths = torch.tensor([0, 1, 1100, 9000])
+    cand_lengths = torch.tensor([5, 0, 1100, 8000, 300])
+    ref = (torch.randint(0, 9, (int(ref_lengths.sum()),), generator=gen).to(device),
+           torch.cat([torch.zeros(1, dtype=torch.int64), ref_lengths.cumsum(0)]).to(device))
+    cand = (torch.randint(0, 9, (int(cand_lengths.sum()),), generator=gen).to(device),
+            torch.cat([torch.zeros(1, dtype=torch.int64), cand_lengths.cumsum(0)]).to(device))
+    ref_index = torch.tensor([3, 0, 2, 3, 1]).to(device)
+    for fn in (lambda v: ops.ngram_overlap(cand, ref, max_n=3, ref_index=ref_index, validate=v),
+               lambda v: ops.rouge_l(cand, ref, ref_index=ref_index, validate=v)):
+        assert_same(fn(True), fn(False))
+
+
 # CUDA: no host sync, and capturable in a CUDA graph.
 
 @contextlib.contextmanager
@@ -261,14 +328,18 @@ def _cuda_sync_free_cases():
     overlap = _overlap_case("cuda")
     for name, fn in OVERLAP_OPS.items():
         cases[name] = lambda fn=fn: fn(*overlap, False)
+    # Bad values, unchecked: clipped on the device, still no sync.
+    (cand, cand_len), (ref_values, ref_offsets), ref_index = overlap
+    bad = ((cand, cand_len * 3 - 20), (ref_values, ref_offsets.flip(0)), ref_index * 7 - 3)
+    for name, fn in OVERLAP_OPS.items():
+        cases[f"{name}-bad-values"] = lambda fn=fn: fn(*bad, False)
+    # References longer than the shared n-gram table and the LCS's registers (second launch).
+    long_ref = torch.randint(0, 5, (9000,), generator=torch.Generator().manual_seed(4)).cuda()
+    long = ((cand, cand_len), (long_ref, torch.tensor([0, 9000, 9000]).cuda()),
+            torch.tensor([0, 1, 0, 0, 1, 0]).cuda())
+    for name, fn in OVERLAP_OPS.items():
+        cases[f"{name}-long-reference"] = lambda fn=fn: fn(*long, False)
     return cases
-
-
-# The overlap kernels (semantic-density ops) still read sizes back to size their launches
-# (longest reference, LCS mask words, candidates per reference): they sync until those
-# go. strict: this fails as soon as they stop syncing, so the mark is then removed.
-OVERLAP_SYNCS = pytest.mark.xfail(
-    strict=True, reason="overlap kernels read launch sizes back to the host")
 
 
 @pytest.fixture(scope="module")
@@ -277,12 +348,13 @@ def cuda_steps():
 
 
 SYNC_FREE_CASES = [
-    pytest.param(name, id=name, marks=OVERLAP_SYNCS if name in OVERLAP_OPS else ())
+    pytest.param(name, id=name)
     for name in [f"token_logprobs-entropy{e}-inplace{i}-{d}"
                  for e, i in [(False, False), (True, False), (True, True)]
                  for d in ("float32", "bfloat16")]
     + ["linear_token_logprobs", "linear_token_logprobs-chunked", "lambda_advantages-small",
        "lambda_advantages-large-masked-std", "lambda_advantages-ragged", *OVERLAP_OPS]
+    + [f"{name}-{kind}" for kind in ("bad-values", "long-reference") for name in OVERLAP_OPS]
 ]
 
 

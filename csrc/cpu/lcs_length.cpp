@@ -116,13 +116,16 @@ class ReferenceMatchMasks {
   std::vector<uint64_t> masks_, v_;
 };
 
-at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_starts,
-                          const at::Tensor& cand_lengths, const at::Tensor& ref_values,
-                          const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
-                          const at::Tensor& ref_index, bool validate) {
-  const auto [cand, ref, ref_of] = checked_overlap_inputs(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cpu(
+    const at::Tensor& cand_values, const at::Tensor& cand_starts, const at::Tensor& cand_lengths,
+    const at::Tensor& ref_values, const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
+    const at::Tensor& ref_index, bool validate) {
+  const OverlapInputs inputs = checked_overlap_inputs(
       "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
       ref_index, validate);
+  const Sequences& cand = inputs.cand;
+  const Sequences& ref = inputs.ref;
+  const at::Tensor& ref_of = inputs.ref_index;
   at::Tensor out = at::zeros({cand.starts.numel()}, cand.values.options());
   const auto plan = candidates_by_reference(ref_of);
   const int64_t* cv = cand.values.data_ptr<int64_t>();
@@ -141,7 +144,7 @@ at::Tensor lcs_length_cpu(const at::Tensor& cand_values, const at::Tensor& cand_
       result[b] = masks.lcs(cv + cs[b], cl[b]);
     }
   });
-  return out;
+  return lcs_length_outputs(inputs, out);
 }
 
 }  // namespace

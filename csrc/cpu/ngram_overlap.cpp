@@ -148,7 +148,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
   const OverlapInputs inputs = checked_overlap_inputs(
       "ngram_overlap", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
       ref_index, validate);
-  const auto& [cand, ref, ref_of] = inputs;
+  const Sequences& cand = inputs.cand;
+  const Sequences& ref = inputs.ref;
+  const at::Tensor& ref_of = inputs.ref_index;
   TORCH_CHECK_VALUE(max_n >= 1, "ngram_overlap: max_n must be >= 1, got ", max_n);
   const int64_t batch = cand.starts.numel();
   at::Tensor matches = at::zeros({batch, max_n}, cand.values.options());

@@ -83,8 +83,9 @@ class KeySlots {
 };
 
 // Dense ids 0..u-1 of the u distinct tokens of one reference: a direct-address array for
-// token ids below kDirectBound (any real vocabulary), a KeySlots table above it (every
-// int64 >= 0 is a valid token id).
+// token ids in [0, kDirectBound) (any real vocabulary), a KeySlots table for the others (every
+// int64 >= 0 is a valid token id; negative ones only reach the kernels unchecked, and are
+// counted like any other value, as the CUDA kernels compare them).
 class TokenIds {
  public:
   static constexpr int64_t kDirectBound = int64_t{1} << 20;
@@ -93,7 +94,7 @@ class TokenIds {
   // clears its entries.
   int64_t assign(const int64_t* ref, int64_t len, int64_t* ids) {
     for (int64_t i = 0; i < ref_len_; ++i) {
-      if (ref_[i] < kDirectBound) direct_[ref_[i]] = -1;
+      if (is_direct(ref_[i])) direct_[ref_[i]] = -1;
     }
     ref_ = ref;
     ref_len_ = len;
@@ -101,8 +102,8 @@ class TokenIds {
     int64_t next = 0;
     for (int64_t i = 0; i < len; ++i) {
       const int64_t token = ref[i];
-      if (C10_UNLIKELY(token >= static_cast<int64_t>(direct_.size()))) {
-        if (token >= kDirectBound) {
+      if (C10_UNLIKELY(static_cast<uint64_t>(token) >= direct_.size())) {
+        if (!is_direct(token)) {
           ids[i] = assign_large(token, next);
           continue;
         }
@@ -121,20 +122,27 @@ class TokenIds {
 
   // The token's id, or -1 when the reference lacks it.
   int64_t find(int64_t token) const {
-    if (C10_LIKELY(token < static_cast<int64_t>(direct_.size()))) return direct_[token];
-    if (token < kDirectBound || !any_large_) return -1;
-    const int64_t slot = large_.find(static_cast<uint64_t>(token));
+    if (C10_LIKELY(static_cast<uint64_t>(token) < direct_.size())) return direct_[token];
+    if (is_direct(token) || !any_large_) return -1;
+    const int64_t slot = large_.find(large_key(token));
     return slot < 0 ? -1 : large_ids_[slot];
   }
 
  private:
+  static bool is_direct(int64_t token) {
+    return static_cast<uint64_t>(token) < static_cast<uint64_t>(kDirectBound);
+  }
+  // The KeySlots key of a token outside [0, kDirectBound): one to one, and never KeySlots'
+  // empty ~0 (only token 0, a direct one, would map there).
+  static uint64_t large_key(int64_t token) { return static_cast<uint64_t>(token) - 1; }
+
   int64_t assign_large(int64_t token, int64_t& next) {
     if (!any_large_) {
       large_.reset(ref_len_);
       large_ids_.assign(large_.capacity(), -1);
       any_large_ = true;
     }
-    int32_t& id = large_ids_[large_.insert(static_cast<uint64_t>(token))];
+    int32_t& id = large_ids_[large_.insert(large_key(token))];
     if (id < 0) id = static_cast<int32_t>(next++);
     return id;
   }

@@ -1,10 +1,16 @@
 // CUDA kernel of lcs_length: bit-parallel LCS (Hyyro 2004) with one warp per candidate.
 // Lane l holds the state words l, l + 32, l + 64, ... of V (64 reference positions each), so
 // a step updates 32 words at once; the carries between words come from two warp ballots
-// (lane_carries in sequence_overlap.h) and pass from one 32-word chunk to the next. The
-// reference's match masks are built once per reference (reference_masks) and shared by all
-// its candidates. The lanes find the mask rows of 32 candidate tokens at a time, one token
-// each, and the warp then steps through them, skipping tokens absent from the reference.
+// (lane_carries in sequence_overlap.h) and pass from one 32-word chunk to the next.
+//
+// A step's match words (bit j of word w: ref[64 w + j] is the candidate's token) come from
+// comparing the token with the reference directly, two warp ballots per word, so nothing is
+// built per reference and no size is read back (validate=False is sync-free and
+// graph-capturable). References of up to kRegisterChunks 32-word chunks (8192 tokens) keep V
+// in registers; the first launch lists the candidates of longer ones on the device, and a
+// second launch, of as many warps as a memory budget gives a scratch V for the longest
+// reference possible, works through that list. The kernels read only the clipped sequences of
+// checked_overlap_inputs, so no input value can send them out of bounds.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,18 +25,39 @@ namespace {
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = 32 * kWarpsPerBlock;
 constexpr unsigned kFullWarp = 0xffffffffu;
-// References up to kRegisterChunks * 32 * 64 tokens keep V in registers; longer ones in a
-// global scratch row per candidate.
 constexpr int kRegisterChunks = 4;
+// Scratch V of the second launch: at most this much memory, but one block of warps at least.
+constexpr int64_t kScratchBytes = int64_t{64} << 20;
 
-// Row of token x among the sorted distinct tokens of a reference, or -1.
-__device__ int64_t mask_row(const int64_t* tokens, int64_t num_tokens, int64_t x) {
-  int64_t lo = 0, hi = num_tokens;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (tokens[mid] < x) lo = mid + 1; else hi = mid;
+// The clipped sequences (checked_overlap_inputs): every start + length lies within its values,
+// every ref_index within the references (the last one empty).
+struct LcsArgs {
+  const int64_t* cand_values;
+  const int64_t* cand_starts;
+  const int64_t* cand_lengths;
+  const int64_t* ref_values;
+  const int64_t* ref_starts;
+  const int64_t* ref_lengths;
+  const int64_t* ref_index;
+  int64_t batch;
+  int64_t* out;  // [batch]
+};
+
+// This lane's match word in chunk c (word 32 c + lane): bit j set where ref[64 w + j] == x.
+// Word k of the chunk is gathered by the whole warp, lane i comparing positions i and i + 32.
+__device__ __forceinline__ uint64_t match_word(const int64_t* __restrict__ ref, int64_t m,
+                                               int64_t words, int64_t c, unsigned lane,
+                                               int64_t x) {
+  const int64_t first = 32 * c;
+  const int64_t count = words - first < 32 ? words - first : 32;  // uniform
+  uint64_t mine = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t p = 64 * (first + k) + lane;
+    const uint32_t low = __ballot_sync(kFullWarp, p < m && ref[p] == x);
+    const uint32_t high = __ballot_sync(kFullWarp, p + 32 < m && ref[p + 32] == x);
+    if (lane == k) mine = static_cast<uint64_t>(high) << 32 | low;
   }
-  return lo < num_tokens && tokens[lo] == x ? lo : -1;
+  return mine;
 }
 
 // One step on this lane's word v of one 32-word chunk, the lane's match word `match`.
@@ -48,33 +75,26 @@ __device__ __forceinline__ void lcs_chunk_step(uint64_t& v, uint64_t match, unsi
   v = (sum + ((carries >> lane) & 1)) | (v & ~match);
 }
 
-// kChunks > 0: the references have at most kChunks chunks of 32 words, V in registers.
-// kChunks == 0: any length, V in scratch[b * scratch_words ...].
+// Chunks of 32 words of candidate b's reference.
+__device__ __forceinline__ int64_t reference_chunks(const LcsArgs& a, int64_t b) {
+  const int64_t words = (a.ref_lengths[a.ref_index[b]] + 63) / 64;
+  return (words + 31) / 32;
+}
+
+// The LCS of candidate b and its reference, in lane 0; called by the whole warp.
+// kChunks > 0: the reference has at most kChunks chunks, V in registers.
+// kChunks == 0: any length, V in v_mem (one word per reference word).
 template <int kChunks>
-__global__ void __launch_bounds__(kThreads)
-lcs_length_kernel(const int64_t* __restrict__ cand_values, const int64_t* __restrict__ cand_starts,
-                  const int64_t* __restrict__ cand_lengths, const int64_t* __restrict__ ref_lengths,
-                  const int64_t* __restrict__ ref_index, const int64_t* __restrict__ tokens,
-                  const int64_t* __restrict__ token_offsets,
-                  const int64_t* __restrict__ words_per_ref,
-                  const int64_t* __restrict__ mask_offsets, const uint64_t* __restrict__ masks,
-                  uint64_t* __restrict__ scratch, int64_t scratch_words, int64_t batch,
-                  int64_t* __restrict__ out) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const unsigned lane = threadIdx.x % 32;
-  if (b >= batch) return;  // uniform across the warp
-  const int64_t r = ref_index[b];
-  const int64_t m = ref_lengths[r], n = cand_lengths[b];
-  const int64_t words = words_per_ref[r];
+__device__ int64_t candidate_lcs(const LcsArgs& a, int64_t b, unsigned lane, uint64_t* v_mem) {
+  const int64_t r = a.ref_index[b];
+  const int64_t m = a.ref_lengths[r], n = a.cand_lengths[b];
+  const int64_t words = (m + 63) / 64;
   const int64_t chunks = (words + 31) / 32;
-  const int64_t* ref_tokens = tokens + token_offsets[r];
-  const int64_t num_tokens = token_offsets[r + 1] - token_offsets[r];
-  const uint64_t* ref_masks = masks + mask_offsets[r];
-  const int64_t* cand = cand_values + cand_starts[b];
+  const int64_t* ref = a.ref_values + a.ref_starts[r];
+  const int64_t* cand = a.cand_values + a.cand_starts[b];
 
   // V starts all ones on the reference's words, 0 on the lanes past them.
   uint64_t v_regs[kChunks > 0 ? kChunks : 1];
-  uint64_t* v_mem = scratch + b * scratch_words;
 #pragma unroll
   for (int c = 0; c < (kChunks > 0 ? kChunks : 1); ++c) v_regs[c] = 0;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -90,28 +110,25 @@ lcs_length_kernel(const int64_t* __restrict__ cand_values, const int64_t* __rest
     }
   }
 
+  // The lanes load 32 candidate tokens at a time; the warp then steps through them.
   for (int64_t base = 0; base < n && m > 0; base += 32) {
-    const int64_t i = base + lane;
-    const int64_t my_row = i < n ? mask_row(ref_tokens, num_tokens, cand[i]) : -1;
+    const int64_t mine = base + lane < n ? cand[base + lane] : 0;
     const int64_t batch_steps = n - base < 32 ? n - base : 32;
     for (int j = 0; j < batch_steps; ++j) {
-      const int64_t row = __shfl_sync(kFullWarp, my_row, j);
-      if (row < 0) continue;  // uniform: the token is not in the reference
-      const uint64_t* match = ref_masks + row * words;
+      const int64_t x = __shfl_sync(kFullWarp, mine, j);
       uint64_t chunk_carry = 0;
       if constexpr (kChunks > 0) {
 #pragma unroll
         for (int k = 0; k < kChunks; ++k) {
           if (k < chunks) {
-            const int64_t w = 32 * k + lane;
-            lcs_chunk_step(v_regs[k], w < words ? match[w] : 0, lane, chunk_carry);
+            lcs_chunk_step(v_regs[k], match_word(ref, m, words, k, lane, x), lane, chunk_carry);
           }
         }
       } else {
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t w = 32 * c + lane;
           uint64_t v = w < words ? v_mem[w] : 0;
-          lcs_chunk_step(v, w < words ? match[w] : 0, lane, chunk_carry);
+          lcs_chunk_step(v, match_word(ref, m, words, c, lane, x), lane, chunk_carry);
           if (w < words) v_mem[w] = v;
         }
       }
@@ -137,48 +154,86 @@ lcs_length_kernel(const int64_t* __restrict__ cand_values, const int64_t* __rest
     ones += __popcll(v & keep);
   }
   for (int offset = 16; offset > 0; offset /= 2) ones += __shfl_xor_sync(kFullWarp, ones, offset);
-  if (lane == 0) out[b] = m - ones;
+  return m - ones;
 }
 
-at::Tensor lcs_length_cuda(const at::Tensor& cand_values, const at::Tensor& cand_starts,
-                           const at::Tensor& cand_lengths, const at::Tensor& ref_values,
-                           const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
-                           const at::Tensor& ref_index, bool validate) {
-  const auto [cand, ref, ref_of] = checked_overlap_inputs(
+// First launch: a warp per candidate with V in registers; candidates of longer references are
+// listed in pending[0 : *num_pending] for the second launch.
+__global__ void __launch_bounds__(kThreads)
+lcs_length_register_kernel(LcsArgs a, int64_t* __restrict__ pending,
+                           unsigned long long* __restrict__ num_pending) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const unsigned lane = threadIdx.x % 32;
+  if (b >= a.batch) return;  // uniform across the warp
+  if (reference_chunks(a, b) > kRegisterChunks) {
+    if (lane == 0) pending[atomicAdd(num_pending, 1ull)] = b;
+    return;
+  }
+  const int64_t lcs = candidate_lcs<kRegisterChunks>(a, b, lane, nullptr);
+  if (lane == 0) a.out[b] = lcs;
+}
+
+// Second launch: the listed candidates, each warp with its own scratch V of scratch_words.
+__global__ void __launch_bounds__(kThreads)
+lcs_length_scratch_kernel(LcsArgs a, const int64_t* __restrict__ pending,
+                          const unsigned long long* __restrict__ num_pending,
+                          uint64_t* __restrict__ scratch, int64_t scratch_words) {
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const unsigned lane = threadIdx.x % 32;
+  uint64_t* v_mem = scratch + warp * scratch_words;
+  const int64_t count = static_cast<int64_t>(*num_pending);
+  for (int64_t k = warp; k < count; k += warps) {  // uniform across the warp
+    const int64_t b = pending[k];
+    const int64_t lcs = candidate_lcs<0>(a, b, lane, v_mem);
+    if (lane == 0) a.out[b] = lcs;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cuda(
+    const at::Tensor& cand_values, const at::Tensor& cand_starts, const at::Tensor& cand_lengths,
+    const at::Tensor& ref_values, const at::Tensor& ref_starts, const at::Tensor& ref_lengths,
+    const at::Tensor& ref_index, bool validate) {
+  const OverlapInputs inputs = checked_overlap_inputs(
       "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
       ref_index, validate);
+  const Sequences& cand = inputs.cand;
+  const Sequences& ref = inputs.ref;
   const c10::cuda::CUDAGuard device_guard(cand.values.device());
   const int64_t batch = cand.starts.numel();
   at::Tensor out = at::zeros({batch}, cand.values.options());
-  if (batch == 0) return out;
-  const ReferenceMasks rm = reference_masks(ref);
-  const int64_t max_words = rm.words_per_ref.index_select(0, ref_of).max().item<int64_t>();
-  const int64_t max_chunks = (max_words + 31) / 32;
+  if (batch == 0) return lcs_length_outputs(inputs, out);
   const int64_t blocks = (batch + kWarpsPerBlock - 1) / kWarpsPerBlock;
   TORCH_CHECK(blocks <= kMaxGridX, "lcs_length: too many candidates for one launch");
-  // Only the longest references need a scratch row per candidate.
-  const int64_t scratch_words = max_chunks > kRegisterChunks ? max_words : 0;
-  at::Tensor scratch = at::empty({batch * scratch_words}, cand.values.options());
-  const auto launch = [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        cand.values.data_ptr<int64_t>(), cand.starts.data_ptr<int64_t>(),
-        cand.lengths.data_ptr<int64_t>(), ref.lengths.data_ptr<int64_t>(),
-        ref_of.data_ptr<int64_t>(), rm.tokens.data_ptr<int64_t>(),
-        rm.token_offsets.data_ptr<int64_t>(), rm.words_per_ref.data_ptr<int64_t>(),
-        rm.mask_offsets.data_ptr<int64_t>(),
-        reinterpret_cast<const uint64_t*>(rm.masks.data_ptr<int64_t>()),
-        reinterpret_cast<uint64_t*>(scratch.data_ptr<int64_t>()), scratch_words, batch,
-        out.data_ptr<int64_t>());
-  };
-  if (max_chunks <= 1) {
-    launch(lcs_length_kernel<1>);
-  } else if (max_chunks <= kRegisterChunks) {
-    launch(lcs_length_kernel<kRegisterChunks>);
-  } else {
-    launch(lcs_length_kernel<0>);
-  }
+  // The longest reference the kernels may meet: read back when validating anyway (a host
+  // sync), else bounded by the number of reference ids.
+  const int64_t longest =
+      validate ? reference_lengths(inputs).max().item<int64_t>() : ref.values.numel();
+  const LcsArgs args{cand.values.data_ptr<int64_t>(), cand.starts.data_ptr<int64_t>(),
+                     cand.lengths.data_ptr<int64_t>(), ref.values.data_ptr<int64_t>(),
+                     ref.starts.data_ptr<int64_t>(), ref.lengths.data_ptr<int64_t>(),
+                     inputs.ref_index.data_ptr<int64_t>(), batch, out.data_ptr<int64_t>()};
+  const auto options = cand.values.options();
+  at::Tensor pending = at::empty({batch}, options);
+  at::Tensor num_pending = at::zeros({1}, options);
+  auto* num_pending_ptr = reinterpret_cast<unsigned long long*>(num_pending.data_ptr<int64_t>());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  lcs_length_register_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      args, pending.data_ptr<int64_t>(), num_pending_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  const int64_t scratch_words = (longest + 63) / 64;
+  if ((scratch_words + 31) / 32 > kRegisterChunks) {
+    const int64_t block_bytes =
+        kWarpsPerBlock * scratch_words * static_cast<int64_t>(sizeof(uint64_t));
+    const int64_t scratch_blocks =
+        std::max<int64_t>(1, std::min<int64_t>(blocks, kScratchBytes / block_bytes));
+    at::Tensor scratch = at::empty({scratch_blocks * kWarpsPerBlock * scratch_words}, options);
+    lcs_length_scratch_kernel<<<static_cast<unsigned>(scratch_blocks), kThreads, 0, stream>>>(
+        args, pending.data_ptr<int64_t>(), num_pending_ptr,
+        reinterpret_cast<uint64_t*>(scratch.data_ptr<int64_t>()), scratch_words);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return lcs_length_outputs(inputs, out);
 }
 
 }  // namespace

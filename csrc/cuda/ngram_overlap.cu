@@ -6,8 +6,14 @@
 // O(n) expected per n-gram instead of a comparison with every reference n-gram, and takes one
 // occurrence with an atomic increment of the used count: exactly min(count in candidate,
 // count in reference) increments of a slot find an occurrence left, so the block's sum is
-// the clipped match count. The table sits in shared memory when the longest reference fits
-// (2048 tokens), in a global scratch table per block otherwise.
+// the clipped match count.
+//
+// No size is read back to launch it (validate=False is sync-free and graph-capturable): every
+// chunk of candidates whose references fit the shared-memory table (1024 tokens) is done by
+// the first launch, which lists the other chunks on the device; a second launch, of as many
+// blocks as a memory budget allows tables for the longest reference possible (the number of
+// reference ids), works through that list. The kernels read only the clipped sequences of
+// checked_overlap_inputs, so no input value can send them out of bounds.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +21,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <torch/library.h>
 
+#include "kernel_constants.h"
 #include "sequence_overlap.h"
 
 namespace lambdapo {
@@ -22,15 +29,25 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kCandidatesPerBlock = 4;
-constexpr int64_t kSharedSlots = 4096;  // 3 int32 per slot: 48 KiB of shared memory
-// Longest reference: keeps positions and slot indices in int32.
+// 3 int32 per slot: 24 KiB of shared memory, references of up to 1024 tokens (load <= 1/2).
+constexpr int64_t kSharedSlots = 2048;
+// Longest reference: keeps positions and slot indices in int32. Longer ones (possible only
+// unchecked, with more than 2^29 reference ids) are compared as empty.
 constexpr int64_t kMaxReferenceTokens = int64_t{1} << 29;
+// Global tables of the second launch: at most this much memory, but one block at least.
+constexpr int64_t kGlobalTableBytes = int64_t{128} << 20;
+
+using BlockReduce = cub::BlockReduce<long long, kThreads>;
 
 // Slots of a reference's table: a power of two >= 2 x its tokens (load <= 1/2), >= 32.
 C10_HOST_DEVICE inline int slot_bits(int64_t ref_len) {
   int bits = 5;
   while ((int64_t{1} << bits) < 2 * ref_len) ++bits;
   return bits;
+}
+
+C10_HOST_DEVICE inline int64_t usable_length(int64_t ref_len) {
+  return ref_len <= kMaxReferenceTokens ? ref_len : 0;
 }
 
 __device__ __forceinline__ int64_t home_slot(const int64_t* gram, int64_t n, int bits) {
@@ -77,68 +94,116 @@ __device__ int64_t find_ngram(const int32_t* position, const int64_t* ref, const
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-ngram_overlap_kernel(const int64_t* __restrict__ cand_values, const int64_t* __restrict__ cand_starts,
-                     const int64_t* __restrict__ cand_lengths, const int64_t* __restrict__ ref_values,
-                     const int64_t* __restrict__ ref_starts, const int64_t* __restrict__ ref_lengths,
-                     const int64_t* __restrict__ ref_index, int64_t batch, int64_t max_n,
-                     int32_t* __restrict__ global_tables, int64_t global_slots,
-                     int64_t* __restrict__ matches) {
-  using BlockReduce = cub::BlockReduce<long long, kThreads>;
-  __shared__ typename BlockReduce::TempStorage reduce_tmp;
-  extern __shared__ int32_t shared_table[];
-  int32_t* table = global_tables != nullptr ? global_tables + static_cast<int64_t>(blockIdx.x) * 3 * global_slots
-                                            : shared_table;
-  const int64_t num_chunks = (batch + kCandidatesPerBlock - 1) / kCandidatesPerBlock;
-  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
-    const int64_t first = chunk * kCandidatesPerBlock;
-    const int64_t last = first + kCandidatesPerBlock < batch ? first + kCandidatesPerBlock : batch;
-    // Orders past the shortest of each pair's lengths have no match (outputs stay 0).
-    int64_t top_n = 0;
+// The clipped sequences (checked_overlap_inputs): every start + length lies within its values,
+// every ref_index within the references (the last one empty).
+struct OverlapArgs {
+  const int64_t* cand_values;
+  const int64_t* cand_starts;
+  const int64_t* cand_lengths;
+  const int64_t* ref_values;
+  const int64_t* ref_starts;
+  const int64_t* ref_lengths;
+  const int64_t* ref_index;
+  int64_t batch, max_n;
+  int64_t* matches;  // [batch, max_n], zero
+};
+
+// Bits of the largest table the references of chunk `chunk` need (the same in every thread).
+__device__ int chunk_slot_bits(const OverlapArgs& a, int64_t chunk) {
+  const int64_t first = chunk * kCandidatesPerBlock;
+  const int64_t last = first + kCandidatesPerBlock < a.batch ? first + kCandidatesPerBlock : a.batch;
+  int bits = 0;
+  for (int64_t b = first; b < last; ++b) {
+    const int b_bits = slot_bits(usable_length(a.ref_lengths[a.ref_index[b]]));
+    bits = b_bits > bits ? b_bits : bits;
+  }
+  return bits;
+}
+
+// The clipped matches of the candidates of chunk `chunk`, with `table` (3 int32 arrays of at
+// least 2^chunk_slot_bits slots). Called by every thread of the block; ends synchronized.
+__device__ void chunk_matches(const OverlapArgs& a, int64_t chunk, int32_t* table,
+                              BlockReduce::TempStorage& reduce_tmp) {
+  const int64_t first = chunk * kCandidatesPerBlock;
+  const int64_t last = first + kCandidatesPerBlock < a.batch ? first + kCandidatesPerBlock : a.batch;
+  // Orders past the shortest of each pair's lengths have no match (outputs stay 0).
+  int64_t top_n = 0;
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t cand_len = a.cand_lengths[b];
+    const int64_t ref_len = usable_length(a.ref_lengths[a.ref_index[b]]);
+    const int64_t shorter = cand_len < ref_len ? cand_len : ref_len;
+    const int64_t orders = shorter < a.max_n ? shorter : a.max_n;
+    top_n = orders > top_n ? orders : top_n;
+  }
+  for (int64_t n = 1; n <= top_n; ++n) {
+    int64_t built = -1;  // reference whose n-grams the table holds
     for (int64_t b = first; b < last; ++b) {
-      const int64_t cand_len = cand_lengths[b], ref_len = ref_lengths[ref_index[b]];
-      const int64_t shorter = cand_len < ref_len ? cand_len : ref_len;
-      const int64_t orders = shorter < max_n ? shorter : max_n;
-      top_n = orders > top_n ? orders : top_n;
-    }
-    for (int64_t n = 1; n <= top_n; ++n) {
-      int64_t built = -1;  // reference whose n-grams the table holds
-      for (int64_t b = first; b < last; ++b) {
-        const int64_t r = ref_index[b];
-        const int64_t* ref = ref_values + ref_starts[r];
-        const int64_t ref_len = ref_lengths[r];
-        const int bits = slot_bits(ref_len);
-        const int64_t slots = int64_t{1} << bits;
-        int32_t* position = table;
-        int32_t* count = table + slots;
-        int32_t* used = table + 2 * slots;
-        if (r != built) {  // uniform across the block
-          for (int64_t s = threadIdx.x; s < slots; s += kThreads) {
-            position[s] = -1;
-            count[s] = 0;
-            used[s] = 0;
-          }
-          __syncthreads();
-          for (int64_t j = threadIdx.x; j + n <= ref_len; j += kThreads) {
-            insert_ngram(position, count, ref, j, n, bits);
-          }
-          __syncthreads();
-          built = r;
+      const int64_t r = a.ref_index[b];
+      const int64_t* ref = a.ref_values + a.ref_starts[r];
+      const int64_t ref_len = usable_length(a.ref_lengths[r]);
+      const int bits = slot_bits(ref_len);
+      const int64_t slots = int64_t{1} << bits;
+      int32_t* position = table;
+      int32_t* count = table + slots;
+      int32_t* used = table + 2 * slots;
+      if (r != built) {  // uniform across the block
+        for (int64_t s = threadIdx.x; s < slots; s += kThreads) {
+          position[s] = -1;
+          count[s] = 0;
+          used[s] = 0;
         }
-        const int64_t* cand = cand_values + cand_starts[b];
-        long long found = 0;
-        for (int64_t i = threadIdx.x; i + n <= cand_lengths[b]; i += kThreads) {
+        __syncthreads();
+        for (int64_t j = threadIdx.x; j + n <= ref_len; j += kThreads) {
+          insert_ngram(position, count, ref, j, n, bits);
+        }
+        __syncthreads();
+        built = r;
+      }
+      const int64_t* cand = a.cand_values + a.cand_starts[b];
+      long long found = 0;
+      if (n <= ref_len) {
+        for (int64_t i = threadIdx.x; i + n <= a.cand_lengths[b]; i += kThreads) {
           const int64_t s = find_ngram(position, ref, cand + i, n, bits);
           if (s >= 0) found += atomicAdd(used + s, 1) < load(count + s);
         }
-        const long long total = BlockReduce(reduce_tmp).Sum(found);
-        if (threadIdx.x == 0) matches[b * max_n + n - 1] = total;
-        __syncthreads();
-        // The next candidate starts with every occurrence unused.
-        for (int64_t s = threadIdx.x; s < slots; s += kThreads) used[s] = 0;
-        __syncthreads();
       }
+      const long long total = BlockReduce(reduce_tmp).Sum(found);
+      if (threadIdx.x == 0) a.matches[b * a.max_n + n - 1] = total;
+      __syncthreads();
+      // The next candidate starts with every occurrence unused.
+      for (int64_t s = threadIdx.x; s < slots; s += kThreads) used[s] = 0;
+      __syncthreads();
     }
+  }
+}
+
+// First launch: the chunks whose references fit the shared table; the others are listed in
+// pending[0 : *num_pending] for the second launch.
+__global__ void __launch_bounds__(kThreads)
+ngram_overlap_shared_kernel(OverlapArgs a, int64_t* __restrict__ pending,
+                            unsigned long long* __restrict__ num_pending) {
+  __shared__ BlockReduce::TempStorage reduce_tmp;
+  extern __shared__ int32_t shared_table[];
+  const int64_t num_chunks = (a.batch + kCandidatesPerBlock - 1) / kCandidatesPerBlock;
+  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
+    if ((int64_t{1} << chunk_slot_bits(a, chunk)) <= kSharedSlots) {  // uniform
+      chunk_matches(a, chunk, shared_table, reduce_tmp);
+    } else if (threadIdx.x == 0) {
+      pending[atomicAdd(num_pending, 1ull)] = chunk;
+    }
+  }
+}
+
+// Second launch: the listed chunks, each block with its own global table of table_slots.
+__global__ void __launch_bounds__(kThreads)
+ngram_overlap_global_kernel(OverlapArgs a, const int64_t* __restrict__ pending,
+                            const unsigned long long* __restrict__ num_pending,
+                            int32_t* __restrict__ tables, int64_t table_slots) {
+  __shared__ BlockReduce::TempStorage reduce_tmp;
+  int32_t* table = tables + static_cast<int64_t>(blockIdx.x) * 3 * table_slots;
+  const int64_t count = static_cast<int64_t>(*num_pending);
+  for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
+    chunk_matches(a, pending[k], table, reduce_tmp);
   }
 }
 
@@ -149,33 +214,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cuda(
   const OverlapInputs inputs = checked_overlap_inputs(
       "ngram_overlap", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
       ref_index, validate);
-  const auto& [cand, ref, ref_of] = inputs;
+  const Sequences& cand = inputs.cand;
+  const Sequences& ref = inputs.ref;
   TORCH_CHECK_VALUE(max_n >= 1, "ngram_overlap: max_n must be >= 1, got ", max_n);
   const c10::cuda::CUDAGuard device_guard(cand.values.device());
   const int64_t batch = cand.starts.numel();
   at::Tensor matches = at::zeros({batch, max_n}, cand.values.options());
-  if (batch > 0) {
-    const int64_t longest_ref = ref.lengths.index_select(0, ref_of).max().item<int64_t>();
-    TORCH_CHECK_VALUE(longest_ref <= kMaxReferenceTokens, "ngram_overlap: a reference has ",
-                      longest_ref, " tokens; at most 2^29 are supported");
-    const int64_t slots = int64_t{1} << slot_bits(longest_ref);
-    const int64_t num_chunks = (batch + kCandidatesPerBlock - 1) / kCandidatesPerBlock;
-    const bool in_shared = slots <= kSharedSlots;
-    // Global tables cost memory per block: as many blocks as fill the GPU, looping over chunks.
+  if (batch == 0) return ngram_overlap_outputs(inputs, matches, max_n);
+  // The longest reference the kernels may meet: read back when validating anyway (a host
+  // sync), else bounded by the number of reference ids.
+  int64_t longest = ref.values.numel();
+  if (validate) {
+    longest = reference_lengths(inputs).max().item<int64_t>();
+    TORCH_CHECK_VALUE(longest <= kMaxReferenceTokens, "ngram_overlap: a reference has ",
+                      longest, " tokens; at most 2^29 are supported");
+  }
+  longest = std::min(longest, kMaxReferenceTokens);
+  const OverlapArgs args{cand.values.data_ptr<int64_t>(), cand.starts.data_ptr<int64_t>(),
+                         cand.lengths.data_ptr<int64_t>(), ref.values.data_ptr<int64_t>(),
+                         ref.starts.data_ptr<int64_t>(), ref.lengths.data_ptr<int64_t>(),
+                         inputs.ref_index.data_ptr<int64_t>(), batch, max_n,
+                         matches.data_ptr<int64_t>()};
+  const int64_t num_chunks = (batch + kCandidatesPerBlock - 1) / kCandidatesPerBlock;
+  const auto options = cand.values.options();
+  at::Tensor pending = at::empty({num_chunks}, options);
+  at::Tensor num_pending = at::zeros({1}, options);
+  auto* num_pending_ptr = reinterpret_cast<unsigned long long*>(num_pending.data_ptr<int64_t>());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::min(num_chunks, kMaxGridX);
+  ngram_overlap_shared_kernel<<<static_cast<unsigned>(blocks), kThreads,
+                                3 * kSharedSlots * sizeof(int32_t), stream>>>(
+      args, pending.data_ptr<int64_t>(), num_pending_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t table_slots = int64_t{1} << slot_bits(longest);
+  if (table_slots > kSharedSlots) {
+    // As many blocks as the budget gives tables for (one at least), up to 4 per SM.
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t blocks = std::min<int64_t>(num_chunks, in_shared ? int64_t{1} << 20 : 4 * sms);
-    at::Tensor global_tables;
-    if (!in_shared) {
-      global_tables = at::empty({blocks * 3 * slots}, cand.values.options().dtype(at::kInt));
-    }
-    const size_t shared_bytes = in_shared ? 3 * slots * sizeof(int32_t) : 0;
-    ngram_overlap_kernel<<<static_cast<unsigned>(blocks), kThreads, shared_bytes,
-                           c10::cuda::getCurrentCUDAStream()>>>(
-        cand.values.data_ptr<int64_t>(), cand.starts.data_ptr<int64_t>(),
-        cand.lengths.data_ptr<int64_t>(), ref.values.data_ptr<int64_t>(),
-        ref.starts.data_ptr<int64_t>(), ref.lengths.data_ptr<int64_t>(), ref_of.data_ptr<int64_t>(),
-        batch, max_n, in_shared ? nullptr : global_tables.data_ptr<int32_t>(), slots,
-        matches.data_ptr<int64_t>());
+    const int64_t table_bytes = 3 * table_slots * static_cast<int64_t>(sizeof(int32_t));
+    const int64_t global_blocks = std::max<int64_t>(
+        1, std::min<int64_t>({num_chunks, 4 * sms, kGlobalTableBytes / table_bytes}));
+    at::Tensor tables = at::empty({global_blocks * 3 * table_slots}, options.dtype(at::kInt));
+    ngram_overlap_global_kernel<<<static_cast<unsigned>(global_blocks), kThreads, 0, stream>>>(
+        args, pending.data_ptr<int64_t>(), num_pending_ptr, tables.data_ptr<int32_t>(),
+        table_slots);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return ngram_overlap_outputs(inputs, matches, max_n);

@@ -118,12 +118,22 @@ int main() {
          "ngram_overlap clipped counts");
   const auto lcs = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lambdapo::lcs_length", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, bool)>();
-  expect(lcs.call(cand_values, zero, at::full({1}, 4, at::kLong), ref_values, zero,
-                  at::full({1}, 3, at::kLong), ref_index, true)[0].item<int64_t>() == 2,
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, bool)>();
+  const auto [lcs_value, cand_length, ref_length] =
+      lcs.call(cand_values, zero, at::full({1}, 4, at::kLong), ref_values, zero,
+               at::full({1}, 3, at::kLong), ref_index, true);
+  expect(lcs_value[0].item<int64_t>() == 2 && cand_length[0].item<int64_t>() == 4 &&
+             ref_length[0].item<int64_t>() == 3,
          "lcs_length");
+  // validate=False: an out-of-range ref_index means an empty reference, not a stray read.
+  const auto [unchecked, unchecked_cand, unchecked_ref] =
+      lcs.call(cand_values, zero, at::full({1}, 4, at::kLong), ref_values, zero,
+               at::full({1}, 3, at::kLong), at::full({1}, 7, at::kLong), false);
+  expect(unchecked[0].item<int64_t>() == 0 && unchecked_ref[0].item<int64_t>() == 0,
+         "lcs_length unchecked ref_index");
 
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
