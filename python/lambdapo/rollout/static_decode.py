@@ -65,8 +65,9 @@ class StaticDecoder:
         width = prompt_width + max_new_tokens
         self.keys, self.values = [], []
         for k, v in zip(keys, values):
-            buffer_k = k.new_zeros((rows, k.shape[1], width, k.shape[3]))
-            buffer_v = v.new_zeros((rows, v.shape[1], width, v.shape[3]))
+            # Every column is written (the prompt's here, one per step) before it is read.
+            buffer_k = k.new_empty((rows, k.shape[1], width, k.shape[3]))
+            buffer_v = v.new_empty((rows, v.shape[1], width, v.shape[3]))
             buffer_k[:, :, :prompt_width] = k
             buffer_v[:, :, :prompt_width] = v
             self.keys.append(buffer_k)
