@@ -37,9 +37,17 @@ inline bool holds_negative(const at::Tensor& values) {
   return any_sign < 0;
 }
 
-// validate=False skips the checks that read values (host syncs on CUDA).
+// Longest reference of the overlap ops: keeps n-gram positions and table slots in int32 (CUDA)
+// and every n-gram id below 2^32 (CPU), and bounds the CUDA scratch of a reference (see
+// docs/ops.md). With validate=True a longer one is an error, with validate=False it is cut to
+// its first kMaxReferenceTokens tokens (clipped_sequences). 2^29 ids take 4 GiB.
+constexpr int64_t kMaxReferenceTokens = int64_t{1} << 29;
+constexpr int64_t kNoLengthLimit = INT64_MAX;
+
+// validate=False skips the checks that read values (host syncs on CUDA). max_length: the
+// longest sequence accepted (kMaxReferenceTokens for references).
 inline void check_sequences(const char* op, const char* name, const Sequences& seq,
-                            const at::Device& device, bool validate) {
+                            const at::Device& device, bool validate, int64_t max_length) {
   for (const auto& [part, t] : {std::pair<const char*, const at::Tensor&>{"values", seq.values},
                                 {"starts", seq.starts},
                                 {"lengths", seq.lengths}}) {
@@ -54,18 +62,21 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
               seq.lengths.numel());
   if (!validate) return;
   if (seq.starts.numel() > 0) {
-    // One read-back for the four bounds. Each is taken in turn, so a later one is only judged
+    // One read-back for the five bounds. Each is taken in turn, so a later one is only judged
     // once the earlier ones hold (and so cannot have overflowed): starts >= 0, lengths >= 0,
-    // starts <= T, lengths <= T - starts (start + length could wrap around).
+    // starts <= T, lengths <= T - starts (start + length could wrap around), lengths <=
+    // max_length.
     const int64_t total = seq.values.numel();
     const at::Tensor room = seq.starts.neg().add_(total);  // T - start
     const at::Tensor bounds = at::stack({seq.starts.min(), seq.lengths.min(), room.min(),
-                                         room.sub(seq.lengths).min()}).cpu();
+                                         room.sub(seq.lengths).min(), seq.lengths.max()}).cpu();
     const int64_t* b = bounds.data_ptr<int64_t>();
     TORCH_CHECK_VALUE(b[0] >= 0, op, ": ", name, "_starts must be >= 0");
     TORCH_CHECK_VALUE(b[1] >= 0, op, ": ", name, "_lengths must be >= 0");
     TORCH_CHECK_VALUE(b[2] >= 0 && b[3] >= 0, op, ": ", name, " sequences run past the end of ",
                       name, "_values (", total, " ids)");
+    TORCH_CHECK_VALUE(b[4] <= max_length, op, ": ", name, "_lengths holds a sequence of ", b[4],
+                      " tokens; at most ", max_length, " are supported");
   }
   // Negative ids are rejected inside the sequences; padding outside them may be anything.
   if (holds_negative(seq.values)) {
@@ -85,8 +96,8 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
 inline void check_overlap_args(const char* op, const Sequences& cand, const Sequences& ref,
                                const at::Tensor& ref_index, bool validate) {
   const at::Device device = cand.values.device();
-  check_sequences(op, "cand", cand, device, validate);
-  check_sequences(op, "ref", ref, device, validate);
+  check_sequences(op, "cand", cand, device, validate, kNoLengthLimit);
+  check_sequences(op, "ref", ref, device, validate, kMaxReferenceTokens);
   TORCH_CHECK(ref_index.scalar_type() == at::kLong && ref_index.dim() == 1, op,
               ": ref_index must be a 1-D int64 tensor");
   TORCH_CHECK(ref_index.device() == device, op, ": ref_index is on ", ref_index.device(),
@@ -112,13 +123,15 @@ struct OverlapInputs {
 
 // The unchecked-input rule (validate=False; with validate=True the checks leave nothing for
 // it to change): each sequence is clipped to its values, its start clamped into [0, T] and
-// its length into [0, T - start] (T = the number of values), and a candidate whose ref_index
-// lies outside [0, R) is compared with an empty reference. Negative ids are compared like any
-// other id. Elementwise ops on the inputs' device: no host sync.
-inline Sequences clipped_sequences(const Sequences& seq) {
+// its length into [0, T - start] (T = the number of values), a reference's length also to at
+// most kMaxReferenceTokens (max_length), and a candidate whose ref_index lies outside [0, R)
+// is compared with an empty reference. Negative ids are compared like any other id.
+// Elementwise ops on the inputs' device: no host sync.
+inline Sequences clipped_sequences(const Sequences& seq, int64_t max_length) {
   const int64_t total = seq.values.numel();
   const at::Tensor starts = seq.starts.clamp(0, total);
-  const at::Tensor lengths = at::minimum(seq.lengths.clamp_min(0), starts.neg().add_(total));
+  at::Tensor lengths = at::minimum(seq.lengths.clamp_min(0), starts.neg().add_(total));
+  if (total > max_length) lengths.clamp_max_(max_length);  // else lengths <= T already
   return {seq.values, starts, lengths};
 }
 
@@ -133,8 +146,8 @@ inline OverlapInputs checked_overlap_inputs(
   check_overlap_args(op, cand, ref, index, validate);
   OverlapInputs in;
   in.num_refs = ref.starts.numel();
-  in.cand = clipped_sequences(cand);
-  const Sequences clipped_ref = clipped_sequences(ref);
+  in.cand = clipped_sequences(cand, kNoLengthLimit);
+  const Sequences clipped_ref = clipped_sequences(ref, kMaxReferenceTokens);
   const at::Tensor empty = at::zeros({1}, clipped_ref.starts.options());
   in.ref = {ref.values, at::cat({clipped_ref.starts, empty}), at::cat({clipped_ref.lengths, empty})};
   in.ref_index = at::where(index.ge(0).logical_and_(index.lt(in.num_refs)), index, in.num_refs);

@@ -327,7 +327,8 @@ def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None,
             capturable. An unchecked bad value gives the counts of the clipped input, never
             an out-of-bounds access: each sequence is clipped to its values (start into
             ``[0, T]``, length into ``[0, T - start]``), an out-of-range ``ref_index`` means an
-            empty reference, and negative ids compare like other ids.
+            empty reference, and negative ids compare like other ids. A reference holds at
+            most 2^29 tokens: checked, a longer one raises; unchecked, it is cut to 2^29.
 
     Returns:
         ``(matches, cand_counts, ref_counts)``, int64 ``[B, max_n]``: clipped matches, number
@@ -336,7 +337,7 @@ def ngram_overlap(cand, ref, *, max_n: int = 4, ref_index: Tensor | None = None,
     Raises:
         ValueError / TypeError / RuntimeError naming the argument for malformed inputs
         (offsets not non-decreasing or past the end, lengths > L, ref_index out of range,
-        negative ids (with ``validate``), float tensors).
+        negative ids, references over 2^29 tokens (with ``validate``), float tensors).
     """
     require_library()
     return torch.ops.lambdapo.ngram_overlap.default(

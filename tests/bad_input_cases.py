@@ -622,15 +622,23 @@ def overlap_cases(op: str) -> list[Case]:
 # reach memory outside the inputs: the kernels read the sequences clipped by the rule of
 # csrc/sequence_overlap.h, and give the result of the clipped input (issue 17).
 
-def clipped_sequences(values: torch.Tensor, starts: torch.Tensor,
-                      lengths: torch.Tensor) -> list[list[int]]:
+# The longest reference of the overlap ops (kMaxReferenceTokens, csrc/sequence_overlap.h).
+MAX_REFERENCE_TOKENS = 2**29
+
+
+def clipped_sequences(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                      max_length: int | None = None) -> list[list[int]]:
     """The sequences an unchecked overlap op reads: each clipped to the values, its start
-    into [0, T] and its length into [0, T - start] (T = the number of values)."""
+    into [0, T] and its length into [0, T - start] (T = the number of values), and into
+    [0, max_length] (references: MAX_REFERENCE_TOKENS; only inputs of more ids reach it)."""
     flat, total = values.tolist(), values.numel()
     out = []
     for start, length in zip(starts.tolist(), lengths.tolist()):
         start = min(max(start, 0), total)
-        out.append(flat[start:start + min(max(length, 0), total - start)])
+        length = min(max(length, 0), total - start)
+        if max_length is not None:
+            length = min(length, max_length)
+        out.append(flat[start:start + length])
     return out
 
 
@@ -642,7 +650,8 @@ def unchecked_overlap_expected(op: str, cand, ref, ref_index: torch.Tensor, **kw
     cands = clipped_sequences(*(t.cpu() for t in lp.ops._as_sequences(cand, "cand",
                                                                     validate=False)))
     refs = clipped_sequences(*(t.cpu() for t in lp.ops._as_sequences(ref, "ref",
-                                                                   validate=False)))
+                                                                   validate=False)),
+                             max_length=MAX_REFERENCE_TOKENS)
     paired = [refs[i] if 0 <= i < len(refs) else [] for i in ref_index.tolist()]
     low = min([0] + [t for seq in cands + paired for t in seq])
     rename = lambda seqs: [[t - low for t in seq] for seq in seqs]  # noqa: E731

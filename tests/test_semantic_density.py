@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -339,3 +340,38 @@ def test_cuda_edge_cases_match_cpu(shuffle):
         assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu)), f"max_n={max_n}"
     assert torch.equal(lcs_length(*cpu_args, ref_index=ref_index),
                        lcs_length(*gpu_args, ref_index=ref_index.cuda()).cpu())
+
+
+def _holds_a_reference_past_2_29(device):
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory >= 48 * 2**30
+    return os.environ.get("LAMBDAPO_BIG_MEMORY_TESTS") == "1"
+
+
+@pytest.mark.parametrize("device", devices("ngram_overlap"))
+def test_references_past_2_29_tokens_raise_checked_and_are_cut_unchecked(device):
+    """A reference holds at most 2^29 tokens (docs/ops.md): with validate=True a longer one
+    raises, with validate=False it is cut to its first 2^29 tokens and every count and length
+    is that of the cut reference, on CPU and CUDA alike. It takes 4 GiB of ids (and about 8 GiB
+    more on the CPU, 12 GiB more on CUDA for the n-gram pool of the longest reference the shape
+    allows), so it runs on GPUs of 48 GiB or more and on the CPU only with
+    LAMBDAPO_BIG_MEMORY_TESTS=1. No smaller input reaches the rule: a length is first clipped
+    to the ids there are, and the rule (clipped_sequences, csrc/sequence_overlap.h) is not
+    reachable from Python."""
+    if not _holds_a_reference_past_2_29(device):
+        pytest.skip("needs a 2^29-token reference (see the docstring)")
+    limit = 2**29
+    ref = (torch.zeros(limit + 3, dtype=torch.int64, device=device),
+           torch.tensor([0, limit + 3], device=device))
+    cand = (torch.zeros(3, dtype=torch.int64, device=device), torch.tensor([0, 3], device=device))
+    index = torch.zeros(1, dtype=torch.int64, device=device)
+    for call in (lambda: ngram_overlap(cand, ref, max_n=1, ref_index=index),
+                 lambda: lcs_length(cand, ref, ref_index=index)):
+        with pytest.raises(ValueError, match=f"ref_lengths holds a sequence of {limit + 3} "
+                                             f"tokens; at most {limit} are supported"):
+            call()
+    counts = ngram_overlap(cand, ref, max_n=1, ref_index=index, validate=False)
+    assert [t.item() for t in counts] == [3, 3, limit]
+    args = [t for seqs in (cand, ref) for t in (seqs[0], seqs[1][:-1], seqs[1].diff())]
+    lcs = torch.ops.lambdapo.lcs_length(*args, index, False)
+    assert [t.item() for t in lcs] == [3, 3, limit]

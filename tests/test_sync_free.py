@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lambdapo_ext as ops
-from tests.bad_input_cases import clipped_sequences
+from tests.bad_input_cases import MAX_REFERENCE_TOKENS, clipped_sequences
 from tests.conftest import skip_without_cuda
 
 
@@ -226,7 +226,7 @@ def _random_unchecked_overlap(rng: random.Random):
 
 def _unchecked_overlap_expected(cand, ref, ref_index, max_n):
     """The validated ops on the clipped sequences (ids renamed to non-negative ones)."""
-    cands, refs = clipped_sequences(*cand), clipped_sequences(*ref)
+    cands, refs = clipped_sequences(*cand), clipped_sequences(*ref, MAX_REFERENCE_TOKENS)
     paired = [refs[i] if 0 <= i < len(refs) else [] for i in ref_index.tolist()]
     low = min([0] + [t for seq in cands + paired for t in seq])
     cands, paired = ([[t - low for t in seq] for seq in seqs] for seqs in (cands, paired))

@@ -21,9 +21,6 @@
 namespace lambdapo {
 namespace {
 
-// Longest reference: keeps every id and table slot below 2^32 (see pair_key).
-constexpr int64_t kMaxReferenceTokens = int64_t{1} << 29;
-
 // The n-gram ids of one reference for n = 1..max_n and their counts, probed by candidates.
 class ReferenceGrams {
  public:
@@ -96,8 +93,9 @@ class ReferenceGrams {
   // Counters 0..kMissSlots-1 of a count array stay 0: use_up sends misses there.
   static constexpr int64_t kMissSlots = 8;
 
-  // One key per (prefix, last): both are below 2^32 (a reference has at most 2^29 tokens, so
-  // a table has fewer than 2^31 + 2^29 + 1 slots), and last < 2^29 keeps the key off ~0.
+  // One key per (prefix, last): both are below 2^32 (a reference has at most
+  // kMaxReferenceTokens = 2^29 tokens, checked or clipped in sequence_overlap.h, so a table has
+  // fewer than 2^31 + 2^29 + 1 slots), and last < 2^29 keeps the key off ~0.
   static uint64_t pair_key(int64_t prefix, int64_t last) {
     return static_cast<uint64_t>(prefix) << 32 | static_cast<uint64_t>(last);
   }
@@ -161,10 +159,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
   const int64_t* rv = ref.values.data_ptr<int64_t>();
   const int64_t* rs = ref.starts.data_ptr<int64_t>();
   const int64_t* rl = ref.lengths.data_ptr<int64_t>();
-  for (const CandidateTask& task : tasks.tasks) {
-    TORCH_CHECK_VALUE(rl[task.ref] <= kMaxReferenceTokens, "ngram_overlap: reference ", task.ref,
-                      " has ", rl[task.ref], " tokens; at most 2^29 are supported");
-  }
   int64_t* out = matches.data_ptr<int64_t>();
   const int64_t tokens = cand.values.numel() + ref.values.numel();
   for_each_task<ReferenceGrams>(tasks, tokens, [&](ReferenceGrams& grams,

@@ -206,9 +206,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cuda(
   const int64_t blocks = (batch + kWarpsPerBlock - 1) / kWarpsPerBlock;
   TORCH_CHECK(blocks <= kMaxGridX, "lcs_length: too many candidates for one launch");
   // The longest reference the kernels may meet: read back when validating anyway (a host
-  // sync), else bounded by the number of reference ids.
-  const int64_t longest =
-      validate ? reference_lengths(inputs).max().item<int64_t>() : ref.values.numel();
+  // sync), else bounded by the number of reference ids and kMaxReferenceTokens.
+  const int64_t longest = validate ? reference_lengths(inputs).max().item<int64_t>()
+                                   : std::min(ref.values.numel(), kMaxReferenceTokens);
   const LcsArgs args{cand.values.data_ptr<int64_t>(), cand.starts.data_ptr<int64_t>(),
                      cand.lengths.data_ptr<int64_t>(), ref.values.data_ptr<int64_t>(),
                      ref.starts.data_ptr<int64_t>(), ref.lengths.data_ptr<int64_t>(),

@@ -31,23 +31,18 @@ constexpr int kThreads = 256;
 constexpr int64_t kCandidatesPerBlock = 4;
 // 3 int32 per slot: 24 KiB of shared memory, references of up to 1024 tokens (load <= 1/2).
 constexpr int64_t kSharedSlots = 2048;
-// Longest reference: keeps positions and slot indices in int32. Longer ones (possible only
-// unchecked, with more than 2^29 reference ids) are compared as empty.
-constexpr int64_t kMaxReferenceTokens = int64_t{1} << 29;
 // Global tables of the second launch: at most this much memory, but one block at least.
 constexpr int64_t kGlobalTableBytes = int64_t{128} << 20;
 
 using BlockReduce = cub::BlockReduce<long long, kThreads>;
 
-// Slots of a reference's table: a power of two >= 2 x its tokens (load <= 1/2), >= 32.
+// Slots of a reference's table: a power of two >= 2 x its tokens (load <= 1/2), >= 32. A
+// reference holds at most kMaxReferenceTokens = 2^29 tokens (checked or clipped by
+// checked_overlap_inputs): at most 2^30 slots, positions and slot indices in int32.
 C10_HOST_DEVICE inline int slot_bits(int64_t ref_len) {
   int bits = 5;
   while ((int64_t{1} << bits) < 2 * ref_len) ++bits;
   return bits;
-}
-
-C10_HOST_DEVICE inline int64_t usable_length(int64_t ref_len) {
-  return ref_len <= kMaxReferenceTokens ? ref_len : 0;
 }
 
 __device__ __forceinline__ int64_t home_slot(const int64_t* gram, int64_t n, int bits) {
@@ -114,7 +109,7 @@ __device__ int chunk_slot_bits(const OverlapArgs& a, int64_t chunk) {
   const int64_t last = first + kCandidatesPerBlock < a.batch ? first + kCandidatesPerBlock : a.batch;
   int bits = 0;
   for (int64_t b = first; b < last; ++b) {
-    const int b_bits = slot_bits(usable_length(a.ref_lengths[a.ref_index[b]]));
+    const int b_bits = slot_bits(a.ref_lengths[a.ref_index[b]]);
     bits = b_bits > bits ? b_bits : bits;
   }
   return bits;
@@ -130,7 +125,7 @@ __device__ void chunk_matches(const OverlapArgs& a, int64_t chunk, int32_t* tabl
   int64_t top_n = 0;
   for (int64_t b = first; b < last; ++b) {
     const int64_t cand_len = a.cand_lengths[b];
-    const int64_t ref_len = usable_length(a.ref_lengths[a.ref_index[b]]);
+    const int64_t ref_len = a.ref_lengths[a.ref_index[b]];
     const int64_t shorter = cand_len < ref_len ? cand_len : ref_len;
     const int64_t orders = shorter < a.max_n ? shorter : a.max_n;
     top_n = orders > top_n ? orders : top_n;
@@ -140,7 +135,7 @@ __device__ void chunk_matches(const OverlapArgs& a, int64_t chunk, int32_t* tabl
     for (int64_t b = first; b < last; ++b) {
       const int64_t r = a.ref_index[b];
       const int64_t* ref = a.ref_values + a.ref_starts[r];
-      const int64_t ref_len = usable_length(a.ref_lengths[r]);
+      const int64_t ref_len = a.ref_lengths[r];
       const int bits = slot_bits(ref_len);
       const int64_t slots = int64_t{1} << bits;
       int32_t* position = table;
@@ -222,14 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cuda(
   at::Tensor matches = at::zeros({batch, max_n}, cand.values.options());
   if (batch == 0) return ngram_overlap_outputs(inputs, matches, max_n);
   // The longest reference the kernels may meet: read back when validating anyway (a host
-  // sync), else bounded by the number of reference ids.
-  int64_t longest = ref.values.numel();
-  if (validate) {
-    longest = reference_lengths(inputs).max().item<int64_t>();
-    TORCH_CHECK_VALUE(longest <= kMaxReferenceTokens, "ngram_overlap: a reference has ",
-                      longest, " tokens; at most 2^29 are supported");
-  }
-  longest = std::min(longest, kMaxReferenceTokens);
+  // sync), else bounded by the number of reference ids and kMaxReferenceTokens.
+  const int64_t longest = validate ? reference_lengths(inputs).max().item<int64_t>()
+                                   : std::min(ref.values.numel(), kMaxReferenceTokens);
   const OverlapArgs args{cand.values.data_ptr<int64_t>(), cand.starts.data_ptr<int64_t>(),
                          cand.lengths.data_ptr<int64_t>(), ref.values.data_ptr<int64_t>(),
                          ref.starts.data_ptr<int64_t>(), ref.lengths.data_ptr<int64_t>(),
