@@ -159,7 +159,13 @@ __device__ void chunk_matches(const OverlapArgs& a, int64_t chunk, int32_t* tabl
       if (n <= ref_len) {
         for (int64_t i = threadIdx.x; i + n <= a.cand_lengths[b]; i += kThreads) {
           const int64_t s = find_ngram(position, ref, cand + i, n, bits);
-          if (s >= 0) found += atomicAdd(used + s, 1) < load(count + s);
+          if (s < 0) continue;
+          // Only while occurrences are left: used then exceeds count by less than the
+          // block's threads (each checked before its one add), never wraps around however
+          // often the candidate repeats the n-gram, and exactly min(candidate count, count)
+          // of the adds find used < count.
+          const int32_t occurrences = load(count + s);
+          if (load(used + s) < occurrences) found += atomicAdd(used + s, 1) < occurrences;
         }
       }
       const long long total = BlockReduce(reduce_tmp).Sum(found);
