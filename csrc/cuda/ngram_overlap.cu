@@ -10,10 +10,12 @@
 //
 // No size is read back to launch it (validate=False is sync-free and graph-capturable): every
 // chunk of candidates whose references fit the shared-memory table (1024 tokens) is done by
-// the first launch, which lists the other chunks on the device; a second launch, of as many
-// blocks as a memory budget allows tables for the longest reference possible (the number of
-// reference ids), works through that list. The kernels read only the clipped sequences of
-// checked_overlap_inputs, so no input value can send them out of bounds.
+// the first launch, which lists the other chunks on the device and keeps there the size of the
+// largest table they need. A second launch of up to 4 blocks per SM works through that list
+// with tables in a pool of global memory sized on the host (pool_slots below): each block takes
+// the largest table as its stride, and the blocks whose table lies past the pool's end stay
+// idle. The kernels read only the clipped sequences of checked_overlap_inputs, so no input
+// value can send them out of bounds.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,8 +33,10 @@ constexpr int kThreads = 256;
 constexpr int64_t kCandidatesPerBlock = 4;
 // 3 int32 per slot: 24 KiB of shared memory, references of up to 1024 tokens (load <= 1/2).
 constexpr int64_t kSharedSlots = 2048;
-// Global tables of the second launch: at most this much memory, but one block at least.
+// Global tables of the second launch: at most this much memory unless one table for the
+// longest reference possible takes more (see pool_slots).
 constexpr int64_t kGlobalTableBytes = int64_t{128} << 20;
+constexpr int64_t kBytesPerSlot = 3 * sizeof(int32_t);
 
 using BlockReduce = cub::BlockReduce<long long, kThreads>;
 
@@ -178,34 +182,60 @@ __device__ void chunk_matches(const OverlapArgs& a, int64_t chunk, int32_t* tabl
   }
 }
 
-// First launch: the chunks whose references fit the shared table; the others are listed in
-// pending[0 : *num_pending] for the second launch.
+// The list of the first launch, on the device: pending[0 : num_pending] and the slot bits of
+// the largest table its chunks need (0 while empty).
+struct PendingList {
+  unsigned long long num_pending, max_bits;
+};
+
+// First launch: the chunks whose references fit the shared table; the others are listed for
+// the second launch.
 __global__ void __launch_bounds__(kThreads)
 ngram_overlap_shared_kernel(OverlapArgs a, int64_t* __restrict__ pending,
-                            unsigned long long* __restrict__ num_pending) {
+                            PendingList* __restrict__ list) {
   __shared__ BlockReduce::TempStorage reduce_tmp;
   extern __shared__ int32_t shared_table[];
   const int64_t num_chunks = (a.batch + kCandidatesPerBlock - 1) / kCandidatesPerBlock;
   for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
-    if ((int64_t{1} << chunk_slot_bits(a, chunk)) <= kSharedSlots) {  // uniform
+    const int bits = chunk_slot_bits(a, chunk);
+    if ((int64_t{1} << bits) <= kSharedSlots) {  // uniform
       chunk_matches(a, chunk, shared_table, reduce_tmp);
     } else if (threadIdx.x == 0) {
-      pending[atomicAdd(num_pending, 1ull)] = chunk;
+      pending[atomicAdd(&list->num_pending, 1ull)] = chunk;
+      atomicMax(&list->max_bits, static_cast<unsigned long long>(bits));
     }
   }
 }
 
-// Second launch: the listed chunks, each block with its own global table of table_slots.
+// Second launch: the listed chunks. Every block's table is the largest any listed chunk needs
+// (2^max_bits slots, 3 int32 each), block i's at slot i * 2^max_bits of the pool; the blocks
+// whose table ends within the pool work through the list, the others return.
 __global__ void __launch_bounds__(kThreads)
 ngram_overlap_global_kernel(OverlapArgs a, const int64_t* __restrict__ pending,
-                            const unsigned long long* __restrict__ num_pending,
-                            int32_t* __restrict__ tables, int64_t table_slots) {
+                            const PendingList* __restrict__ list, int32_t* __restrict__ pool,
+                            int64_t pool_slots) {
   __shared__ BlockReduce::TempStorage reduce_tmp;
-  int32_t* table = tables + static_cast<int64_t>(blockIdx.x) * 3 * table_slots;
-  const int64_t count = static_cast<int64_t>(*num_pending);
-  for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
+  const int64_t count = static_cast<int64_t>(list->num_pending);
+  if (count == 0) return;
+  const int64_t table_slots = int64_t{1} << list->max_bits;
+  const int64_t fitting = pool_slots / table_slots;  // >= 1: see pool_slots
+  const int64_t workers = min(fitting, static_cast<int64_t>(gridDim.x));
+  if (blockIdx.x >= workers) return;  // uniform across the block
+  int32_t* table = pool + static_cast<int64_t>(blockIdx.x) * 3 * table_slots;
+  for (int64_t k = blockIdx.x; k < count; k += workers) {
     chunk_matches(a, pending[k], table, reduce_tmp);
   }
+}
+
+// Slots of the second launch's pool for `blocks` blocks, given the longest reference the
+// kernels may meet (`longest`: read back when validating, else the shape's bound). The largest
+// table (2^slot_bits(longest) slots) bounds every listed chunk's, so a pool of at least one
+// always gives block 0 its table; beyond that the pool holds up to kGlobalTableBytes of
+// tables, and never more than `blocks` of the largest.
+int64_t pool_slots(int64_t longest, int64_t blocks) {
+  const int64_t largest = int64_t{1} << slot_bits(longest);
+  const int64_t budget = std::max(kGlobalTableBytes / kBytesPerSlot, largest);
+  return std::min(budget, blocks * largest);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cuda(
@@ -234,25 +264,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cuda(
   const int64_t num_chunks = (batch + kCandidatesPerBlock - 1) / kCandidatesPerBlock;
   const auto options = cand.values.options();
   at::Tensor pending = at::empty({num_chunks}, options);
-  at::Tensor num_pending = at::zeros({1}, options);
-  auto* num_pending_ptr = reinterpret_cast<unsigned long long*>(num_pending.data_ptr<int64_t>());
+  static_assert(sizeof(PendingList) == 2 * sizeof(int64_t), "PendingList is two int64 words");
+  at::Tensor list = at::zeros({2}, options);
+  auto* list_ptr = reinterpret_cast<PendingList*>(list.data_ptr<int64_t>());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min(num_chunks, kMaxGridX);
   ngram_overlap_shared_kernel<<<static_cast<unsigned>(blocks), kThreads,
                                 3 * kSharedSlots * sizeof(int32_t), stream>>>(
-      args, pending.data_ptr<int64_t>(), num_pending_ptr);
+      args, pending.data_ptr<int64_t>(), list_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t table_slots = int64_t{1} << slot_bits(longest);
-  if (table_slots > kSharedSlots) {
-    // As many blocks as the budget gives tables for (one at least), up to 4 per SM.
+  if ((int64_t{1} << slot_bits(longest)) > kSharedSlots) {  // else nothing can be listed
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t table_bytes = 3 * table_slots * static_cast<int64_t>(sizeof(int32_t));
-    const int64_t global_blocks = std::max<int64_t>(
-        1, std::min<int64_t>({num_chunks, 4 * sms, kGlobalTableBytes / table_bytes}));
-    at::Tensor tables = at::empty({global_blocks * 3 * table_slots}, options.dtype(at::kInt));
+    const int64_t global_blocks = std::min<int64_t>(num_chunks, 4 * sms);
+    const int64_t slots = pool_slots(longest, global_blocks);
+    at::Tensor pool = at::empty({3 * slots}, options.dtype(at::kInt));
     ngram_overlap_global_kernel<<<static_cast<unsigned>(global_blocks), kThreads, 0, stream>>>(
-        args, pending.data_ptr<int64_t>(), num_pending_ptr, tables.data_ptr<int32_t>(),
-        table_slots);
+        args, pending.data_ptr<int64_t>(), list_ptr, pool.data_ptr<int32_t>(), slots);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return ngram_overlap_outputs(inputs, matches, max_n);
