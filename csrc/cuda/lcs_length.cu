@@ -7,10 +7,12 @@
 // comparing the token with the reference directly, two warp ballots per word, so nothing is
 // built per reference and no size is read back (validate=False is sync-free and
 // graph-capturable). References of up to kRegisterChunks 32-word chunks (8192 tokens) keep V
-// in registers; the first launch lists the candidates of longer ones on the device, and a
-// second launch, of as many warps as a memory budget gives a scratch V for the longest
-// reference possible, works through that list. The kernels read only the clipped sequences of
-// checked_overlap_inputs, so no input value can send them out of bounds.
+// in registers; the first launch lists the candidates of longer ones on the device and keeps
+// there the largest number of words they need. A second launch of up to a warp per candidate
+// works through that list with V in a pool of global memory sized on the host (pool_words
+// below): each warp takes the largest V as its stride, and the warps whose V lies past the
+// pool's end stay idle. The kernels read only the clipped sequences of checked_overlap_inputs,
+// so no input value can send them out of bounds.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,8 +28,11 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = 32 * kWarpsPerBlock;
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr int kRegisterChunks = 4;
-// Scratch V of the second launch: at most this much memory, but one block of warps at least.
+// Scratch V of the second launch: at most this much memory unless one V for the longest
+// reference possible takes more (it cannot: 2^29 tokens are 2^23 words, 64 MiB).
 constexpr int64_t kScratchBytes = int64_t{64} << 20;
+// Fewest words of a listed candidate's reference (more than kRegisterChunks chunks).
+constexpr int64_t kMinListedWords = 32 * kRegisterChunks + 1;
 
 // The clipped sequences (checked_overlap_inputs): every start + length lies within its values,
 // every ref_index within the references (the last one empty).
@@ -75,10 +80,9 @@ __device__ __forceinline__ void lcs_chunk_step(uint64_t& v, uint64_t match, unsi
   v = (sum + ((carries >> lane) & 1)) | (v & ~match);
 }
 
-// Chunks of 32 words of candidate b's reference.
-__device__ __forceinline__ int64_t reference_chunks(const LcsArgs& a, int64_t b) {
-  const int64_t words = (a.ref_lengths[a.ref_index[b]] + 63) / 64;
-  return (words + 31) / 32;
+// Words of candidate b's reference.
+__device__ __forceinline__ int64_t reference_words(const LcsArgs& a, int64_t b) {
+  return (a.ref_lengths[a.ref_index[b]] + 63) / 64;
 }
 
 // The LCS of candidate b and its reference, in lane 0; called by the whole warp.
@@ -157,37 +161,64 @@ __device__ int64_t candidate_lcs(const LcsArgs& a, int64_t b, unsigned lane, uin
   return m - ones;
 }
 
+// The list of the first launch, on the device: pending[0 : num_pending] and the largest
+// number of words of their references (0 while empty).
+struct PendingList {
+  unsigned long long num_pending, max_words;
+};
+
 // First launch: a warp per candidate with V in registers; candidates of longer references are
-// listed in pending[0 : *num_pending] for the second launch.
+// listed for the second launch.
 __global__ void __launch_bounds__(kThreads)
 lcs_length_register_kernel(LcsArgs a, int64_t* __restrict__ pending,
-                           unsigned long long* __restrict__ num_pending) {
+                           PendingList* __restrict__ list) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const unsigned lane = threadIdx.x % 32;
   if (b >= a.batch) return;  // uniform across the warp
-  if (reference_chunks(a, b) > kRegisterChunks) {
-    if (lane == 0) pending[atomicAdd(num_pending, 1ull)] = b;
+  const int64_t words = reference_words(a, b);
+  if ((words + 31) / 32 > kRegisterChunks) {
+    if (lane == 0) {
+      pending[atomicAdd(&list->num_pending, 1ull)] = b;
+      atomicMax(&list->max_words, static_cast<unsigned long long>(words));
+    }
     return;
   }
   const int64_t lcs = candidate_lcs<kRegisterChunks>(a, b, lane, nullptr);
   if (lane == 0) a.out[b] = lcs;
 }
 
-// Second launch: the listed candidates, each warp with its own scratch V of scratch_words.
+// Second launch: the listed candidates. Every warp's V is the largest any listed candidate
+// needs (max_words words), warp i's at word i * max_words of the pool; the warps whose V ends
+// within the pool work through the list, the others return.
 __global__ void __launch_bounds__(kThreads)
 lcs_length_scratch_kernel(LcsArgs a, const int64_t* __restrict__ pending,
-                          const unsigned long long* __restrict__ num_pending,
-                          uint64_t* __restrict__ scratch, int64_t scratch_words) {
+                          const PendingList* __restrict__ list, uint64_t* __restrict__ pool,
+                          int64_t pool_words) {
+  const int64_t count = static_cast<int64_t>(list->num_pending);
+  if (count == 0) return;
+  const int64_t stride = static_cast<int64_t>(list->max_words);  // >= kMinListedWords
+  const int64_t fitting = pool_words / stride;                   // >= 1: see pool_words
+  const int64_t workers = min(fitting, static_cast<int64_t>(gridDim.x) * kWarpsPerBlock);
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   const unsigned lane = threadIdx.x % 32;
-  uint64_t* v_mem = scratch + warp * scratch_words;
-  const int64_t count = static_cast<int64_t>(*num_pending);
-  for (int64_t k = warp; k < count; k += warps) {  // uniform across the warp
+  if (warp >= workers) return;  // uniform across the warp
+  uint64_t* v_mem = pool + warp * stride;
+  for (int64_t k = warp; k < count; k += workers) {  // uniform across the warp
     const int64_t b = pending[k];
     const int64_t lcs = candidate_lcs<0>(a, b, lane, v_mem);
     if (lane == 0) a.out[b] = lcs;
   }
+}
+
+// Words of the second launch's pool for up to `warps` warps, given the longest reference the
+// kernels may meet (`longest`: read back when validating, else the shape's bound). The largest
+// V (its words) bounds every listed candidate's, so a pool of at least one always gives warp 0
+// its V; beyond that the pool holds up to kScratchBytes, and never more than `warps` of the
+// largest.
+int64_t pool_words(int64_t longest, int64_t warps) {
+  const int64_t largest = (longest + 63) / 64;
+  const int64_t budget = std::max<int64_t>(kScratchBytes / sizeof(uint64_t), largest);
+  return std::min(budget, warps * largest);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cuda(
@@ -215,22 +246,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cuda(
                      inputs.ref_index.data_ptr<int64_t>(), batch, out.data_ptr<int64_t>()};
   const auto options = cand.values.options();
   at::Tensor pending = at::empty({batch}, options);
-  at::Tensor num_pending = at::zeros({1}, options);
-  auto* num_pending_ptr = reinterpret_cast<unsigned long long*>(num_pending.data_ptr<int64_t>());
+  static_assert(sizeof(PendingList) == 2 * sizeof(int64_t), "PendingList is two int64 words");
+  at::Tensor list = at::zeros({2}, options);
+  auto* list_ptr = reinterpret_cast<PendingList*>(list.data_ptr<int64_t>());
   auto stream = c10::cuda::getCurrentCUDAStream();
   lcs_length_register_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      args, pending.data_ptr<int64_t>(), num_pending_ptr);
+      args, pending.data_ptr<int64_t>(), list_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t scratch_words = (longest + 63) / 64;
-  if ((scratch_words + 31) / 32 > kRegisterChunks) {
-    const int64_t block_bytes =
-        kWarpsPerBlock * scratch_words * static_cast<int64_t>(sizeof(uint64_t));
-    const int64_t scratch_blocks =
-        std::max<int64_t>(1, std::min<int64_t>(blocks, kScratchBytes / block_bytes));
-    at::Tensor scratch = at::empty({scratch_blocks * kWarpsPerBlock * scratch_words}, options);
+  if ((longest + 63) / 64 >= kMinListedWords) {  // else nothing can be listed
+    const int64_t words = pool_words(longest, batch);
+    // A warp per candidate, but no more than could ever find their V in the pool.
+    const int64_t warps = std::min(batch, words / kMinListedWords);
+    const int64_t scratch_blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    at::Tensor pool = at::empty({words}, options);
     lcs_length_scratch_kernel<<<static_cast<unsigned>(scratch_blocks), kThreads, 0, stream>>>(
-        args, pending.data_ptr<int64_t>(), num_pending_ptr,
-        reinterpret_cast<uint64_t*>(scratch.data_ptr<int64_t>()), scratch_words);
+        args, pending.data_ptr<int64_t>(), list_ptr,
+        reinterpret_cast<uint64_t*>(pool.data_ptr<int64_t>()), words);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return lcs_length_outputs(inputs, out);
