@@ -151,6 +151,39 @@ def overlap_cases(gen: torch.Generator) -> None:
                      (lambda c, r, i: lp.rouge_l(c, r, ref_index=i, validate=False), "rouge_l")):
         _check(f"{name} unchecked long references", fn(*gpu_args, long_index.cuda()),
                fn(*cpu_args, long_index), rtol=0, atol=0)
+    _many_long_references_cases(gen)
+
+
+def _many_long_references_cases(gen: torch.Generator) -> None:
+    """The second launches over many listed chunks / candidates, unchecked and checked: their
+    pools sized from the number of reference ids (validate=False) or the longest reference
+    (validate=True), every block's or warp's stride the largest table or state any listed one
+    needs, read on the device, the blocks and warps past the pool idle. With `unused` ids in a
+    reference no candidate uses (over 2^22), the n-gram pool is one table for the longest
+    reference the shape allows and the LCS pool its 64 MiB budget."""
+    lengths = ([int(n) for n in torch.randint(1025, 2600, (24,), generator=gen)]
+               + [int(n) for n in torch.randint(8193, 9500, (4,), generator=gen)])
+    refs = [torch.randint(0, 9, (n,), generator=gen).tolist() for n in lengths]
+    cands, index = [], []
+    for r, ref in enumerate(refs):
+        cands += [ref[: len(ref) // 2], torch.randint(0, 9, (700,), generator=gen).tolist()]
+        index += [r, r]
+    perm = torch.randperm(len(cands), generator=gen)
+    cands, index = [cands[i] for i in perm.tolist()], torch.tensor(index)[perm]
+    for unused in (0, 2**22 + 1):
+        ref_values, ref_offsets = _packed(refs)
+        ref_values = torch.cat([ref_values, torch.zeros(unused, dtype=torch.int64)])
+        ref_offsets = torch.cat([ref_offsets, ref_offsets[-1:] + unused])
+        cpu_args = (_packed(cands), (ref_values, ref_offsets))
+        gpu_args = tuple(tuple(t.cuda() for t in a) for a in cpu_args)
+        for fn, name in ((lambda c, r, i, v: lp.ngram_overlap(c, r, max_n=3, ref_index=i,
+                                                              validate=v), "ngram_overlap"),
+                         (lambda c, r, i, v: lp.rouge_l(c, r, ref_index=i, validate=v),
+                          "rouge_l")):
+            expected = fn(*cpu_args, index, True)
+            for validate in (False, True):
+                _check(f"{name} many long references, {unused} unused ids, validate={validate}",
+                       fn(*gpu_args, index.cuda(), validate), expected, rtol=0, atol=0)
 
 
 def _packed(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

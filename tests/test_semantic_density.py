@@ -342,6 +342,54 @@ def test_cuda_edge_cases_match_cpu(shuffle):
                        lcs_length(*gpu_args, ref_index=ref_index.cuda()).cpu())
 
 
+def long_reference_bank(seed, unused_ids=0):
+    """Packed (cand, ref, ref_index) with many long references: 200 of 1025..3000 tokens (past
+    the shared n-gram table: the n-gram op's second launch) and 20 of 8193..12000 (past the
+    LCS's registers: its second launch), 4 candidates each, in shuffled order, some of them
+    pieces of their reference. `unused_ids` more ids follow the references as one reference
+    no candidate uses: unchecked, the kernels size their pools from the number of ids, so a
+    bank of over 2^22 ids makes the n-gram pool one table for the longest reference those ids
+    allow (docs/ops.md)."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    lengths = ([rng.randrange(1025, 3000) for _ in range(200)]
+               + [rng.randrange(8193, 12000) for _ in range(20)] + [unused_ids])
+    ref_values = torch.randint(0, 8, (sum(lengths),), generator=gen)
+    ref_offsets = torch.tensor([0] + lengths).cumsum(0)
+    cands, ref_index = [], []
+    for r in range(len(lengths) - 1):
+        start, end = int(ref_offsets[r]), int(ref_offsets[r + 1])
+        for _ in range(4):
+            if rng.random() < 0.5:
+                a = rng.randrange(start, end)
+                cands.append(ref_values[a:rng.randrange(a, end + 1)])
+            else:
+                cands.append(torch.randint(0, 8, (rng.randrange(0, 2500),), generator=gen))
+            ref_index.append(r)
+    perm = torch.randperm(len(cands), generator=gen)
+    cands = [cands[i] for i in perm.tolist()]
+    cand_offsets = torch.tensor([0] + [len(c) for c in cands]).cumsum(0)
+    return ((torch.cat(cands), cand_offsets), (ref_values, ref_offsets),
+            torch.tensor(ref_index)[perm])
+
+
+@skip_without_cuda("ngram_overlap")
+@pytest.mark.parametrize("unused_ids", [0, 2**22 + 1])
+def test_cuda_many_long_references_match_cpu_checked_or_not(unused_ids):
+    """The second launches over many pending chunks / candidates, their pools sized from the
+    longest reference read back (validate=True) or from the number of ids (validate=False,
+    the stride then taken from the device): the CPU kernels' counts either way."""
+    cand, ref, ref_index = long_reference_bank(20, unused_ids)
+    gpu = (to_device(cand, "cuda"), to_device(ref, "cuda"), ref_index.cuda())
+    expected_n = ngram_overlap(cand, ref, max_n=4, ref_index=ref_index)
+    expected_l = rouge_l(cand, ref, ref_index=ref_index)
+    for validate in (True, False):
+        got_n = ngram_overlap(*gpu[:2], max_n=4, ref_index=gpu[2], validate=validate)
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(expected_n, got_n)), validate
+        got_l = rouge_l(*gpu[:2], ref_index=gpu[2], validate=validate)
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(expected_l, got_l)), validate
+
+
 def _holds_a_reference_past_2_29(device):
     if device == "cuda":
         return torch.cuda.get_device_properties(0).total_memory >= 48 * 2**30

@@ -339,6 +339,13 @@ def _cuda_sync_free_cases():
             torch.tensor([0, 1, 0, 0, 1, 0]).cuda())
     for name, fn in OVERLAP_OPS.items():
         cases[f"{name}-long-reference"] = lambda fn=fn: fn(*long, False)
+    # The same in a bank of over 2^22 ids (an unused reference): the pools are sized from that
+    # shape, the strides from the device.
+    bank = torch.cat([long_ref, torch.zeros(2**22 + 1, dtype=torch.int64, device="cuda")])
+    banked = ((cand, cand_len), (bank, torch.tensor([0, 9000, 9000, bank.numel()]).cuda()),
+              long[2])
+    for name, fn in OVERLAP_OPS.items():
+        cases[f"{name}-long-reference-bank"] = lambda fn=fn: fn(*banked, False)
     return cases
 
 
@@ -354,7 +361,8 @@ SYNC_FREE_CASES = [
                  for d in ("float32", "bfloat16")]
     + ["linear_token_logprobs", "linear_token_logprobs-chunked", "lambda_advantages-small",
        "lambda_advantages-large-masked-std", "lambda_advantages-ragged", *OVERLAP_OPS]
-    + [f"{name}-{kind}" for kind in ("bad-values", "long-reference") for name in OVERLAP_OPS]
+    + [f"{name}-{kind}" for kind in ("bad-values", "long-reference", "long-reference-bank")
+       for name in OVERLAP_OPS]
 ]
 
 
