@@ -89,32 +89,37 @@ lambda_advantages_member_kernel(const float* __restrict__ rewards,
   if (valid == nullptr || valid[k]) {
     const float ri = rewards[k], si = scores[k];
     flag_non_finite(flag, ri, si);
-    double count = 0.0, sum = 0.0, acc = 0.0;
-    // Float partials of at most kPairsPerFloatPartial terms (lambda_advantages.h): ragged
-    // groups met without a group table may be of any size.
+    // The valid members counted in an integer; the reward sum (for "std" only) and the
+    // advantage summed in double from float partials of at most kPairsPerFloatPartial terms
+    // (lambda_advantages.h): ragged groups met without a group table may be of any size.
+    const bool spread = normalize == static_cast<int>(Normalize::Std);  // uniform
+    int64_t count = 0;
+    double sum = 0.0, acc = 0.0;
     for (int64_t j0 = begin; j0 < end; j0 += kPairsPerFloatPartial) {
       const int64_t j1 = end - j0 < kPairsPerFloatPartial ? end : j0 + kPairsPerFloatPartial;
-      float partial = 0.0f;
+      float partial = 0.0f, reward_partial = 0.0f;
       for (int64_t j = j0; j < j1; ++j) {
         if (valid != nullptr && !valid[j]) continue;
         const float rj = rewards[j];
-        count += 1.0;
-        sum += rj;
+        ++count;
+        if (spread) reward_partial += rj;
         partial += pair_term_direct(ri, si, rj, scores[j], beta);  // j == k adds 0
       }
       acc += partial;
+      if (spread) sum += reward_partial;
     }
-    if (count >= 2.0) {
+    if (count >= 2) {
       double sum_sq_dev = 0.0;
-      if (normalize == static_cast<int>(Normalize::Std)) {
-        const double mean = sum / count;
+      if (spread) {
+        const double mean = sum / static_cast<double>(count);
         for (int64_t j = begin; j < end; ++j) {
           if (valid != nullptr && !valid[j]) continue;
           const double d = rewards[j] - mean;
           sum_sq_dev += d * d;
         }
       }
-      result = static_cast<float>(2.0 * acc * advantage_scale(count, sum_sq_dev, normalize, eps));
+      result = static_cast<float>(
+          2.0 * acc * advantage_scale(static_cast<double>(count), sum_sq_dev, normalize, eps));
     }
   }
   out[order != nullptr ? order[k] : k] = result;
