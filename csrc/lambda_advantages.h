@@ -31,10 +31,11 @@ inline Normalize parse_normalize(std::string_view normalize) {
 }
 
 // Each advantage is summed in double from float partial sums of at most this many pair
-// terms, on CPU and CUDA alike, so both round alike whatever the group size: a partial's
-// error stays below 128 * 2^-24 (8e-6) of its terms' magnitudes, and the inner loops keep
-// float adds (a double add per pair made the CPU kernel 15-20% slower on the 2-core Xeon,
-// and FP64 runs at 1/64 of the FP32 rate on consumer GPUs).
+// terms, on CPU and CUDA alike, so both keep one error bound whatever the group size: a
+// partial's error stays below 128 * 2^-24 (8e-6) of its terms' magnitudes. They share the
+// bound, not bit-identical results (they order the terms and evaluate exp differently). The
+// inner loops keep float adds (a double add per pair made the CPU kernel 15-20% slower on the
+// 2-core Xeon, and FP64 runs at 1/64 of the FP32 rate on consumer GPUs).
 constexpr int64_t kPairsPerFloatPartial = 128;
 
 // Groups as segments of flat float32 buffers in segment order: dense [P, G] groups are

@@ -276,8 +276,9 @@ def test_kernel_accepts_exactly_the_python_normalize_modes():
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_groups_past_one_float_partial_match_float64_reference(normalize):
-    """G = 2500 crosses the CPU kernel's blocks of 1024 rows and columns (float partials
-    summed in double, as on CUDA): still the float64 reference at the usual tolerance."""
+    """G = 2500 crosses the CPU kernel's blocks of 128 rows and columns (float partials of
+    at most 128 pair terms summed in double, as on CUDA): still the float64 reference at the
+    usual tolerance."""
     rewards, scores = random_groups(2, 2500, seed=5)
     out = lambda_advantages(rewards, scores, beta=1.3, normalize=normalize)
     assert_matches_reference(out, rewards, scores, beta=1.3, normalize=normalize)
