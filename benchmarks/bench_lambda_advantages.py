@@ -30,7 +30,8 @@ from lambdapo_ext import reference  # noqa: E402
 OP = "lambda_advantages"
 RATIOS = ("torch_eager", "torch_compile")
 KERNELS = ("lambda_advantages",)
-FULL_CPU = [(64, 16), (512, 64), (128, 256), (64, 1000), (16, 4096), (512, 4096)]
+FULL_CPU = [(1024, 4), (1024, 16), (64, 16), (512, 64), (128, 256), (64, 1000), (16, 4096),
+            (512, 4096)]
 # GRPO-style runs use G = 4 to 64 with P up to ~1024.
 FULL_CUDA = [(1024, 4), (1024, 16), (64, 16), (1024, 64), (512, 64), (128, 256), (64, 1000),
              (16, 4096), (512, 4096)]

@@ -39,6 +39,36 @@ def test_dense_matches_float64_reference(g, normalize, beta):
     assert_matches_reference(out, rewards, scores, beta=beta, normalize=normalize)
 
 
+@pytest.mark.parametrize("g", [2, 4, 16, 63, 64, 65])
+@pytest.mark.parametrize("p", [1, 15, 16, 17, 300])
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_many_small_groups_across_lane_blocks(p, g, normalize):
+    """Dense groups of <= 64 members run many groups per vector step (blocks of 256 groups
+    in lanes of 16): every block size and padding, with masked NaN padding, against float64."""
+    rewards, scores = random_groups(p, g, seed=100 * p + g, binary=g % 2 == 0)
+    mask = torch.rand(p, g, generator=torch.Generator().manual_seed(p + g)) > 0.2
+    rewards[~mask], scores[~mask] = float("nan"), float("inf")
+    out = lambda_advantages(rewards, scores, mask=mask, beta=1.5, normalize=normalize)
+    clean = lambda t: t.masked_fill(~mask, 0.0)  # noqa: E731 - the reference multiplies
+    assert_matches_reference(out, clean(rewards), clean(scores), mask=mask, beta=1.5,
+                             normalize=normalize)
+    assert (out[~mask] == 0).all()
+    plain = lambda_advantages(clean(rewards), clean(scores), beta=1.5, normalize=normalize)
+    assert_matches_reference(plain, clean(rewards), clean(scores), beta=1.5,
+                             normalize=normalize)
+
+
+@pytest.mark.parametrize("g", [4, 64])
+def test_small_groups_are_batch_invariant(g):
+    rewards, scores = random_groups(700, g, seed=g)
+    batch = lambda_advantages(rewards, scores)
+    for row in (0, 15, 16, 255, 256, 699):
+        alone = lambda_advantages(rewards[row:row + 1], scores[row:row + 1])
+        assert torch.equal(alone[0], batch[row])
+    shifted = lambda_advantages(rewards[5:], scores[5:])   # every group in another lane
+    assert torch.equal(shifted, batch[5:])
+
+
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_binary_rewards_and_masks(normalize):
     rewards, scores = random_groups(64, 16, seed=1, binary=True)
