@@ -43,8 +43,8 @@ def test_dense_matches_float64_reference(g, normalize, beta):
 @pytest.mark.parametrize("p", [1, 15, 16, 17, 300])
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_many_small_groups_across_lane_blocks(p, g, normalize):
-    """Dense groups of <= 64 members run many groups per vector step (blocks of 256 groups
-    in lanes of 16): every block size and padding, with masked NaN padding, against float64."""
+    """Dense groups of <= 64 members run many groups per vector step (blocks of 64 groups
+    in lanes of 16): every lane padding and several blocks, with masked NaN padding, against float64."""
     rewards, scores = random_groups(p, g, seed=100 * p + g, binary=g % 2 == 0)
     mask = torch.rand(p, g, generator=torch.Generator().manual_seed(p + g)) > 0.2
     rewards[~mask], scores[~mask] = float("nan"), float("inf")

@@ -84,7 +84,7 @@ constexpr int64_t kWholeRowsMaxGroup = 192;
 // fixed-width loops, so its result does not depend on where it sits in the batch.
 constexpr int64_t kLaneMajorMaxGroup = 64;
 constexpr int64_t kLanes = 16;
-constexpr int64_t kGroupsPerBlock = 256;
+constexpr int64_t kGroupsPerBlock = 64;
 
 // adv[i][c] = sum over valid j != i of the pair terms of group c (lanes [0, lanes), a
 // multiple of kLanes); valid may be null (all valid). At most G - 1 < kPairsPerFloatPartial
