@@ -84,6 +84,28 @@ def test_shared_prompt_gradients_equal_the_plain_forwards(workspace):
         torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_prompt_sharing_check_accepts_rounding_and_refuses_wrong_states(workspace, monkeypatch,
+                                                                        autocast):
+    root, model_dir = workspace
+    model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
+                             torch.device("cpu"))
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 30, (int(n),), generator=gen).tolist() for n in (5, 9, 7)]
+    responses = [torch.randint(4, 30, (int(n),), generator=gen).tolist()
+                 for n in torch.randint(3, 40, (24,), generator=gen)]
+    micro = MicroBatch.from_sequences([prompts[i % 3] for i in range(24)], responses,
+                                      tok.pad_token_id, torch.device("cpu"))
+    assert policy.prompt_sharing_agrees(model, micro, 1.0, autocast=autocast)
+    states = policy._prediction_states
+
+    def off_by_one(model, micro, head, share_prompts):   # a cache read at wrong positions
+        out = states(model, micro, head, share_prompts)
+        return out.roll(1, dims=1) if share_prompts else out
+    monkeypatch.setattr(policy, "_prediction_states", off_by_one)
+    assert not policy.prompt_sharing_agrees(model, micro, 1.0, autocast=autocast)
+
+
 def test_prompt_sharing_check_falls_back_for_a_cache_that_cannot_be_shared(workspace,
                                                                           monkeypatch):
     from transformers import DynamicCache

@@ -185,5 +185,9 @@ def prompt_sharing_agrees(model, micro: MicroBatch, temperature: float, *,
         return False
     plain, _ = response_logprobs(model, micro, temperature, autocast=autocast,
                                  share_prompts=False)
-    tolerance = 1e-3 if autocast is None else 0.1
-    return bool((shared - plain).abs().max() <= tolerance)
+    gap = (shared - plain).abs()[micro.response_mask]
+    if autocast is None:   # float32: the two agree to rounding, token by token
+        return bool(gap.max() <= 1e-3)
+    # bfloat16: single tokens differ by up to ~0.15 between any two layouts, so the mean
+    # decides (~0.01 on the built-in model; a wrong cache or positions give far more).
+    return bool(gap.mean() <= 0.05)
