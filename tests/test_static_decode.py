@@ -86,3 +86,13 @@ def test_models_it_does_not_serve_fall_back_to_transformers(monkeypatch):
     monkeypatch.setattr(layer_type, "forward", lambda self, *a, **k: 0.5 * forward(self, *a, **k))
     assert static_decode.StaticDecoder.supports(llama)
     assert not static_decode.matches_model(llama)
+
+
+def test_static_decode_under_bfloat16_autocast_matches_and_samples_like_transformers():
+    model = _model("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert static_decode.matches_model(model, low_precision=True)
+    engine = TransformersEngine(model, eos_token_id=2, pad_token_id=0, seed=3,
+                                autocast_dtype=torch.bfloat16)
+    rollout = engine.generate([[1, 5, 6], [1, 7]], SamplingParams(n=3, max_new_tokens=12))
+    assert engine.static_decode is True and len(rollout.completion_ids) == 6

@@ -125,9 +125,11 @@ class StaticDecoder:
 
 
 @torch.no_grad()
-def matches_model(model: nn.Module, tolerance: float = 1e-4) -> bool:
-    """Whether :class:`StaticDecoder`'s logits equal the model's own forward on a probe
-    (two prompts of different lengths, three decode steps, a row finishing in between)."""
+def matches_model(model: nn.Module, low_precision: bool = False) -> bool:
+    """Whether :class:`StaticDecoder`'s log-probs equal the model's own forward on a probe
+    (two prompts of different lengths, three decode steps, a row finishing in between): to
+    1e-4 each in float32; under bfloat16 autocast (``low_precision``) to 0.05 on average,
+    as single values of any two layouts differ by ~0.1 there."""
     from ..policy import cache_of
 
     if not StaticDecoder.supports(model):
@@ -151,7 +153,9 @@ def matches_model(model: nn.Module, tolerance: float = 1e-4) -> bool:
             expected = model(input_ids=ids, attention_mask=full,
                              position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
             expected = expected if t < 2 else expected[1:]
-            if not torch.allclose(got.float(), expected.float(), atol=tolerance, rtol=0):
+            gap = (torch.log_softmax(got.float(), -1)
+                   - torch.log_softmax(expected.float(), -1)).abs()
+            if (gap.mean() > 0.05) if low_precision else (gap.max() > 1e-4):
                 return False
     except Exception:   # noqa: BLE001 - any structural surprise means: not this model
         return False

@@ -101,7 +101,8 @@ class TransformersEngine(RolloutEngine):
                 logits = logits.repeat_interleave(params.n, dim=0)
                 prompt_mask = prompt_mask.repeat_interleave(params.n, dim=0)
             if self.static_decode is None:
-                self.static_decode = static_decode.matches_model(self.model)
+                self.static_decode = static_decode.matches_model(
+                    self.model, low_precision=self.autocast_dtype is not None)
             decoder_type = StaticDecoder if self.static_decode else _DynamicCacheDecoder
             decoder = decoder_type(self.model, cache, prompt_mask, params.max_new_tokens)
             for t in range(params.max_new_tokens):
