@@ -88,7 +88,7 @@ def test_models_it_does_not_serve_fall_back_to_transformers(monkeypatch):
     assert not static_decode.matches_model(llama)
 
 
-def test_static_decode_under_bfloat16_autocast_matches_and_samples_like_transformers():
+def test_static_decode_under_bfloat16_autocast_passes_its_check_and_is_used():
     model = _model("llama")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert static_decode.matches_model(model, low_precision=True)
