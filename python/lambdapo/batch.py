@@ -54,19 +54,13 @@ class MicroBatch:
         """Row i is ``prompts[i]`` followed by ``responses[i]``; equal prompts are shared."""
         distinct = list(dict.fromkeys(tuple(p) for p in prompts))
         where = {p: i for i, p in enumerate(distinct)}
-        prompt_width = max(len(p) for p in distinct)
-        width = max(max((len(r) for r in responses), default=1), 1)
-        prompt_ids = torch.tensor([[pad_id] * (prompt_width - len(p)) + list(p)
-                                   for p in distinct])
-        lengths = torch.tensor([len(r) for r in responses])
+        prompt_ids, prompt_mask = left_padded(distinct, pad_id)
+        response_ids, response_mask = right_padded(responses, pad_id)
         return cls(
             rows=torch.arange(len(responses), device=device),
-            prompt_ids=prompt_ids.to(device),
-            prompt_mask=_left_pad_mask([len(p) for p in distinct], prompt_width).to(device),
+            prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
             prompt_of_row=torch.tensor([where[tuple(p)] for p in prompts], device=device),
-            response_ids=torch.tensor([r + [pad_id] * (width - len(r))
-                                       for r in responses]).to(device),
-            response_mask=(torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).to(device))
+            response_ids=response_ids.to(device), response_mask=response_mask.to(device))
 
 
 @dataclass
@@ -105,15 +99,9 @@ class RolloutBatch:
         if len(responses) != len(prompts) * group_size:
             raise ValueError(f"rollout holds {len(responses)} responses for {len(prompts)} "
                              f"prompts x group_size {group_size}")
-        longest_prompt = max(len(p) for p in prompts)
-        width = max(max((len(r) for r in responses), default=1), 1)
-        prompt_ids = torch.tensor([[pad_id] * (longest_prompt - len(p)) + p for p in prompts])
-        prompt_mask = _left_pad_mask([len(p) for p in prompts], longest_prompt)
-        response_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in responses])
-        lengths = torch.tensor([len(r) for r in responses])
-        response_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-        engine_lp = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in rollout.logprobs],
-                                 dtype=torch.float32)
+        prompt_ids, prompt_mask = left_padded(prompts, pad_id)
+        response_ids, response_mask = right_padded(responses, pad_id)
+        engine_lp, _ = right_padded(rollout.logprobs, 0.0, torch.float32)
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return cls(group_size, prompts, responses, move(prompt_ids), move(prompt_mask),
                    move(response_ids), move(response_mask), move(engine_lp),
@@ -151,9 +139,24 @@ class RolloutBatch:
             response_mask=self.response_mask[index, :width])
 
 
-def _left_pad_mask(lengths: list[int], width: int) -> Tensor:
-    """[len(lengths), width] long: 1 on the last ``lengths[i]`` columns of row i."""
-    return (torch.arange(width) >= width - torch.tensor(lengths).unsqueeze(1)).long()
+def left_padded(sequences: list, pad_id: int) -> tuple[Tensor, Tensor]:
+    """``sequences`` (token id lists, at least one) left-padded to the longest, L:
+    (ids [n, L] long, mask [n, L] long, 1 on the tokens), so that every row ends in the
+    last column."""
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences])
+    mask = (torch.arange(width) >= width - torch.tensor(lengths).unsqueeze(1)).long()
+    return ids, mask
+
+
+def right_padded(sequences: list, pad, dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor]:
+    """``sequences`` right-padded with ``pad`` to the longest, T (at least 1): (values
+    [n, T] of ``dtype``, mask [n, T] bool, True on the values)."""
+    width = max(max((len(s) for s in sequences), default=1), 1)
+    values = torch.tensor([list(s) + [pad] * (width - len(s)) for s in sequences], dtype=dtype)
+    lengths = torch.tensor([len(s) for s in sequences])
+    return values, torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
 
 
 def plan_micro_batches(lengths: list[int], rows: list[int], limit: int) -> list[list[int]]:

@@ -106,6 +106,12 @@ def cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
+def positions_of(mask: Tensor) -> Tensor:
+    """Position ids [..., L] of left-padded rows from their attention ``mask``: 0 at each
+    row's first real token, counting real tokens only (0 on the padding too)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _prediction_states(model, micro: MicroBatch, head: nn.Linear | None,
                        share_prompts: bool) -> Tensor:
     """[b, T, H] decoder states (``head`` given) or [b, T, V] logits from which response
@@ -114,15 +120,16 @@ def _prediction_states(model, micro: MicroBatch, head: nn.Linear | None,
     column and positions count real tokens only."""
     network = model.get_decoder() if head is not None else model
     read = (lambda out: out.last_hidden_state) if head is not None else (lambda out: out.logits)
-    positions = (micro.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_of(micro.prompt_mask)
     width = micro.width
     response_in = micro.response_ids[:, :width - 1]
-    response_mask = micro.response_mask[:, :width - 1].long()
-    after_prompt = positions[micro.prompt_of_row, -1:] + 1
+    # Attention over each row's prompt and response, and the response's positions.
+    mask = torch.cat([micro.prompt_mask[micro.prompt_of_row],
+                      micro.response_mask[:, :width - 1].long()], 1)
+    response_positions = (positions[micro.prompt_of_row, -1:] + 1
+                          + torch.arange(width - 1, device=response_in.device))
     if not share_prompts:
         ids = torch.cat([micro.prompt_ids[micro.prompt_of_row], response_in], 1)
-        mask = torch.cat([micro.prompt_mask[micro.prompt_of_row], response_mask], 1)
-        response_positions = after_prompt + torch.arange(width - 1, device=ids.device)
         out = network(input_ids=ids, attention_mask=mask, position_ids=torch.cat(
             [positions[micro.prompt_of_row], response_positions], 1))
         return read(out)[:, micro.prompt_ids.shape[1] - 1:]
@@ -135,10 +142,7 @@ def _prediction_states(model, micro: MicroBatch, head: nn.Linear | None,
         return last
     cache = cache_of(out)
     cache.batch_select_indices(micro.prompt_of_row)
-    out = network(input_ids=response_in,
-                  attention_mask=torch.cat([micro.prompt_mask[micro.prompt_of_row],
-                                            response_mask], 1),
-                  position_ids=after_prompt + torch.arange(width - 1, device=last.device),
+    out = network(input_ids=response_in, attention_mask=mask, position_ids=response_positions,
                   use_cache=True, **{cache_argument(network): cache})
     return torch.cat([last, read(out)], 1)
 

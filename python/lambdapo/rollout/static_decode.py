@@ -22,6 +22,8 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from ..policy import cache_of, positions_of
+
 
 class StaticDecoder:
     """Decodes after a prefill: ``cache`` is transformers' cache of the prefill, one row per
@@ -130,17 +132,14 @@ def matches_model(model: nn.Module, low_precision: bool = False) -> bool:
     (two prompts of different lengths, three decode steps, a row finishing in between): to
     1e-4 each in float32; under bfloat16 autocast (``low_precision``) to 0.05 on average,
     as single values of any two layouts differ by ~0.1 there."""
-    from ..policy import cache_of
-
     if not StaticDecoder.supports(model):
         return False
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     prompts = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8]], device=device) % vocab
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     try:
-        out = model(input_ids=prompts, attention_mask=mask, position_ids=positions,
+        out = model(input_ids=prompts, attention_mask=mask, position_ids=positions_of(mask),
                     use_cache=True)
         decoder = StaticDecoder(model, cache_of(out), mask, max_new_tokens=3)
         follow = torch.tensor([[9, 10, 11], [12, 13, 14]], device=device) % vocab
@@ -151,7 +150,7 @@ def matches_model(model: nn.Module, low_precision: bool = False) -> bool:
             ids = torch.cat([prompts, follow[:, :t + 1]], 1)
             full = torch.cat([mask, torch.ones_like(follow[:, :t + 1])], 1)
             expected = model(input_ids=ids, attention_mask=full,
-                             position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+                             position_ids=positions_of(full)).logits[:, -1]
             expected = expected if t < 2 else expected[1:]
             gap = (torch.log_softmax(got.float(), -1)
                    - torch.log_softmax(expected.float(), -1)).abs()

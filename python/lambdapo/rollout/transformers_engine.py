@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..policy import autocast_context, cache_argument, cache_of
+from ..batch import left_padded
+from ..policy import autocast_context, cache_argument, cache_of, positions_of
 from . import static_decode
 from .base import Rollout, RolloutEngine, SamplingParams
 from .static_decode import StaticDecoder
@@ -78,11 +79,9 @@ class TransformersEngine(RolloutEngine):
         """Samples ``params.n`` responses for each of ``prompts``: the prompts are run once
         (prefill) and their cache repeated, then rows p*n .. p*n+n-1 decode prompt p."""
         device = self.generator.device
-        longest, batch = max(len(p) for p in prompts), len(prompts) * params.n
+        batch = len(prompts) * params.n
         # Left padding: every row's next token is at the same column.
-        input_ids = torch.tensor([[self.pad] * (longest - len(p)) + p for p in prompts])
-        prompt_mask = (torch.arange(longest) >= longest - torch.tensor(
-            [len(p) for p in prompts]).unsqueeze(1)).long()
+        input_ids, prompt_mask = left_padded(prompts, self.pad)
         input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
         tokens = torch.full((batch, params.max_new_tokens), self.pad, dtype=torch.long,
                             device=device)
@@ -92,7 +91,7 @@ class TransformersEngine(RolloutEngine):
         active = torch.arange(batch, device=device)
         with autocast_context(device, self.autocast_dtype):
             out = self.model(input_ids=input_ids, attention_mask=prompt_mask,
-                             position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                             position_ids=positions_of(prompt_mask),
                              use_cache=True, logits_to_keep=1)
             cache = cache_of(out)
             logits = out.logits[:, -1]

@@ -31,7 +31,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ..batch import MicroBatch
+from ..batch import MicroBatch, right_padded
 from ..policy import response_logprobs
 from .base import Rollout, RolloutEngine, RolloutEngineError, SamplingParams
 
@@ -277,8 +277,6 @@ def _mean_abs_gap(model: nn.Module, prompt: list[int], rollout: Rollout, pad_id:
         trainer_lp, _ = response_logprobs(model, micro, temperature=1.0)
     finally:
         model.train(was_training)
-    engine_lp = torch.zeros_like(trainer_lp)
-    for i, lps in enumerate(rollout.logprobs):
-        engine_lp[i, :len(lps)] = torch.tensor(lps)
+    engine_lp, _ = right_padded(rollout.logprobs, 0.0, torch.float32)
     mask = micro.response_mask
-    return float((trainer_lp - engine_lp).abs()[mask].mean())
+    return float((trainer_lp - engine_lp.to(device)).abs()[mask].mean())
