@@ -163,6 +163,25 @@ def test_math_verify_in_worker_processes_scores_as_in_process():
     assert reward._pool is None
 
 
+def test_rewards_started_in_workers_finish_as_the_call_and_report_errors_when_due(monkeypatch):
+    completions = [r"so \boxed{579}", r"\boxed{-42}", r"\boxed{578}", "no box"]
+    answers = ["579", "-42", "579", "579"]
+    manager = RewardManager.from_config(RewardConfig(functions=["math_verify", "format"],
+                                                     workers=1))
+    try:
+        finish = manager.start(["p"] * 4, completions, [[]] * 4, {"answer": answers})
+        assert manager.functions["math_verify"]._pool is not None   # verifying already
+        total, parts = finish()
+        assert parts == {"math_verify": [1.0, 1.0, 0.0, 0.0], "format": [1.0, 1.0, 1.0, 0.0]}
+        assert total == [2.0, 2.0, 1.0, 0.0]
+        # A reward that fails to start raises when its values are due, as score() does.
+        finish = manager.start(["p"] * 4, completions, [[]] * 4, {})
+        with pytest.raises(RewardError, match="reward 'math_verify' raised KeyError"):
+            finish()
+    finally:
+        manager.close()
+
+
 def test_time_limit_raises():
     with pytest.raises(TimeoutError):
         with time_limit(0.2):

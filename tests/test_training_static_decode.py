@@ -52,6 +52,45 @@ def test_static_decode_samples_what_transformers_samples(kind, temperature, devi
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_fused_steps_give_the_module_steps_logits(kind):
+    model = _model(kind)
+    prompt = torch.tensor([[0, 1, 5, 9], [1, 6, 7, 8], [0, 0, 3, 4]])
+    mask = (prompt > 0).long()
+    logits = []
+    for fused in (True, False):
+        out = model(input_ids=prompt, attention_mask=mask, use_cache=True,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        decoder = static_decode.StaticDecoder(model, out.past_key_values, mask, max_new_tokens=3)
+        assert decoder.fused is not None
+        if not fused:
+            decoder.fused = None
+        steps = [decoder.step(torch.tensor([10, 11, 12]))]
+        decoder.select(torch.tensor([0, 2]))
+        steps += [decoder.step(torch.tensor([13, 14])), decoder.step(torch.tensor([15, 16]))]
+        logits.append(steps)
+    for a, b in zip(*logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_steps_serve_plain_float32_layers_only():
+    class LoraLinear(torch.nn.Linear):   # a wrapper whose forward adds to the weight's
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    model = _model("llama")
+    assert static_decode.FusedLayer.of_model(model) is not None
+    attention = model.model.layers[1].self_attn
+    wrapped = LoraLinear(attention.v_proj.in_features, attention.v_proj.out_features, bias=False)
+    wrapped.weight = attention.v_proj.weight
+    attention.v_proj = wrapped
+    assert static_decode.FusedLayer.of_model(model) is None
+    assert static_decode.FusedLayer.of_model(_model("llama").to(torch.bfloat16)) is None
+    model = _model("llama")
+    model.config.hidden_act = "gelu"
+    assert static_decode.FusedLayer.of_model(model) is None
+
+
 def test_static_decode_compacts_its_buffers_when_a_quarter_has_finished():
     model = _model("llama")
     prompt = torch.tensor([[0, 1, 5]] + [[1, 6, 7]] * 7)

@@ -119,8 +119,8 @@ class RewardConfig:
     answer_marker: str = _f("", "text before the final answer (e.g. '####'); empty: \\boxed{} "
                                 "or the last expression, as math-verify extracts it")
     timeout_s: int = _f(5, "math-verify time limit per parse/verify call (seconds)")
-    workers: int = _f(0, "math-verify worker processes (0: in the trainer's process; worth "
-                         "it when verifying takes long, as on real math data)")
+    workers: int = _f(1, "math-verify worker processes: they verify while the trainer runs its "
+                         "first forward (0: in the trainer's process, before the update)")
     on_error: str = _f("raise", "a reward that raises or returns NaN: raise | zero (score 0, "
                                 "logged)")
 

@@ -27,6 +27,7 @@ Built-in:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -136,6 +137,13 @@ class MathVerifyReward:
         return self._gold_cache[answer]
 
     def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
+        return self.start(prompts, completions, completion_ids, **columns)()
+
+    def start(self, prompts, completions, completion_ids, **columns
+              ) -> Callable[[], list[float]]:
+        """Starts scoring and returns the call that waits for the values: with workers, they
+        verify while the caller goes on (the trainer runs its first forward meanwhile);
+        without, the values are computed here."""
         if "answer" not in columns:
             raise KeyError("math_verify needs the dataset's 'answer' column")
         # Sampled groups repeat completions (about half of a batch on the built-in task):
@@ -146,12 +154,17 @@ class MathVerifyReward:
             keys.append(None if text is None else (text, str(answer)))
         distinct = list(dict.fromkeys(k for k in keys if k is not None))
         if self.workers > 0 and len(distinct) > 1:
-            known = dict(zip(distinct, self._score_in_workers(distinct)))
+            scores = self._score_in_workers(distinct)
         else:
             known = {key: self._score(*key) for key in distinct}
-        return [0.0 if key is None else known[key] for key in keys]
+            scores = lambda: [known[key] for key in distinct]  # noqa: E731
 
-    def _score_in_workers(self, pairs: list[tuple[str, str]]) -> list[float]:
+        def values() -> list[float]:
+            known = dict(zip(distinct, scores()))
+            return [0.0 if key is None else known[key] for key in keys]
+        return values
+
+    def _score_in_workers(self, pairs: list[tuple[str, str]]) -> Callable[[], list[float]]:
         if self._pool is None:
             import concurrent.futures
             import multiprocessing
@@ -160,12 +173,17 @@ class MathVerifyReward:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"))
         chunk = max(1, -(-len(pairs) // (4 * self.workers)))
-        parts = [pairs[i:i + chunk] for i in range(0, len(pairs), chunk)]
-        scores = []
-        for values, timeouts in self._pool.map(
-                _score_in_worker, [(self.marker, self.timeout_s, part) for part in parts]):
-            scores += values
-            self.timeouts += timeouts
+        futures = [self._pool.submit(_score_in_worker, (self.marker, self.timeout_s,
+                                                        pairs[i:i + chunk]))
+                   for i in range(0, len(pairs), chunk)]
+
+        def scores() -> list[float]:
+            out = []
+            for future in futures:
+                values, timeouts = future.result()
+                out += values
+                self.timeouts += timeouts
+            return out
         return scores
 
     def close(self) -> None:
@@ -302,43 +320,71 @@ class RewardManager:
         """(total reward per completion, {name: values}). Raises RewardError naming the
         reward and the sample when a function raises or returns a wrong-length or non-finite
         result (unless ``on_error == "zero"``: those samples score 0 and are counted)."""
-        n = len(completions)
-        per_function: dict[str, list[float]] = {}
+        return self.start(prompts, completions, completion_ids, columns)()
+
+    def start(self, prompts: list[str], completions: list[str],
+              completion_ids: list[list[int]], columns: dict[str, list],
+              ) -> Callable[[], tuple[list[float], dict[str, list[float]]]]:
+        """:meth:`score` in two halves: the functions that can work in the background (a
+        ``start`` method, as math_verify with workers) start now; the returned call runs the
+        others, waits for those, and returns what :meth:`score` returns, with its errors."""
+        started: dict[str, Callable[[], list]] = {}
         for name, fn in self.functions.items():
-            try:
-                values = [float(v) for v in fn(prompts, completions, completion_ids, **columns)]
-                if len(values) != n:
-                    raise RewardError(f"reward {name!r} returned {len(values)} values for {n} "
-                                      f"completions")
-            except RewardError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any user error is reported the same way
+            if hasattr(fn, "start"):
+                try:
+                    started[name] = fn.start(prompts, completions, completion_ids, **columns)
+                except Exception as exc:  # noqa: BLE001 - reported when the values are due
+                    started[name] = functools.partial(_raise, exc)
+
+        def finish() -> tuple[list[float], dict[str, list[float]]]:
+            per_function = {name: self._checked_values(
+                name, fn, started.get(name) or functools.partial(
+                    fn, prompts, completions, completion_ids, **columns),
+                prompts, completions, completion_ids, columns)
+                for name, fn in self.functions.items()}
+            total = [sum(self.weights[name] * per_function[name][i] for name in per_function)
+                     for i in range(len(completions))]
+            return total, per_function
+        return finish
+
+    def _checked_values(self, name: str, fn: RewardFn, produce: Callable[[], list], prompts,
+                        completions, completion_ids, columns) -> list[float]:
+        n = len(completions)
+        try:
+            values = [float(v) for v in produce()]
+            if len(values) != n:
+                raise RewardError(f"reward {name!r} returned {len(values)} values for {n} "
+                                  f"completions")
+        except RewardError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any user error is reported the same way
+            if self.on_error != "zero":
+                i = _first_failing_sample(fn, prompts, completions, completion_ids, columns)
+                where = (f"sample {i} (prompt {prompts[i][:80]!r}, completion "
+                         f"{completions[i][:80]!r})" if i is not None else "the batch")
+                raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc} "
+                                  f"on {where}") from exc
+            self.errors[name] = self.errors.get(name, 0) + n
+            values = [0.0] * n
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
                 if self.on_error != "zero":
-                    i = _first_failing_sample(fn, prompts, completions, completion_ids, columns)
-                    where = (f"sample {i} (prompt {prompts[i][:80]!r}, completion "
-                             f"{completions[i][:80]!r})" if i is not None else "the batch")
-                    raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc} "
-                                      f"on {where}") from exc
-                self.errors[name] = self.errors.get(name, 0) + n
-                values = [0.0] * n
-            for i, v in enumerate(values):
-                if not math.isfinite(v):
-                    if self.on_error != "zero":
-                        raise RewardError(f"reward {name!r} returned {v} for sample {i} (prompt "
-                                          f"{prompts[i][:80]!r}, completion "
-                                          f"{completions[i][:80]!r})")
-                    self.errors[name] = self.errors.get(name, 0) + 1
-                    values[i] = 0.0
-            per_function[name] = values
-        total = [sum(self.weights[name] * per_function[name][i] for name in per_function)
-                 for i in range(n)]
-        return total, per_function
+                    raise RewardError(f"reward {name!r} returned {v} for sample {i} (prompt "
+                                      f"{prompts[i][:80]!r}, completion "
+                                      f"{completions[i][:80]!r})")
+                self.errors[name] = self.errors.get(name, 0) + 1
+                values[i] = 0.0
+        return values
 
     def close(self) -> None:
         """Stops the worker processes of the functions that have them."""
         for fn in self.functions.values():
             if hasattr(fn, "close"):
                 fn.close()
+
+
+def _raise(exc: Exception):
+    raise exc
 
 
 def _first_failing_sample(fn: RewardFn, prompts, completions, completion_ids,
