@@ -91,6 +91,20 @@ def test_fused_steps_serve_plain_float32_layers_only():
     assert static_decode.FusedLayer.of_model(model) is None
 
 
+def test_fused_steps_add_the_mlp_biases():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, mlp_bias=True,
+        attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    for p in model.parameters():   # biases initialise to zero: make them count
+        torch.nn.init.normal_(p, std=0.1) if p.dim() == 1 else None
+    assert static_decode.FusedLayer.of_model(model) is not None
+    assert static_decode.matches_model(model)
+
+
 def test_static_decode_compacts_its_buffers_when_a_quarter_has_finished():
     model = _model("llama")
     prompt = torch.tensor([[0, 1, 5]] + [[1, 6, 7]] * 7)

@@ -179,7 +179,7 @@ class StaticDecoder:
                             values.view(rows * kv_heads, width, head_dim)[:, :seen])
             hidden = fused.add_output(hidden, out.view(rows, heads * head_dim))
             x = F.rms_norm(hidden, hidden.shape[-1:], fused.post_norm, fused.post_eps)
-            gate, up = F.linear(x, fused.gate_up_weight).chunk(2, -1)
+            gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, -1)
             hidden = fused.add_down(hidden, F.silu(gate) * up)
         return hidden
 
@@ -198,13 +198,11 @@ class FusedLayer:
         self.heads = attention.q_proj.out_features // attention.head_dim
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         self.qkv_weight = torch.cat([p.weight for p in projections])
-        biases = [p.bias for p in projections]
-        self.qkv_bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else p.weight.new_zeros(p.out_features)
-             for b, p in zip(biases, projections)])
+        self.qkv_bias = _joint_bias(projections)
         self.q_norm = getattr(attention, "q_norm", None)
         self.k_norm = getattr(attention, "k_norm", None)
         self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        self.gate_up_bias = _joint_bias((mlp.gate_proj, mlp.up_proj))
         self.input_norm = layer.input_layernorm.weight
         self.input_eps = layer.input_layernorm.variance_epsilon
         self.post_norm = layer.post_attention_layernorm.weight
@@ -250,6 +248,16 @@ class FusedLayer:
                 and hasattr(norm, "variance_epsilon")
                 and getattr(norm, "weight", None) is not None
                 and norm.weight.dtype == torch.float32)
+
+
+def _joint_bias(projections) -> Tensor | None:
+    """The biases of projections whose weights are concatenated (zeros where one has
+    none), or None when none has one."""
+    biases = [p.bias for p in projections]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else p.weight.new_zeros(p.out_features)
+                      for b, p in zip(biases, projections)])
 
 
 def _add_linear(hidden: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
