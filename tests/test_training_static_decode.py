@@ -105,6 +105,32 @@ def test_fused_steps_add_the_mlp_biases():
     assert static_decode.matches_model(model)
 
 
+def test_rotary_table_only_for_rotary_types_that_do_not_rescale():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _model("llama")
+    prompt, mask = torch.tensor([[1, 5, 6]]), torch.ones(1, 3, dtype=torch.long)
+    out = model(input_ids=prompt, attention_mask=mask, use_cache=True)
+    assert static_decode.StaticDecoder(model, out.past_key_values, mask, 2).rotary_table is not None
+    torch.manual_seed(0)
+    dynamic = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    out = dynamic(input_ids=prompt, attention_mask=mask, use_cache=True)
+    assert static_decode.StaticDecoder(dynamic, out.past_key_values, mask, 2).rotary_table is None
+    assert static_decode.matches_model(dynamic)
+
+
+def test_generation_with_non_finite_logits_raises():
+    model = _model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")
+    with pytest.raises(RuntimeError, match="not finite"):
+        _generate(model, True)
+
+
 def test_static_decode_compacts_its_buffers_when_a_quarter_has_finished():
     model = _model("llama")
     prompt = torch.tensor([[0, 1, 5]] + [[1, 6, 7]] * 7)

@@ -94,6 +94,20 @@ class StaticDecoder:
         self.fused = FusedLayer.of_model(model) if dtype == torch.float32 else None
         self.positions = prompt_mask.sum(-1, keepdim=True)   # next position of every row
         self.live = torch.arange(rows, device=prompt_mask.device)  # buffer row of each live row
+        self.rotary_table = self._rotary_table(self.decoder.embed_tokens.weight, width)
+
+    def _rotary_table(self, like: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(cos, sin, fused_layers-style signed sin) [positions, head_dim] of every position
+        a step can reach, from the model's own rotary embedding once, for the rotary types
+        whose values depend on the position alone (not the dynamic ones, which rescale with
+        the sequence's length). Each step then looks its rows' positions up."""
+        rotary = self.decoder.rotary_emb
+        if any(kind in str(getattr(rotary, "rope_type", "default")) for kind in ("dynamic",
+                                                                                  "longrope")):
+            return None
+        positions = torch.arange(width, device=like.device).unsqueeze(0)
+        cos, sin = rotary(like.new_empty((1, width, 1)), positions)
+        return cos[0], sin[0], _signed_sin(sin[0])
 
     def select(self, keep: Tensor) -> None:
         """Keeps the live rows at positions ``keep`` (of the current live rows)."""
@@ -114,9 +128,13 @@ class StaticDecoder:
             every = tokens.new_zeros(rows)
             every[self.live] = tokens
         hidden = self.decoder.embed_tokens(every.unsqueeze(1))
-        cos, sin = self.decoder.rotary_emb(hidden, self.positions)
+        if self.rotary_table is not None:
+            cos, sin, signed = (t[self.positions] for t in self.rotary_table)
+        else:
+            cos, sin = self.decoder.rotary_emb(hidden, self.positions)
+            signed = _signed_sin(sin)
         if self.fused is not None and not torch.is_autocast_enabled(hidden.device.type):
-            hidden = self._fused_layers(hidden.view(rows, -1), cos, sin).unsqueeze(1)
+            hidden = self._fused_layers(hidden.view(rows, -1), cos, signed).unsqueeze(1)
         else:
             hidden = self._module_layers(hidden, cos, sin)
         self.column += 1
@@ -148,13 +166,11 @@ class StaticDecoder:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
 
-    def _fused_layers(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """The layers on [rows, hidden] states through :class:`FusedLayer` weights."""
+    def _fused_layers(self, hidden: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+        """The layers on [rows, hidden] states through :class:`FusedLayer` weights, at the
+        rows' rotary cos and :func:`_signed_sin` [rows, 1, head_dim]."""
         rows, column, head_dim = hidden.shape[0], self.column, self.head_dim
         half = head_dim // 2
-        # rotate_half(x) * sin == x with its halves swapped, times sin with its first half
-        # negated: one flip of q and k together instead of two slices, a negation and a cat.
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
         for fused, keys, values in zip(self.fused, self.keys, self.values):
             kv_heads, width = keys.shape[1], keys.shape[2]
             heads = fused.heads
@@ -164,7 +180,7 @@ class StaticDecoder:
             if fused.q_norm is not None:   # Qwen3 normalizes each head's q and k
                 qk = torch.cat([fused.q_norm(qk[:, :heads]), fused.k_norm(qk[:, heads:])], 1)
             swapped = qk.view(rows, heads + kv_heads, 2, half).flip(2).view(qk.shape)
-            qk = torch.addcmul(qk * cos, swapped, sin)
+            qk = torch.addcmul(qk * cos, swapped, signed_sin)
             keys[:, :, column] = qk[:, heads:]
             values[:, :, column] = qkv[:, (heads + kv_heads) * head_dim:].view(
                 rows, kv_heads, head_dim)
@@ -248,6 +264,13 @@ class FusedLayer:
                 and hasattr(norm, "variance_epsilon")
                 and getattr(norm, "weight", None) is not None
                 and norm.weight.dtype == torch.float32)
+
+
+def _signed_sin(sin: Tensor) -> Tensor:
+    """rotate_half(x) * sin == x with its halves swapped, times sin with its first half
+    negated: one flip of q and k together instead of two slices, a negation and a cat."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
 
 
 def _joint_bias(projections) -> Tensor | None:

@@ -20,10 +20,21 @@ from .base import Rollout, RolloutEngine, SamplingParams
 from .static_decode import StaticDecoder
 
 
+def sample(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row of ``probs`` [B, V] (rows of non-negative weights): the algorithm
+    and random stream of ``torch.multinomial(probs, 1)`` (the exponential race: argmax of
+    probs / Exp(1) draws), without its per-call checks of the weights, which cost more than
+    the draw here (the caller checks the sampled log-probs once per generation)."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
+
+
 def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """Log-probs [B, V] of the distribution sampled from: temperature, then top-k, then
     top-p (the smallest set of tokens with mass >= top_p); removed tokens get -inf."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -110,10 +121,13 @@ class TransformersEngine(RolloutEngine):
                     next_token = logp.argmax(-1)
                 else:
                     logp = process_logits(logits, params)
-                    next_token = torch.multinomial(logp.exp(), 1,
-                                                   generator=self.generator).squeeze(1)
-                tokens[active, t] = next_token
-                token_logprobs[active, t] = logp.gather(-1, next_token.unsqueeze(-1)).squeeze(-1)
+                    next_token = sample(logp.exp(), self.generator)
+                chosen = logp.gather(-1, next_token.unsqueeze(-1)).squeeze(-1)
+                if active.numel() == batch:
+                    tokens[:, t], token_logprobs[:, t] = next_token, chosen
+                else:
+                    tokens[:, t].index_copy_(0, active, next_token)
+                    token_logprobs[:, t].index_copy_(0, active, chosen)
                 if t + 1 == params.max_new_tokens:
                     break
                 ended = next_token == self.eos
@@ -125,6 +139,9 @@ class TransformersEngine(RolloutEngine):
                     active, next_token = active[keep], next_token[keep]
                     decoder.select(keep)
                 logits = decoder.step(next_token)
+        if not bool(torch.isfinite(token_logprobs).all()):
+            raise RuntimeError("generation: a sampled token's log-prob is not finite: the "
+                               "model's logits hold NaN or inf")
         finished = (lengths < params.max_new_tokens) | \
             (tokens.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == self.eos)
         lengths, finished = lengths.tolist(), finished.tolist()
