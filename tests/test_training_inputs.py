@@ -182,6 +182,23 @@ def test_rewards_started_in_workers_finish_as_the_call_and_report_errors_when_du
         manager.close()
 
 
+def test_workers_that_cannot_start_fall_back_to_the_trainers_process(tmp_path):
+    # A script that scores at import time, without the __main__ guard: spawned workers
+    # re-import it and die; the reward warns and verifies in the script's process.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from lambdapo.rewards import MathVerifyReward\n"
+        "reward = MathVerifyReward(workers=1)\n"
+        "print(reward(['p'] * 3, [r'\\boxed{2}', r'\\boxed{3}', 'x'], [[]] * 3,\n"
+        "             answer=['2', '2', '2']), reward.workers)\n")
+    import subprocess
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[1.0, 0.0, 0.0] 0"
+    assert "verifying in the trainer's process" in out.stderr
+
+
 def test_time_limit_raises():
     with pytest.raises(TimeoutError):
         with time_limit(0.2):

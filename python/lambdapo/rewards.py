@@ -35,6 +35,7 @@ import re
 import signal
 import threading
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -173,18 +174,39 @@ class MathVerifyReward:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"))
         chunk = max(1, -(-len(pairs) // (4 * self.workers)))
-        futures = [self._pool.submit(_score_in_worker, (self.marker, self.timeout_s,
-                                                        pairs[i:i + chunk]))
-                   for i in range(0, len(pairs), chunk)]
+        try:
+            futures = [self._pool.submit(_score_in_worker, (self.marker, self.timeout_s,
+                                                            pairs[i:i + chunk]))
+                       for i in range(0, len(pairs), chunk)]
+        except BrokenProcessPool as exc:
+            return self._without_workers(pairs, exc)
 
         def scores() -> list[float]:
             out = []
-            for future in futures:
-                values, timeouts = future.result()
-                out += values
-                self.timeouts += timeouts
+            try:
+                for future in futures:
+                    values, timeouts = future.result()
+                    out += values
+                    self.timeouts += timeouts
+            except BrokenProcessPool as exc:
+                return self._without_workers(pairs, exc)()
             return out
         return scores
+
+    def _without_workers(self, pairs: list[tuple[str, str]], exc: Exception
+                         ) -> Callable[[], list[float]]:
+        """Verifies in this process from now on, after the workers failed to start or died
+        (a script that starts training at import time, without ``if __name__ ==
+        "__main__":``, cannot start spawned workers), saying so once."""
+        warnings.warn(f"reward.workers: the math-verify worker processes failed "
+                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); verifying "
+                      f"in the trainer's process from now on (a script that trains must "
+                      f"guard its entry point with `if __name__ == \"__main__\":` for "
+                      f"workers)", RuntimeWarning, stacklevel=4)
+        self.close()
+        self.workers = 0
+        known = [self._score(*pair) for pair in pairs]
+        return lambda: known
 
     def close(self) -> None:
         """Stops the worker processes (a later call starts them again)."""
