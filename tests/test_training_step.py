@@ -9,7 +9,7 @@ from lambdapo import trainer as trainer_lib
 from lambdapo.config import load_config
 from lambdapo.batch import MicroBatch
 from lambdapo.policy import load_policy, response_logprobs
-from lambdapo.rewards import MathVerifyReward
+from lambdapo.rewards import MathVerifyReward, RewardError
 from lambdapo.rollout import SamplingParams, TransformersEngine
 from lambdapo.tasks import arithmetic
 from lambdapo.trainer import Trainer
@@ -125,3 +125,34 @@ def test_math_verify_scores_each_distinct_completion_once(monkeypatch):
     answers = ["2", "2", "2", "2", "3"]
     assert reward(None, completions, None, answer=answers) == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert calls == ["1+1=2\\boxed{2}", "\\boxed{3}", "1+1=2\\boxed{2}"]
+
+
+def test_rewards_verify_in_a_worker_while_the_first_forward_runs(tmp_path, monkeypatch):
+    # The step waits for the rewards after the first micro-batch's forward, with torch's
+    # threads lowered by the workers' cores meanwhile and restored afterwards, also when
+    # scoring fails; the step's numbers are those of in-process scoring.
+    seen = []
+    forward = trainer_lib.Trainer._logprobs
+    monkeypatch.setattr(trainer_lib.Trainer, "_logprobs", lambda self, model, micro: (
+        seen.append(torch.get_num_threads()), forward(self, model, micro))[1])
+    steps = {}
+    for workers in (0, 1):
+        trainer = Trainer(load_config(None, builtin_overrides(
+            tmp_path / f"w{workers}", **{"threads": 2, "reward.workers": workers,
+                                         "optim.lr": 0.0})), progress=False)
+        try:
+            seen.clear()
+            steps[workers] = trainer.train_step()
+            assert seen[0] == (1 if workers else 2) and set(seen[1:]) <= {2}
+            assert torch.get_num_threads() == 2
+            if workers:
+                trainer.rewards.functions["math_verify"].start = lambda *a, **k: (
+                    lambda: 1 / 0)
+                with pytest.raises(RewardError, match="ZeroDivisionError"):
+                    trainer.train_step()
+                assert torch.get_num_threads() == 2
+        finally:
+            trainer.close()
+    for key in ("reward", "loss", "grad_norm", "advantage/std"):
+        assert steps[1][key] == pytest.approx(steps[0][key], rel=1e-6), key
+    assert steps[1]["middle_time"] < steps[1]["step_time"]

@@ -178,8 +178,10 @@ class Trainer:
         # On a CPU, torch leaves the reward workers their cores while they verify (its
         # threads would otherwise wait on each other's descheduled ones at every op).
         threads = torch.get_num_threads()
-        if self.device.type == "cpu" and cfg.reward.workers > 0:
-            torch.set_num_threads(max(1, threads - cfg.reward.workers))
+        workers = sum(fn.workers for fn in self.rewards.functions.values()
+                      if isinstance(fn, MathVerifyReward))
+        if self.device.type == "cpu" and workers > 0:
+            torch.set_num_threads(max(1, threads - workers))
         t1 = time.perf_counter()
         middle_time = t1 - t0 - gen_time
         done: list[Scored] = []
@@ -187,11 +189,16 @@ class Trainer:
         def before_loss() -> None:
             nonlocal middle_time
             start = time.perf_counter()
-            done.append(finish_scoring())
-            torch.set_num_threads(threads)
+            try:
+                done.append(finish_scoring())
+            finally:
+                torch.set_num_threads(threads)
             middle_time += time.perf_counter() - start
 
-        update = self.update(batch, before_loss=before_loss)
+        try:
+            update = self.update(batch, before_loss=before_loss)
+        finally:
+            torch.set_num_threads(threads)
         scored = done[0]
         self.engine.sync_weights()
         self.step += 1
