@@ -52,10 +52,11 @@ def test_static_decode_samples_what_transformers_samples(kind, temperature, devi
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_fused_steps_give_the_module_steps_logits(kind):
-    model = _model(kind)
-    prompt = torch.tensor([[0, 1, 5, 9], [1, 6, 7, 8], [0, 0, 3, 4]])
+def test_fused_steps_give_the_module_steps_logits(kind, device):
+    model = _model(kind, device)
+    prompt = torch.tensor([[0, 1, 5, 9], [1, 6, 7, 8], [0, 0, 3, 4]], device=device)
     mask = (prompt > 0).long()
     logits = []
     for fused in (True, False):
@@ -65,9 +66,10 @@ def test_fused_steps_give_the_module_steps_logits(kind):
         assert decoder.fused is not None
         if not fused:
             decoder.fused = None
-        steps = [decoder.step(torch.tensor([10, 11, 12]))]
-        decoder.select(torch.tensor([0, 2]))
-        steps += [decoder.step(torch.tensor([13, 14])), decoder.step(torch.tensor([15, 16]))]
+        ids = lambda *t: torch.tensor(t, device=device)  # noqa: E731
+        steps = [decoder.step(ids(10, 11, 12))]
+        decoder.select(ids(0, 2))
+        steps += [decoder.step(ids(13, 14)), decoder.step(ids(15, 16))]
         logits.append(steps)
     for a, b in zip(*logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
