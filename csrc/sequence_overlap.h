@@ -44,10 +44,17 @@ inline bool holds_negative(const at::Tensor& values) {
 constexpr int64_t kMaxReferenceTokens = int64_t{1} << 29;
 constexpr int64_t kNoLengthLimit = INT64_MAX;
 
+constexpr const char* kNegativeIdsMessage =
+    "_values holds negative token ids inside the sequences (padding such as -100 must be left "
+    "out by the lengths/offsets)";
+
 // validate=False skips the checks that read values (host syncs on CUDA). max_length: the
-// longest sequence accepted (kMaxReferenceTokens for references).
+// longest sequence accepted (kMaxReferenceTokens for references). scan_ids=false leaves the
+// check for negative ids to the caller (the CPU kernels scan the sequences as they read them:
+// NegativeIdScan).
 inline void check_sequences(const char* op, const char* name, const Sequences& seq,
-                            const at::Device& device, bool validate, int64_t max_length) {
+                            const at::Device& device, bool validate, int64_t max_length,
+                            bool scan_ids = true) {
   for (const auto& [part, t] : {std::pair<const char*, const at::Tensor&>{"values", seq.values},
                                 {"starts", seq.starts},
                                 {"lengths", seq.lengths}}) {
@@ -79,7 +86,7 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
                       " tokens; at most ", max_length, " are supported");
   }
   // Negative ids are rejected inside the sequences; padding outside them may be anything.
-  if (holds_negative(seq.values)) {
+  if (scan_ids && holds_negative(seq.values)) {
     const at::Tensor seg = at::repeat_interleave(at::arange(seq.starts.numel(), seq.starts.options()),
                                                  seq.lengths);
     const at::Tensor first = at::cumsum(seq.lengths, 0).sub_(seq.lengths);
@@ -88,16 +95,15 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
                                     .sub_(first.index_select(0, seg));
     TORCH_CHECK_VALUE(seg.numel() == 0 || seq.values.index_select(0, position).min()
                                                   .item<int64_t>() >= 0,
-                      op, ": ", name, "_values holds negative token ids inside the sequences "
-                      "(padding such as -100 must be left out by the lengths/offsets)");
+                      op, ": ", name, kNegativeIdsMessage);
   }
 }
 
 inline void check_overlap_args(const char* op, const Sequences& cand, const Sequences& ref,
-                               const at::Tensor& ref_index, bool validate) {
+                               const at::Tensor& ref_index, bool validate, bool scan_ids) {
   const at::Device device = cand.values.device();
-  check_sequences(op, "cand", cand, device, validate, kNoLengthLimit);
-  check_sequences(op, "ref", ref, device, validate, kMaxReferenceTokens);
+  check_sequences(op, "cand", cand, device, validate, kNoLengthLimit, scan_ids);
+  check_sequences(op, "ref", ref, device, validate, kMaxReferenceTokens, scan_ids);
   TORCH_CHECK(ref_index.scalar_type() == at::kLong && ref_index.dim() == 1, op,
               ": ref_index must be a 1-D int64 tensor");
   TORCH_CHECK(ref_index.device() == device, op, ": ref_index is on ", ref_index.device(),
@@ -138,12 +144,13 @@ inline Sequences clipped_sequences(const Sequences& seq, int64_t max_length) {
 inline OverlapInputs checked_overlap_inputs(
     const char* op, const at::Tensor& cand_values, const at::Tensor& cand_starts,
     const at::Tensor& cand_lengths, const at::Tensor& ref_values, const at::Tensor& ref_starts,
-    const at::Tensor& ref_lengths, const at::Tensor& ref_index, bool validate) {
+    const at::Tensor& ref_lengths, const at::Tensor& ref_index, bool validate,
+    bool scan_ids = true) {
   const Sequences cand{cand_values.contiguous(), cand_starts.contiguous(),
                        cand_lengths.contiguous()};
   const Sequences ref{ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()};
   const at::Tensor index = ref_index.contiguous();
-  check_overlap_args(op, cand, ref, index, validate);
+  check_overlap_args(op, cand, ref, index, validate, scan_ids);
   OverlapInputs in;
   in.num_refs = ref.starts.numel();
   in.cand = clipped_sequences(cand, kNoLengthLimit);
@@ -238,6 +245,47 @@ void for_each_task(const CandidatePlan& plan, int64_t tokens, const RunTask& run
     at::parallel_for(0, workers, 1, work);
   }
 }
+
+// The check for negative ids of validate=True on the CPU, made by the tasks on the
+// sequences they read (in cache for the kernel, and on every thread) instead of a separate
+// pass over all values beforehand: the kernels compare negative ids like any other, so the
+// check can wait until they are done. References no candidate reads are scanned at the end.
+class NegativeIdScan {
+ public:
+  explicit NegativeIdScan(bool enabled) : enabled_(enabled) {}
+
+  void add_cand(const int64_t* v, int64_t n) {
+    if (enabled_) cand_.fetch_or(sign_bits(v, n), std::memory_order_relaxed);
+  }
+  void add_ref(const int64_t* v, int64_t n) {
+    if (enabled_) ref_.fetch_or(sign_bits(v, n), std::memory_order_relaxed);
+  }
+
+  // Raises as check_sequences does, candidates first.
+  void check(const char* op, const OverlapInputs& in, const CandidatePlan& plan) {
+    if (!enabled_) return;
+    std::vector<bool> read(in.num_refs + 1, false);
+    for (const CandidateTask& task : plan.tasks) read[task.ref] = true;
+    const int64_t* rv = in.ref.values.data_ptr<int64_t>();
+    const int64_t* rs = in.ref.starts.data_ptr<int64_t>();
+    const int64_t* rl = in.ref.lengths.data_ptr<int64_t>();
+    for (int64_t r = 0; r < in.num_refs; ++r) {
+      if (!read[r]) add_ref(rv + rs[r], rl[r]);
+    }
+    TORCH_CHECK_VALUE(cand_.load() >= 0, op, ": cand", kNegativeIdsMessage);
+    TORCH_CHECK_VALUE(ref_.load() >= 0, op, ": ref", kNegativeIdsMessage);
+  }
+
+ private:
+  static int64_t sign_bits(const int64_t* v, int64_t n) {
+    int64_t bits = 0;
+    for (int64_t i = 0; i < n; ++i) bits |= v[i];
+    return bits;
+  }
+
+  bool enabled_;
+  std::atomic<int64_t> cand_{0}, ref_{0};
+};
 
 C10_HOST_DEVICE inline bool same_ngram(const int64_t* a, const int64_t* b, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {

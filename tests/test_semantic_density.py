@@ -235,6 +235,23 @@ def test_bad_inputs_raise_naming_the_argument(make, exc, message):
         lcs_length(**make())
 
 
+@pytest.mark.parametrize("device", devices("lcs_length"))
+def test_negative_ids_are_found_in_every_sequence_and_only_there(device):
+    # The CPU kernels scan the sequences as their tasks read them, and the references that no
+    # candidate reads at the end: a negative id anywhere inside a sequence raises, naming the
+    # side; padding outside the sequences may hold anything.
+    ids = lambda rows: torch.tensor(rows, device=device)  # noqa: E731
+    cand = (ids([[1, 2, 3, -100], [4, 5, -100, -100]]), ids([3, 2]))
+    ref = (ids([[1, 2, -100], [7, 8, 9], [4, -5, 6]]), ids([2, 3, 3]))
+    for op in (ngram_overlap, lcs_length):
+        with pytest.raises(ValueError, match="ref_values holds negative token ids"):
+            op(cand, ref, ref_index=ids([1, 1]))          # only in the unread reference 2
+        with pytest.raises(ValueError, match="cand_values holds negative token ids"):
+            op((ids([[1, 2], [3, -4]]), ids([2, 2])), ref, ref_index=ids([1, 1]))
+        op(cand, (ref[0], ids([2, 3, 1])), ref_index=ids([0, 1]))   # -5 outside reference 2
+        op(cand, ref, ref_index=ids([1, 1]), validate=False)        # unchecked: counted
+
+
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="max_n must be >= 1"):
         ngram_overlap([[1]], [[1]], max_n=0)

@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cpu(
     const at::Tensor& ref_index, bool validate) {
   const OverlapInputs inputs = checked_overlap_inputs(
       "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
-      ref_index, validate);
+      ref_index, validate, /*scan_ids=*/false);
   const Sequences& cand = inputs.cand;
   const Sequences& ref = inputs.ref;
   const at::Tensor& ref_of = inputs.ref_index;
@@ -136,14 +136,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cpu(
   const int64_t* rl = ref.lengths.data_ptr<int64_t>();
   int64_t* result = out.data_ptr<int64_t>();
   const int64_t tokens = cand.values.numel() + ref.values.numel();
+  NegativeIdScan negative_ids(validate);
   for_each_task<ReferenceMatchMasks>(plan, tokens, [&](ReferenceMatchMasks& masks,
                                                         const CandidateTask& task) {
+    negative_ids.add_ref(rv + rs[task.ref], rl[task.ref]);
     masks.build(rv + rs[task.ref], rl[task.ref]);
     for (int64_t k = task.begin; k < task.end; ++k) {
       const int64_t b = plan.order[k];
+      negative_ids.add_cand(cv + cs[b], cl[b]);
       result[b] = masks.lcs(cv + cs[b], cl[b]);
     }
   });
+  negative_ids.check("lcs_length", inputs, plan);
   return lcs_length_outputs(inputs, out);
 }
 

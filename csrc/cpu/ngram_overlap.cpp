@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
     const at::Tensor& ref_index, int64_t max_n, bool validate) {
   const OverlapInputs inputs = checked_overlap_inputs(
       "ngram_overlap", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
-      ref_index, validate);
+      ref_index, validate, /*scan_ids=*/false);
   const Sequences& cand = inputs.cand;
   const Sequences& ref = inputs.ref;
   const at::Tensor& ref_of = inputs.ref_index;
@@ -161,14 +161,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_overlap_cpu(
   const int64_t* rl = ref.lengths.data_ptr<int64_t>();
   int64_t* out = matches.data_ptr<int64_t>();
   const int64_t tokens = cand.values.numel() + ref.values.numel();
+  NegativeIdScan negative_ids(validate);
   for_each_task<ReferenceGrams>(tasks, tokens, [&](ReferenceGrams& grams,
                                                    const CandidateTask& task) {
+    negative_ids.add_ref(rv + rs[task.ref], rl[task.ref]);
     grams.build(rv + rs[task.ref], rl[task.ref], max_n);
     for (int64_t k = task.begin; k < task.end; ++k) {
       const int64_t b = tasks.order[k];
+      negative_ids.add_cand(cv + cs[b], cl[b]);
       grams.clipped_matches(cv + cs[b], cl[b], out + b * max_n);
     }
   });
+  negative_ids.check("ngram_overlap", inputs, tasks);
   return ngram_overlap_outputs(inputs, matches, max_n);
 }
 
