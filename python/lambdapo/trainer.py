@@ -24,9 +24,9 @@ import math
 import random
 import time
 import warnings
-from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -336,11 +336,11 @@ class Trainer:
         """PPO-clip passes over ``batch``: ``ppo_epochs`` x ``mini_batches`` optimizer steps,
         each accumulated over micro-batches. ``before_loss`` runs once, after the first
         micro-batch's forward and before its loss (which needs ``batch.advantages``): the
-        step's scoring finishes there, overlapped with that forward. Without a separate behaviour forward
-        (``batch.old_logprobs`` None) pi_old is each micro-batch's own detached log-probs,
-        and the rollout-correction weights, the reference's log-probs, the entropy and the
-        mismatch metrics are computed here (set on ``batch``). Returns the update's
-        metrics."""
+        step's scoring finishes there, overlapped with that forward. Without a separate
+        behaviour forward (``batch.old_logprobs`` None) pi_old is each micro-batch's own
+        detached log-probs, and the rollout-correction weights, the reference's log-probs,
+        the entropy and the mismatch metrics are computed here (set on ``batch``). Returns
+        the update's metrics."""
         cfg, algo = self.config, self.config.algorithm
         sums = {"clipped": 0.0, "ratio": 0.0, "tokens": 0.0, "kl": 0.0}
         losses, grad_norms = [], []
