@@ -97,7 +97,7 @@ class StaticDecoder:
         self.rotary_table = self._rotary_table(self.decoder.embed_tokens.weight, width)
 
     def _rotary_table(self, like: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(cos, sin, fused_layers-style signed sin) [positions, head_dim] of every position
+        """(cos, sin, :func:`_signed_sin`) [positions, head_dim] of every position
         a step can reach, from the model's own rotary embedding once, for the rotary types
         whose values depend on the position alone (not the dynamic ones, which rescale with
         the sequence's length). Each step then looks its rows' positions up."""
