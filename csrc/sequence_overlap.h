@@ -23,20 +23,6 @@ struct Sequences {
   at::Tensor lengths;  // [B] int64
 };
 
-// Whether any of the (contiguous int64) values is negative. On the CPU a plain scan, not a
-// torch reduction: after a parallel reduction the OpenMP workers spin for a while, and the
-// kernel that follows ran at half speed at 2 threads on the 2-vCPU dev machine (full speed
-// with GOMP_SPINCOUNT=0 or with this scan).
-inline bool holds_negative(const at::Tensor& values) {
-  const int64_t n = values.numel();
-  if (n == 0) return false;
-  if (!values.is_cpu()) return values.min().item<int64_t>() < 0;
-  const int64_t* v = values.data_ptr<int64_t>();
-  int64_t any_sign = 0;
-  for (int64_t i = 0; i < n; ++i) any_sign |= v[i];
-  return any_sign < 0;
-}
-
 // Longest reference of the overlap ops: keeps n-gram positions and table slots in int32 (CUDA)
 // and every n-gram id below 2^32 (CPU), and bounds the CUDA scratch of a reference (see
 // docs/ops.md). With validate=True a longer one is an error, with validate=False it is cut to
@@ -49,12 +35,11 @@ constexpr const char* kNegativeIdsMessage =
     "out by the lengths/offsets)";
 
 // validate=False skips the checks that read values (host syncs on CUDA). max_length: the
-// longest sequence accepted (kMaxReferenceTokens for references). scan_ids=false leaves the
-// check for negative ids to the caller (the CPU kernels scan the sequences as they read them:
-// NegativeIdScan).
+// longest sequence accepted (kMaxReferenceTokens for references). Negative ids are looked for
+// here off the CPU only: the CPU kernels scan the sequences as their tasks read them
+// (NegativeIdScan).
 inline void check_sequences(const char* op, const char* name, const Sequences& seq,
-                            const at::Device& device, bool validate, int64_t max_length,
-                            bool scan_ids = true) {
+                            const at::Device& device, bool validate, int64_t max_length) {
   for (const auto& [part, t] : {std::pair<const char*, const at::Tensor&>{"values", seq.values},
                                 {"starts", seq.starts},
                                 {"lengths", seq.lengths}}) {
@@ -86,7 +71,8 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
                       " tokens; at most ", max_length, " are supported");
   }
   // Negative ids are rejected inside the sequences; padding outside them may be anything.
-  if (scan_ids && holds_negative(seq.values)) {
+  if (!seq.values.is_cpu() && seq.values.numel() > 0 &&
+      seq.values.min().item<int64_t>() < 0) {
     const at::Tensor seg = at::repeat_interleave(at::arange(seq.starts.numel(), seq.starts.options()),
                                                  seq.lengths);
     const at::Tensor first = at::cumsum(seq.lengths, 0).sub_(seq.lengths);
@@ -100,10 +86,10 @@ inline void check_sequences(const char* op, const char* name, const Sequences& s
 }
 
 inline void check_overlap_args(const char* op, const Sequences& cand, const Sequences& ref,
-                               const at::Tensor& ref_index, bool validate, bool scan_ids) {
+                               const at::Tensor& ref_index, bool validate) {
   const at::Device device = cand.values.device();
-  check_sequences(op, "cand", cand, device, validate, kNoLengthLimit, scan_ids);
-  check_sequences(op, "ref", ref, device, validate, kMaxReferenceTokens, scan_ids);
+  check_sequences(op, "cand", cand, device, validate, kNoLengthLimit);
+  check_sequences(op, "ref", ref, device, validate, kMaxReferenceTokens);
   TORCH_CHECK(ref_index.scalar_type() == at::kLong && ref_index.dim() == 1, op,
               ": ref_index must be a 1-D int64 tensor");
   TORCH_CHECK(ref_index.device() == device, op, ": ref_index is on ", ref_index.device(),
@@ -144,13 +130,12 @@ inline Sequences clipped_sequences(const Sequences& seq, int64_t max_length) {
 inline OverlapInputs checked_overlap_inputs(
     const char* op, const at::Tensor& cand_values, const at::Tensor& cand_starts,
     const at::Tensor& cand_lengths, const at::Tensor& ref_values, const at::Tensor& ref_starts,
-    const at::Tensor& ref_lengths, const at::Tensor& ref_index, bool validate,
-    bool scan_ids = true) {
+    const at::Tensor& ref_lengths, const at::Tensor& ref_index, bool validate) {
   const Sequences cand{cand_values.contiguous(), cand_starts.contiguous(),
                        cand_lengths.contiguous()};
   const Sequences ref{ref_values.contiguous(), ref_starts.contiguous(), ref_lengths.contiguous()};
   const at::Tensor index = ref_index.contiguous();
-  check_overlap_args(op, cand, ref, index, validate, scan_ids);
+  check_overlap_args(op, cand, ref, index, validate);
   OverlapInputs in;
   in.num_refs = ref.starts.numel();
   in.cand = clipped_sequences(cand, kNoLengthLimit);

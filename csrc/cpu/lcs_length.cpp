@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lcs_length_cpu(
     const at::Tensor& ref_index, bool validate) {
   const OverlapInputs inputs = checked_overlap_inputs(
       "lcs_length", cand_values, cand_starts, cand_lengths, ref_values, ref_starts, ref_lengths,
-      ref_index, validate, /*scan_ids=*/false);
+      ref_index, validate);
   const Sequences& cand = inputs.cand;
   const Sequences& ref = inputs.ref;
   const at::Tensor& ref_of = inputs.ref_index;

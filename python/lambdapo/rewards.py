@@ -157,8 +157,8 @@ class MathVerifyReward:
         if self.workers > 0 and len(distinct) > 1:
             scores = self._score_in_workers(distinct)
         else:
-            known = {key: self._score(*key) for key in distinct}
-            scores = lambda: [known[key] for key in distinct]  # noqa: E731
+            computed = [self._score(*key) for key in distinct]
+            scores = lambda: computed  # noqa: E731
 
         def values() -> list[float]:
             known = dict(zip(distinct, scores()))
@@ -397,6 +397,12 @@ class RewardManager:
                 self.errors[name] = self.errors.get(name, 0) + 1
                 values[i] = 0.0
         return values
+
+    @property
+    def workers(self) -> int:
+        """Worker processes that the functions started by :meth:`start` may keep busy."""
+        return sum(getattr(fn, "workers", 0) for fn in self.functions.values()
+                   if hasattr(fn, "start"))
 
     def close(self) -> None:
         """Stops the worker processes of the functions that have them."""

@@ -178,10 +178,8 @@ class Trainer:
         # On a CPU, torch leaves the reward workers their cores while they verify (its
         # threads would otherwise wait on each other's descheduled ones at every op).
         threads = torch.get_num_threads()
-        workers = sum(fn.workers for fn in self.rewards.functions.values()
-                      if isinstance(fn, MathVerifyReward))
-        if self.device.type == "cpu" and workers > 0:
-            torch.set_num_threads(max(1, threads - workers))
+        if self.device.type == "cpu" and self.rewards.workers > 0:
+            torch.set_num_threads(max(1, threads - self.rewards.workers))
         t1 = time.perf_counter()
         middle_time = t1 - t0 - gen_time
         done: list[Scored] = []
