@@ -53,4 +53,11 @@ TORCH_LIBRARY(lambdapo, m) {
       "lcs_length(Tensor cand_values, Tensor cand_starts, Tensor cand_lengths, "
       "Tensor ref_values, Tensor ref_starts, Tensor ref_lengths, Tensor ref_index, "
       "bool validate=True) -> (Tensor, Tensor, Tensor)");
+  // RMSNorm over the last dimension: returns (y, rstd), rstd float32 (float64 for float64
+  // x) of the leading shape; the backward returns (grad_x, grad_weight), each empty when
+  // output_mask leaves it out.
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
 }

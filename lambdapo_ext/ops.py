@@ -244,6 +244,36 @@ def linear_token_logprobs(
     return (logprobs, entropy) if return_entropy else logprobs
 
 
+def rms_norm(x: Tensor, weight: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dimension, fused: ``weight * x / sqrt(mean(x^2) + eps)``.
+
+    The normalization of Llama, Qwen2/3, Mistral and their kin (transformers'
+    ``LlamaRMSNorm``, ``torch.nn.functional.rms_norm`` with a weight), in one pass per row
+    with float32 accumulation, rounded once to the input dtype (transformers rounds the
+    normalized ``x`` before the weight product; the two agree to the dtype's rounding).
+    Backward saves only ``x`` and the per-row ``rstd`` and gives ``x`` and ``weight`` the
+    gradients they require; the weight gradient adds per-block partials in a fixed order,
+    so it is the same on every run and thread count. A row's output does not depend on
+    the other rows.
+
+    Args:
+        x: ``[..., D]`` float32, float16, bfloat16 or float64 (any strides: a
+            non-contiguous ``x`` is copied).
+        weight: ``[D]``, the dtype and device of ``x``.
+        eps: added to the mean square (finite, >= 0).
+
+    Returns:
+        ``[..., D]`` in the dtype of ``x``.
+
+    Raises:
+        ValueError: a non-finite or negative ``eps``.
+        RuntimeError: dtype, shape or device mismatches of ``x`` and ``weight`` (the
+            message names the argument), or the compiled library is unavailable.
+    """
+    require_library()
+    return torch.ops.lambdapo.rms_norm_forward.default(x, weight, float(eps))[0]
+
+
 SEMANTIC_METRICS = ("rouge_n", "rouge_l")
 
 
@@ -586,6 +616,45 @@ if _LOAD_ERROR is None:
 
     torch.library.register_autograd("lambdapo::linear_token_logprobs_forward", _linear_backward,
                                     setup_context=_linear_setup_context)
+
+    @torch.library.register_fake("lambdapo::rms_norm_forward")
+    def _rms_norm_forward_fake(x, weight, eps):
+        torch._check(x.dtype in _FLOAT_DTYPES,
+                     lambda: f"rms_norm: x must be float32, float16, bfloat16 or float64, got "
+                             f"{x.dtype}")
+        torch._check(x.dim() >= 1, lambda: "rms_norm: x must have at least one dimension")
+        torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+                     lambda: f"rms_norm: weight must have shape [{x.shape[-1]}] (the last "
+                             f"dimension of x), got {tuple(weight.shape)}")
+        torch._check(weight.dtype == x.dtype,
+                     lambda: f"rms_norm: weight has dtype {weight.dtype} but x has {x.dtype}")
+        _check_same_device("rms_norm", ("x", x), ("weight", weight))
+        return (x.new_empty(x.shape),
+                x.new_empty(x.shape[:-1], dtype=_result_dtype(x.dtype)))
+
+    @torch.library.register_fake("lambdapo::rms_norm_backward")
+    def _rms_norm_backward_fake(grad_y, x, weight, rstd, output_mask):
+        need_x, need_weight = output_mask
+        return (x.new_empty(x.shape if need_x else (0,)),
+                weight.new_empty(weight.shape if need_weight else (0,)))
+
+    def _rms_norm_setup_context(ctx, inputs, output):
+        x, weight, _eps = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.set_materialize_grads(False)
+
+    def _rms_norm_backward(ctx, grad_y, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+        if grad_y is None or not any(output_mask):
+            return None, None, None
+        grad_x, grad_weight = torch.ops.lambdapo.rms_norm_backward.default(
+            grad_y, x, weight, rstd, output_mask)
+        return (grad_x if output_mask[0] else None, grad_weight if output_mask[1] else None,
+                None)
+
+    torch.library.register_autograd("lambdapo::rms_norm_forward", _rms_norm_backward,
+                                    setup_context=_rms_norm_setup_context)
 
     @torch.library.register_fake("lambdapo::ngram_overlap")
     def _ngram_overlap_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,

@@ -126,6 +126,15 @@ def linear_token_logprobs(
                           return_entropy=return_entropy)
 
 
+def rms_norm(x: Tensor, weight: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """transformers' ``LlamaRMSNorm`` in the compute dtype (float32, float64 for float64),
+    rounded once to the dtype of ``x``."""
+    dtype = _compute_dtype(x, weight)
+    h = x.to(dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(dtype) * h).to(x.dtype)
+
+
 def _padded(seqs, name: str, device=None) -> tuple[Tensor, Tensor]:
     """Any accepted token-sequence form as padded ids [B, L] (pad -1) and lengths [B]."""
     from lambdapo_ext.ops import _as_sequences  # pure Python input handling, no kernels

@@ -65,6 +65,7 @@ DISPATCH_OPS = {
     "lcs_length": ("lcs_length",),
     "rouge_l": ("lcs_length",),
     "semantic_density": ("ngram_overlap", "lcs_length"),
+    "rms_norm": ("rms_norm_forward",),
 }
 
 
@@ -694,10 +695,66 @@ def unchecked_overlap_cases(op: str) -> list[Case]:
             for name, make in UNCHECKED_OVERLAP_INPUTS]
 
 
+# ---------------------------------------------------------------- rms_norm
+R, D = 3, 8
+
+
+def _x(device: str, rows: int = R, d: int = D) -> torch.Tensor:
+    return torch.randn(rows, d, device=device)
+
+
+def _norm_weight(device: str, d: int = D) -> torch.Tensor:
+    return torch.rand(d, device=device) + 0.5
+
+
+def _rms(x, weight, **kwargs):
+    return lp.rms_norm(x, weight, **kwargs)
+
+
+def rms_norm_cases() -> list[Case]:
+    op = "rms_norm"
+    return [
+        Case(op, "shape", "weight_length_differs",
+             lambda d: _rms(_x(d), _norm_weight(d, D + 1)), ("weight",)),
+        Case(op, "shape", "weight_2d",
+             lambda d: _rms(_x(d), _norm_weight(d).unsqueeze(0)), ("weight",)),
+        Case(op, "shape", "x_scalar",
+             lambda d: _rms(torch.tensor(1.0, device=d), _norm_weight(d, 1)), ("x",)),
+        Case(op, "dtype", "int_x",
+             lambda d: _rms(_x(d).long(), _norm_weight(d).long()), ("x",)),
+        Case(op, "dtype", "weight_dtype_differs",
+             lambda d: _rms(_x(d), _norm_weight(d).half()), ("weight",)),
+        Case(op, "device", "weight_on_cpu",
+             lambda d: _rms(_x(d), _norm_weight("cpu")), ("weight",), cuda_only=True),
+        Case(op, "range", "weight_longer_than_x",
+             lambda d: _rms(_x(d, d=1), _norm_weight(d, 2)), ("weight",)),
+        Case(op, "nonfinite", "eps_nan",
+             lambda d: _rms(_x(d), _norm_weight(d), eps=math.nan), ("eps",)),
+        Case(op, "nonfinite", "eps_inf",
+             lambda d: _rms(_x(d), _norm_weight(d), eps=math.inf), ("eps",)),
+        Case(op, "empty", "zero_rows",
+             lambda d: _rms(_x(d, rows=0), _norm_weight(d)),
+             check=_shapes((0, D), torch.float32)),
+        Case(op, "empty", "zero_width",
+             lambda d: _rms(_x(d, d=0), _norm_weight(d, 0)), ("x",)),
+        Case(op, "scalar", "eps_negative",
+             lambda d: _rms(_x(d), _norm_weight(d), eps=-1e-6), ("eps",)),
+        Case(op, "memory", "x_transposed",
+             lambda d: _rms(_x(d, rows=D, d=R).t(), _norm_weight(d)), ("x",),
+             equal_to=lambda d: _rms(_x(d, rows=D, d=R).t().contiguous(), _norm_weight(d))),
+        Case(op, "memory", "x_expanded",
+             lambda d: _rms(_x(d, rows=1).expand(R, D), _norm_weight(d)), ("x",),
+             equal_to=lambda d: _rms(_x(d, rows=1).expand(R, D).contiguous(), _norm_weight(d))),
+        Case(op, "memory", "weight_strided",
+             lambda d: _rms(_x(d), _norm_weight(d, 2 * D)[::2]), ("weight",),
+             equal_to=lambda d: _rms(_x(d), _norm_weight(d, 2 * D)[::2].contiguous())),
+    ]
+
+
 # ---------------------------------------------------------------- registry
 OVERLAP_OPS = ("ngram_overlap", "rouge_n", "lcs_length", "rouge_l", "semantic_density")
 CASES: list[Case] = (token_logprobs_cases() + linear_token_logprobs_cases()
-                     + lambda_advantages_cases()
+                     + lambda_advantages_cases() + rms_norm_cases()
                      + [c for op in OVERLAP_OPS for c in overlap_cases(op)]
                      + [c for op in OVERLAP_OPS for c in unchecked_overlap_cases(op)])
 CASES_BY_ID = {case.id: case for case in CASES}
@@ -712,6 +769,8 @@ def _smoke_call(op: str, device: str) -> Any:
         return _ltlp(_hidden(device), _weight(device), _targets(device))
     if op == "lambda_advantages":
         return _la(_rewards(device), _scores(device))
+    if op == "rms_norm":
+        return _rms(_x(device), _norm_weight(device))
     return getattr(lp, op)(_cand(device), _ref(device), ref_index=_both(device))
 
 

@@ -1,0 +1,243 @@
+// CPU kernels of rms_norm: rows in parallel, one pass for the sum of squares and one for
+// the output, in loops the compiler vectorizes per ISA; the weight gradient from partials
+// of fixed row blocks (kRmsNormGradRows), added in block order.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+
+#include "kernel_constants.h"
+#include "rms_norm.h"
+#include "vectorizable_math.h"
+
+namespace lambdapo {
+namespace {
+
+// Elements per parallel task: below this, a thread's start-up costs more than the work.
+constexpr int64_t kElementsPerTask = 32768;
+
+// Conversions between the storage types and float in branch-free forms the compiler
+// vectorizes (c10's branch, and GCC 12 lowers _Float16 to library calls without AVX512-FP16).
+// Both round as c10 does: bfloat16 to nearest even on the bits, NaN kept quiet; float16 by
+// the exponent-aligning float addition of the FP16 library's IEEE conversion.
+inline __attribute__((always_inline)) uint32_t float_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+inline __attribute__((always_inline)) float bits_float(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline __attribute__((always_inline)) float round_to(float v, float*) { return v; }
+inline __attribute__((always_inline)) double round_to(double v, double*) { return v; }
+inline __attribute__((always_inline)) c10::BFloat16 round_to(float v, c10::BFloat16*) {
+  const uint32_t bits = float_bits(v);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7fc0u : rounded),
+                       c10::BFloat16::from_bits());
+}
+inline __attribute__((always_inline)) c10::Half round_to(float v, c10::Half*) {
+  const uint32_t w = float_bits(v), twice = w + w, sign = w & 0x80000000u;
+  // Scaling up then down rounds away the bits float16 cannot hold and sends overflow to inf.
+  float base = (std::fabs(v) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t exponent = twice & 0xff000000u;
+  const uint32_t bias = exponent < 0x71000000u ? 0x71000000u : exponent;
+  base = bits_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_bits(base);
+  const uint32_t magnitude = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
+  return c10::Half(static_cast<uint16_t>((sign >> 16) | (twice > 0xff000000u ? 0x7e00u
+                                                                             : magnitude)),
+                   c10::Half::from_bits());
+}
+
+template <typename T>
+inline __attribute__((always_inline)) acc_type<T> widen(T v) {
+  return static_cast<acc_type<T>>(v);
+}
+template <>
+inline __attribute__((always_inline)) float widen(c10::Half v) {
+  const uint32_t w = static_cast<uint32_t>(v.x) << 16, twice = w + w;
+  const float normal = bits_float((twice >> 4) + (0xe0u << 23)) * 0x1.0p-112f;
+  const float subnormal = bits_float((twice >> 17) | (126u << 23)) - 0.5f;
+  return bits_float((w & 0x80000000u) |
+                    (twice < (1u << 27) ? float_bits(subnormal) : float_bits(normal)));
+}
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) scalar_t rounded(acc_t v) {
+  return round_to(v, static_cast<scalar_t*>(nullptr));
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void forward_rows_impl(
+    const scalar_t* __restrict x, const scalar_t* __restrict w, scalar_t* __restrict y,
+    acc_type<scalar_t>* __restrict rstd, int64_t begin, int64_t end, int64_t dim,
+    acc_type<scalar_t> eps) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* xr = x + r * dim;
+    scalar_t* yr = y + r * dim;
+    acc_t squares = 0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t j = 0; j < dim; ++j) {
+      const acc_t v = widen(xr[j]);
+      squares += v * v;
+    }
+    const acc_t s = acc_t(1) / std::sqrt(squares / static_cast<acc_t>(dim) + eps);
+    rstd[r] = s;
+#pragma omp simd
+    for (int64_t j = 0; j < dim; ++j) {
+      yr[j] = rounded<scalar_t>(widen(w[j]) * (widen(xr[j]) * s));
+    }
+  }
+}
+
+// dx = s * (g * w - x * s^2 * sum(g * w * x) / dim); dw_partial += g * x * s. Either output
+// may be null (not asked for).
+template <typename scalar_t>
+inline __attribute__((always_inline)) void backward_rows_impl(
+    const scalar_t* __restrict g, const scalar_t* __restrict x, const scalar_t* __restrict w,
+    const acc_type<scalar_t>* __restrict rstd, scalar_t* __restrict dx,
+    acc_type<scalar_t>* __restrict dw_partial, int64_t begin, int64_t end, int64_t dim) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* gr = g + r * dim;
+    const scalar_t* xr = x + r * dim;
+    const acc_t s = rstd[r];
+    if (dx != nullptr) {
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < dim; ++j) {
+        dot += widen(gr[j]) * widen(w[j]) * widen(xr[j]);
+      }
+      const acc_t c = dot * s * s / static_cast<acc_t>(dim);
+      scalar_t* dxr = dx + r * dim;
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) {
+        const acc_t xj = widen(xr[j]);
+        dxr[j] = rounded<scalar_t>(
+            s * (widen(gr[j]) * widen(w[j]) - xj * c));
+      }
+    }
+    if (dw_partial != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) {
+        dw_partial[j] += widen(gr[j]) * widen(xr[j]) * s;
+      }
+    }
+  }
+}
+
+// One clone set per dtype (target_clones applies to plain functions, not templates).
+#define LAMBDAPO_RMS_NORM_ROWS(scalar_t)                                                       \
+  LAMBDAPO_ISA_CLONES void forward_rows(const scalar_t* x, const scalar_t* w, scalar_t* y,     \
+                                        acc_type<scalar_t>* rstd, int64_t begin, int64_t end,  \
+                                        int64_t dim, acc_type<scalar_t> eps) {                 \
+    forward_rows_impl(x, w, y, rstd, begin, end, dim, eps);                                    \
+  }                                                                                            \
+  LAMBDAPO_ISA_CLONES void backward_rows(const scalar_t* g, const scalar_t* x,                 \
+                                         const scalar_t* w, const acc_type<scalar_t>* rstd,    \
+                                         scalar_t* dx, acc_type<scalar_t>* dw_partial,         \
+                                         int64_t begin, int64_t end, int64_t dim) {            \
+    backward_rows_impl(g, x, w, rstd, dx, dw_partial, begin, end, dim);                        \
+  }
+LAMBDAPO_RMS_NORM_ROWS(float)
+LAMBDAPO_RMS_NORM_ROWS(double)
+LAMBDAPO_RMS_NORM_ROWS(c10::BFloat16)
+LAMBDAPO_RMS_NORM_ROWS(c10::Half)
+#undef LAMBDAPO_RMS_NORM_ROWS
+
+template <typename acc_t>
+void sum_partials(const acc_t* __restrict partials, acc_t* __restrict total, int64_t blocks,
+                  int64_t dim) {
+  for (int64_t b = 0; b < blocks; ++b) {
+#pragma omp simd
+    for (int64_t j = 0; j < dim; ++j) total[j] += partials[b * dim + j];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cpu(const at::Tensor& x,
+                                                        const at::Tensor& weight, double eps) {
+  check_rms_norm_args("rms_norm", x, weight, eps);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor y = at::empty(x.sizes(), xc.options());
+  at::Tensor rstd = at::empty(rms_norm_rows_shape(x),
+                              xc.options().dtype(rms_norm_stat_dtype(x.scalar_type())));
+  const int64_t dim = x.size(-1), rows = rstd.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc_t* sp = rstd.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kElementsPerTask / dim),
+                     [&](int64_t begin, int64_t end) {
+      forward_rows(xp, wp, yp, sp, begin, end, dim, static_cast<acc_t>(eps));
+    });
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_y,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& weight,
+                                                         const at::Tensor& rstd,
+                                                         std::array<bool, 2> output_mask) {
+  check_rms_norm_backward_args("rms_norm_backward", grad_y, x, weight, rstd);
+  const bool need_x = output_mask[0], need_weight = output_mask[1];
+  const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor sc = rstd.contiguous();
+  const int64_t dim = x.size(-1), rows = sc.numel();
+  const int64_t blocks = (rows + kRmsNormGradRows - 1) / kRmsNormGradRows;
+  at::Tensor dx = need_x ? at::empty(x.sizes(), xc.options()) : at::empty({0}, xc.options());
+  at::Tensor partials = need_weight ? at::zeros({blocks, dim}, sc.options())
+                                    : at::empty({0}, sc.options());
+  if (!need_x && !need_weight) return {dx, at::empty({0}, wc.options())};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "rms_norm_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    const acc_t* sp = sc.const_data_ptr<acc_t>();
+    scalar_t* dxp = need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    acc_t* pp = need_weight ? partials.mutable_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, blocks,
+                     std::max<int64_t>(1, kElementsPerTask / (kRmsNormGradRows * dim)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        backward_rows(gp, xp, wp, sp, dxp, pp == nullptr ? nullptr : pp + b * dim,
+                      b * kRmsNormGradRows, std::min(rows, (b + 1) * kRmsNormGradRows), dim);
+      }
+    });
+  });
+  at::Tensor dw = at::empty({0}, wc.options());
+  if (need_weight) {
+    // Block order, whatever the thread count: the same weight gradient on every run.
+    at::Tensor total = at::zeros({dim}, sc.options());
+    AT_DISPATCH_FLOATING_TYPES(sc.scalar_type(), "rms_norm_weight_grad", [&] {
+      sum_partials(partials.const_data_ptr<scalar_t>(), total.mutable_data_ptr<scalar_t>(),
+                   blocks, dim);
+    });
+    dw = total.to(weight.scalar_type());
+  }
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lambdapo, CPU, m) {
+  m.impl("rms_norm_forward", &rms_norm_forward_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+}
+
+}  // namespace lambdapo
