@@ -24,6 +24,8 @@ import harness  # noqa: E402
 # skip with its reason, never absent).
 EXPECTED = {
     "bench_lambda_advantages": {"lambdapo", "torch_eager", "torch_compile"},
+    "bench_rms_norm": {"lambdapo", "torch_eager", "torch_functional", "torch_compile",
+                       "liger_kernel"},
     "bench_token_logprobs": {"lambdapo", "torch_eager", "torch_compile", "flash_attn_triton",
                              "liger_kernel"},
     "bench_linear_token_logprobs": {"lambdapo", "torch_eager", "torch_compile", "bare_matmuls",
