@@ -1,11 +1,14 @@
 """The preallocated-buffer decode steps of the transformers engine against transformers' own
 forward and cache: the same samples and log-probs on Llama (with grouped-query heads),
 Qwen2 (biased projections) and Qwen3 (normalized q and k), and the fallback for models it
-does not serve."""
+does not serve; and the models' RMSNorms routed through lambdapo_ext.rms_norm."""
+
+import copy
 
 import pytest
 import torch
 
+from lambdapo import policy
 from lambdapo.rollout import SamplingParams, TransformersEngine, static_decode
 
 
@@ -177,3 +180,52 @@ def test_static_decode_under_bfloat16_autocast_passes_its_check_and_is_used():
                                 autocast_dtype=torch.bfloat16)
     rollout = engine.generate([[1, 5, 6], [1, 7]], SamplingParams(n=3, max_new_tokens=12))
     assert engine.static_decode is True and len(rollout.completion_ids) == 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_fused_rms_norms_keep_the_models_logits_and_gradients(kind, device):
+    plain = _model(kind, device).train()
+    fused = copy.deepcopy(plain)
+    # Two per layer and the final norm; Qwen3 adds q_norm and k_norm per layer.
+    assert policy.fuse_rms_norms(fused) == (9 if kind == "qwen3" else 5)
+    assert fused.model.norm.forward.__func__ is policy._fused_rms_norm_forward
+    ids = torch.tensor([[1, 5, 6, 7, 9], [1, 12, 13, 3, 4]], device=device)
+    grad = torch.randn(2, 5, 40, device=device)
+    logits = []
+    for model in (plain, fused):
+        out = model(input_ids=ids).logits
+        (out * grad).sum().backward()
+        logits.append(out.detach())
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_rms_norm_keeps_the_modules_promotion_for_mixed_dtypes():
+    model = _model("llama")
+    policy.fuse_rms_norms(model)
+    norm = model.model.norm
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    out = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, type(norm).forward(norm, x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+        plain = _model("llama")(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+    torch.testing.assert_close(fused, plain)
+
+
+def test_fuse_rms_norms_leaves_other_norms_alone():
+    class OwnRMSNorm(torch.nn.Module):   # not a transformers Llama-family module
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x
+
+    model = torch.nn.Sequential(OwnRMSNorm(), torch.nn.LayerNorm(8))
+    assert policy.fuse_rms_norms(model) == 0
+    assert "forward" not in vars(model[0])

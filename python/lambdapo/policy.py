@@ -1,7 +1,8 @@
 """The policy model: loading (transformers format, safetensors only), and per-token
 log-probs of responses through the fused ops of ``lambdapo_ext``.
 
-Log-probs come from ``lambdapo_ext.linear_token_logprobs`` on the decoder's final hidden
+Every plain Llama-family RMSNorm of a loaded model runs through ``lambdapo_ext.rms_norm``
+(:func:`fuse_rms_norms`). Log-probs come from ``lambdapo_ext.linear_token_logprobs`` on the decoder's final hidden
 states and the lm-head weight (no [N, V] logits tensor is materialised) whenever the model's
 head is a plain linear layer; models that transform their logits (soft-capping, scaling)
 go through their own forward and ``lambdapo_ext.token_logprobs`` on the logits.
@@ -12,17 +13,26 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import types
+from typing import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lambdapo_ext
+from lambdapo_ext._loader import has_kernel
 
 from .batch import MicroBatch
 from .config import BUILTIN_MODEL, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# Model families whose RMSNorm is weight * (x * rsqrt(mean(x^2) + eps)) in float32, the
+# arithmetic of lambdapo_ext.rms_norm.
+RMS_NORM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+RMS_NORM_MODULES = tuple(f"transformers.models.{name}.modeling_{name}"
+                         for name in RMS_NORM_FAMILIES)
 
 
 def resolve_model_path(path: str) -> str:
@@ -72,7 +82,57 @@ def load_policy(config: ModelConfig, device: torch.device):
         path, dtype=torch.float32, use_safetensors=True,
         attn_implementation=attn_implementation(config, device),
         trust_remote_code=config.trust_remote_code)
-    return model.to(device), tokenizer
+    model = model.to(device)
+    fuse_rms_norms(model)
+    return model, tokenizer
+
+
+def is_plain_rms_norm(module: nn.Module | None) -> bool:
+    """Whether ``module`` is the RMSNorm of a Llama-family model in transformers (any weight
+    dtype), the norm :func:`fuse_rms_norms` replaces."""
+    return (module is not None and type(module).__module__ in RMS_NORM_MODULES
+            and type(module).__name__.endswith("RMSNorm")
+            and isinstance(getattr(module, "variance_epsilon", None), float)
+            and isinstance(getattr(module, "weight", None), Tensor)
+            and module.weight.dim() == 1)
+
+
+def _torch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def _lambdapo_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return lambdapo_ext.rms_norm(x, weight, eps=eps)
+
+
+def rms_norm_function(device: torch.device) -> Callable[[Tensor, Tensor, float], Tensor]:
+    """fn(x, weight, eps) -> RMSNorm of x: ``lambdapo_ext.rms_norm`` where the library has a
+    kernel for ``device``, else ``torch.nn.functional.rms_norm``."""
+    return (_lambdapo_rms_norm if has_kernel("rms_norm_forward", device.type.upper())
+            else _torch_rms_norm)
+
+
+def _fused_rms_norm_forward(self: nn.Module, hidden: Tensor) -> Tensor:
+    if hidden.dtype != self.weight.dtype:   # mixed dtypes: the module's own promotion
+        return type(self).forward(self, hidden)
+    return lambdapo_ext.rms_norm(hidden, self.weight, eps=self.variance_epsilon)
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Routes the forward of every plain RMSNorm of ``model`` (:func:`is_plain_rms_norm`)
+    through ``lambdapo_ext.rms_norm``: one fused pass per row forward and backward instead
+    of six elementwise ops and their saved tensors, equal to transformers' to float32
+    rounding. An input whose dtype differs from the weight's keeps the module's own
+    forward. Does nothing where the library has no kernel for a norm's device.
+
+    Returns:
+        How many norms now run fused.
+    """
+    norms = [m for m in model.modules() if is_plain_rms_norm(m)
+             and rms_norm_function(m.weight.device) is _lambdapo_rms_norm]
+    for norm in norms:
+        norm.forward = types.MethodType(_fused_rms_norm_forward, norm)
+    return len(norms)
 
 
 def autocast_dtype(config: ModelConfig) -> torch.dtype | None:

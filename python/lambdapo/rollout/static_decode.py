@@ -19,7 +19,7 @@ wrapper) and the norms and activation are the pattern's own (:class:`FusedLayer`
 runs on the weights directly, with about a third of the calls: q, k and v in one matmul, as
 are gate and up; the rotary embedding of q and k together; the attention scale and padding
 mask inside the score matmul (``baddbmm``); the residual adds inside the output matmuls
-(``addmm``); ``torch.nn.functional.rms_norm``. On the small models of RL on a CPU a step's
+(``addmm``); ``lambdapo_ext.rms_norm``. On the small models of RL on a CPU a step's
 time is mostly the per-call cost of those many small ops.
 """
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..policy import cache_of, positions_of
+from ..policy import cache_of, is_plain_rms_norm, positions_of, rms_norm_function
 
 
 class StaticDecoder:
@@ -174,7 +174,7 @@ class StaticDecoder:
         for fused, keys, values in zip(self.fused, self.keys, self.values):
             kv_heads, width = keys.shape[1], keys.shape[2]
             heads = fused.heads
-            x = F.rms_norm(hidden, hidden.shape[-1:], fused.input_norm, fused.input_eps)
+            x = fused.norm(hidden, fused.input_norm, fused.input_eps)
             qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)
             qk = qkv[:, :(heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
             if fused.q_norm is not None:   # Qwen3 normalizes each head's q and k
@@ -194,7 +194,7 @@ class StaticDecoder:
             out = torch.bmm(torch.softmax(scores, -1),
                             values.view(rows * kv_heads, width, head_dim)[:, :seen])
             hidden = fused.add_output(hidden, out.view(rows, heads * head_dim))
-            x = F.rms_norm(hidden, hidden.shape[-1:], fused.post_norm, fused.post_eps)
+            x = fused.norm(hidden, fused.post_norm, fused.post_eps)
             gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, -1)
             hidden = fused.add_down(hidden, F.silu(gate) * up)
         return hidden
@@ -204,10 +204,6 @@ class FusedLayer:
     """One decoder layer's weights for :meth:`StaticDecoder._fused_layers`: q, k, v
     concatenated, gate and up concatenated (copies, made once per generation: the weights
     do not change while it runs), the norms' weights, and the output projections'."""
-
-    # Where the norms are weight * (x * rsqrt(mean(x^2) + eps)), computed in float32.
-    NORM_MODULES = tuple(f"transformers.models.{name}.modeling_{name}"
-                         for name in StaticDecoder.MODEL_TYPES)
 
     def __init__(self, layer: nn.Module):
         attention, mlp = layer.self_attn, layer.mlp
@@ -223,6 +219,7 @@ class FusedLayer:
         self.input_eps = layer.input_layernorm.variance_epsilon
         self.post_norm = layer.post_attention_layernorm.weight
         self.post_eps = layer.post_attention_layernorm.variance_epsilon
+        self.norm = rms_norm_function(self.input_norm.device)
         self.output, self.down = attention.o_proj, mlp.down_proj
 
     def add_output(self, hidden: Tensor, attended: Tensor) -> Tensor:
@@ -259,11 +256,7 @@ class FusedLayer:
 
     @classmethod
     def _plain_norm(cls, norm: nn.Module | None) -> bool:
-        return (norm is not None and type(norm).__module__ in cls.NORM_MODULES
-                and type(norm).__name__.endswith("RMSNorm")
-                and hasattr(norm, "variance_epsilon")
-                and getattr(norm, "weight", None) is not None
-                and norm.weight.dtype == torch.float32)
+        return is_plain_rms_norm(norm) and norm.weight.dtype == torch.float32
 
 
 def _signed_sin(sin: Tensor) -> Tensor:
