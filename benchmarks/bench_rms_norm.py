@@ -53,14 +53,10 @@ MODES = ("fwd", "fwd+bwd")
 _INPUTS = harness.InputSlot()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def cases(options: harness.BenchOptions, device: str) -> list[harness.Case]:
     out = []
     for rows, dim, dtype in options.sizes(SIZES, device):
-        lead = f"N={rows},D={dim},{_dtype_name(dtype)}"
+        lead = f"N={rows},D={dim},{harness.dtype_name(dtype)}"
         elem = torch.finfo(dtype).bits // 8
         for mode in MODES:
             passes = 2 if mode == "fwd" else 5

@@ -51,14 +51,10 @@ MODES = ("fwd", "fwd+bwd")
 _INPUTS = harness.InputSlot()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def cases(options: harness.BenchOptions, device: str) -> list[harness.Case]:
     out = []
     for rows, vocab, dtype in options.sizes(SIZES, device):
-        lead = f"N={rows},V={vocab},{_dtype_name(dtype)}"
+        lead = f"N={rows},V={vocab},{harness.dtype_name(dtype)}"
         elem = torch.finfo(dtype).bits // 8
         for entropy in (False, True):
             for mode in MODES:

@@ -116,6 +116,11 @@ def by_impl_size(rows: list[Result]) -> dict[tuple[str, str], Result]:
 
 
 # ------------------------------------------------------------------------------ environment
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``, as size labels spell dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
 def device_name(device: str) -> str:
     """The GPU's name, or the CPU model with torch's current thread count."""
     if device == "cuda":

@@ -194,6 +194,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
                                                          std::array<bool, 2> output_mask) {
   check_rms_norm_backward_args("rms_norm_backward", grad_y, x, weight, rstd);
   const bool need_x = output_mask[0], need_weight = output_mask[1];
+  if (!need_x && !need_weight) {
+    return {at::empty({0}, x.options()), at::empty({0}, weight.options())};
+  }
   const at::Tensor gc = grad_y.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor sc = rstd.contiguous();
   const int64_t dim = x.size(-1), rows = sc.numel();
@@ -201,7 +204,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   at::Tensor dx = need_x ? at::empty(x.sizes(), xc.options()) : at::empty({0}, xc.options());
   at::Tensor partials = need_weight ? at::zeros({blocks, dim}, sc.options())
                                     : at::empty({0}, sc.options());
-  if (!need_x && !need_weight) return {dx, at::empty({0}, wc.options())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "rms_norm_backward", [&] {
     using acc_t = acc_type<scalar_t>;

@@ -2,10 +2,11 @@
 log-probs of responses through the fused ops of ``lambdapo_ext``.
 
 Every plain Llama-family RMSNorm of a loaded model runs through ``lambdapo_ext.rms_norm``
-(:func:`fuse_rms_norms`). Log-probs come from ``lambdapo_ext.linear_token_logprobs`` on the decoder's final hidden
-states and the lm-head weight (no [N, V] logits tensor is materialised) whenever the model's
-head is a plain linear layer; models that transform their logits (soft-capping, scaling)
-go through their own forward and ``lambdapo_ext.token_logprobs`` on the logits.
+(:func:`fuse_rms_norms`). Log-probs come from ``lambdapo_ext.linear_token_logprobs`` on the
+decoder's final hidden states and the lm-head weight (no [N, V] logits tensor is
+materialised) whenever the model's head is a plain linear layer; models that transform their
+logits (soft-capping, scaling) go through their own forward and
+``lambdapo_ext.token_logprobs`` on the logits.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import contextlib
 import importlib.util
 import inspect
 import types
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +106,14 @@ def _lambdapo_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return lambdapo_ext.rms_norm(x, weight, eps=eps)
 
 
+def _has_rms_norm_kernel(device: torch.device) -> bool:
+    return has_kernel("rms_norm_forward", device.type.upper())
+
+
 def rms_norm_function(device: torch.device) -> Callable[[Tensor, Tensor, float], Tensor]:
     """fn(x, weight, eps) -> RMSNorm of x: ``lambdapo_ext.rms_norm`` where the library has a
     kernel for ``device``, else ``torch.nn.functional.rms_norm``."""
-    return (_lambdapo_rms_norm if has_kernel("rms_norm_forward", device.type.upper())
-            else _torch_rms_norm)
+    return _lambdapo_rms_norm if _has_rms_norm_kernel(device) else _torch_rms_norm
 
 
 def _fused_rms_norm_forward(self: nn.Module, hidden: Tensor) -> Tensor:
@@ -128,8 +132,8 @@ def fuse_rms_norms(model: nn.Module) -> int:
     Returns:
         How many norms now run fused.
     """
-    norms = [m for m in model.modules() if is_plain_rms_norm(m)
-             and rms_norm_function(m.weight.device) is _lambdapo_rms_norm]
+    norms = [m for m in model.modules()
+             if is_plain_rms_norm(m) and _has_rms_norm_kernel(m.weight.device)]
     for norm in norms:
         norm.forward = types.MethodType(_fused_rms_norm_forward, norm)
     return len(norms)
