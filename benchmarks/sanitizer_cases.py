@@ -208,13 +208,32 @@ def _unchecked_overlap_args(gen: torch.Generator, case: int) -> list[torch.Tenso
             draw(-2, num_refs + 2, batch)]
 
 
+def rms_norm_cases(gen: torch.Generator) -> None:
+    # Rows that leave the last block's warps idle, widths off the warp width, a weight-gradient
+    # chunk that is partial; fwd+bwd against the CPU kernels.
+    for rows, dim, dtype in [(1, 1, torch.float32), (7, 33, torch.float32),
+                             (300, 130, torch.bfloat16), (261, 64, torch.float16)]:
+        x = torch.randn(rows, dim, generator=gen).to(dtype)
+        weight = (torch.rand(dim, generator=gen) + 0.5).to(dtype)
+        grad = torch.randn(rows, dim, generator=gen).to(dtype)
+        results = []
+        for device in ("cpu", "cuda"):
+            xd = x.to(device, copy=True).requires_grad_(True)
+            wd = weight.to(device, copy=True).requires_grad_(True)
+            y = lp.rms_norm(xd, wd)
+            y.backward(grad.to(device))
+            results.append((y, xd.grad, wd.grad))
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        _check(f"rms_norm rows={rows} D={dim} {dtype}", results[1], results[0], **tol)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no GPU visible to torch", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(0)
     for cases in (lambda_advantages_cases, token_logprobs_cases, linear_token_logprobs_cases,
-                  overlap_cases):
+                  overlap_cases, rms_norm_cases):
         cases(gen)
     torch.cuda.synchronize()
     return 0
