@@ -60,4 +60,8 @@ TORCH_LIBRARY(lambdapo, m) {
   m.def(
       "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
+  // SwiGLU: y = silu(gate) * up over gate_up = [..., 2I] (gate, then up, on the last
+  // dimension), y [..., I]; the backward returns the gradient of gate_up, [..., 2I].
+  m.def("swiglu_forward(Tensor gate_up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_y, Tensor gate_up) -> Tensor");
 }

@@ -19,6 +19,7 @@ from lambdapo_ext.ops import (
     rouge_l,
     rouge_n,
     semantic_density,
+    swiglu,
     token_logprobs,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "rouge_l",
     "rouge_n",
     "semantic_density",
+    "swiglu",
     "token_logprobs",
 ]

@@ -274,6 +274,34 @@ def rms_norm(x: Tensor, weight: Tensor, *, eps: float = 1e-6) -> Tensor:
     return torch.ops.lambdapo.rms_norm_forward.default(x, weight, float(eps))[0]
 
 
+def swiglu(gate_up: Tensor) -> Tensor:
+    """The SwiGLU activation of gated MLPs, fused: ``silu(gate) * up`` where ``gate`` and
+    ``up`` are the two halves of the last dimension of ``gate_up``.
+
+    The activation of Llama, Qwen2/3 and Mistral MLPs (``act_fn(gate_proj(x)) *
+    up_proj(x)``) taken from one concatenated gate-and-up projection, in one pass with
+    float32 arithmetic (float64 for float64), rounded once to the input dtype (torch
+    rounds ``silu(gate)`` before the product). Backward saves only ``gate_up`` and returns
+    its gradient in the same ``[gate | up]`` layout, so the concatenated projection's
+    backward takes it without a copy. Rows are independent; the result does not depend on
+    the thread count.
+
+    Args:
+        gate_up: ``[..., 2I]`` float32, float16, bfloat16 or float64 (any strides: a
+            non-contiguous one is copied); ``gate_up[..., :I]`` is the gate,
+            ``gate_up[..., I:]`` the up projection.
+
+    Returns:
+        ``[..., I]`` in the dtype of ``gate_up``.
+
+    Raises:
+        RuntimeError: a dtype other than those above, or a last dimension that is zero or
+            odd (the message names ``gate_up``), or the compiled library is unavailable.
+    """
+    require_library()
+    return torch.ops.lambdapo.swiglu_forward.default(gate_up)
+
+
 SEMANTIC_METRICS = ("rouge_n", "rouge_l")
 
 
@@ -655,6 +683,32 @@ if _LOAD_ERROR is None:
 
     torch.library.register_autograd("lambdapo::rms_norm_forward", _rms_norm_backward,
                                     setup_context=_rms_norm_setup_context)
+
+    @torch.library.register_fake("lambdapo::swiglu_forward")
+    def _swiglu_forward_fake(gate_up):
+        torch._check(gate_up.dtype in _FLOAT_DTYPES,
+                     lambda: f"swiglu: gate_up must be float32, float16, bfloat16 or float64, "
+                             f"got {gate_up.dtype}")
+        torch._check(gate_up.dim() >= 1 and gate_up.shape[-1] > 0 and gate_up.shape[-1] % 2 == 0,
+                     lambda: f"swiglu: gate_up must have an even, non-zero last dimension "
+                             f"(gate then up), got shape {tuple(gate_up.shape)}")
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+    @torch.library.register_fake("lambdapo::swiglu_backward")
+    def _swiglu_backward_fake(grad_y, gate_up):
+        return gate_up.new_empty(gate_up.shape)
+
+    def _swiglu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.set_materialize_grads(False)
+
+    def _swiglu_backward(ctx, grad_y):
+        if grad_y is None or not ctx.needs_input_grad[0]:
+            return None
+        return torch.ops.lambdapo.swiglu_backward.default(grad_y, ctx.saved_tensors[0])
+
+    torch.library.register_autograd("lambdapo::swiglu_forward", _swiglu_backward,
+                                    setup_context=_swiglu_setup_context)
 
     @torch.library.register_fake("lambdapo::ngram_overlap")
     def _ngram_overlap_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,

@@ -135,6 +135,14 @@ def rms_norm(x: Tensor, weight: Tensor, *, eps: float = 1e-6) -> Tensor:
     return (weight.to(dtype) * h).to(x.dtype)
 
 
+def swiglu(gate_up: Tensor) -> Tensor:
+    """transformers' gated-MLP activation ``silu(gate) * up`` on the halves of the last
+    dimension, in the compute dtype (float32, float64 for float64), rounded once."""
+    dtype = _compute_dtype(gate_up)
+    gate, up = gate_up.to(dtype).chunk(2, -1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+
 def _padded(seqs, name: str, device=None) -> tuple[Tensor, Tensor]:
     """Any accepted token-sequence form as padded ids [B, L] (pad -1) and lengths [B]."""
     from lambdapo_ext.ops import _as_sequences  # pure Python input handling, no kernels

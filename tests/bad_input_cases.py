@@ -66,6 +66,7 @@ DISPATCH_OPS = {
     "rouge_l": ("lcs_length",),
     "semantic_density": ("ngram_overlap", "lcs_length"),
     "rms_norm": ("rms_norm_forward",),
+    "swiglu": ("swiglu_forward",),
 }
 
 
@@ -751,10 +752,83 @@ def rms_norm_cases() -> list[Case]:
     ]
 
 
+# ---------------------------------------------------------------- swiglu
+W = 6   # I: gate_up is [R, 2 W]
+
+
+def _gate_up(device: str, rows: int = R, width: int = 2 * W) -> torch.Tensor:
+    return torch.randn(rows, width, device=device)
+
+
+def _swiglu(gate_up):
+    return lp.swiglu(gate_up)
+
+
+def _swiglu_backward(grad_y, gate_up):
+    return torch.ops.lambdapo.swiglu_backward(grad_y, gate_up)
+
+
+def _matches_swiglu_reference(values: list[float]) -> Callable[[Any], None]:
+    """check(): the result is the float64 reference's on gate = up = ``values``, rounded."""
+    def check(result):
+        x = torch.tensor(values, dtype=torch.float64)
+        want = (torch.nn.functional.silu(x) * x).float()
+        torch.testing.assert_close(result.cpu(), want.view(1, -1), rtol=1e-6, atol=1e-30)
+    return check
+
+
+def _nan_only_where_nan(result) -> None:
+    nan = result.isnan().cpu()
+    assert nan[0, 0] and not nan.flatten()[1:].any(), nan
+
+
+def swiglu_cases() -> list[Case]:
+    op = "swiglu"
+    extreme = [-1e30, -1e4, -80.0, -1.0, 0.0, 1e-30, 1.0, 80.0, 1e4, 1e18]
+    return [
+        Case(op, "shape", "odd_width",
+             lambda d: _swiglu(_gate_up(d, width=2 * W + 1)), ("gate_up",)),
+        Case(op, "shape", "backward_grad_y_full_width",
+             lambda d: _swiglu_backward(_gate_up(d), _gate_up(d)), ("grad_y",)),
+        Case(op, "dtype", "int_gate_up",
+             lambda d: _swiglu(_gate_up(d).long()), ("gate_up",)),
+        Case(op, "dtype", "backward_grad_y_half",
+             lambda d: _swiglu_backward(_gate_up(d, width=W).half(), _gate_up(d)), ("grad_y",)),
+        Case(op, "device", "backward_grad_y_on_cpu",
+             lambda d: _swiglu_backward(_gate_up("cpu", width=W), _gate_up(d)), ("grad_y",),
+             cuda_only=True),
+        Case(op, "range", "extreme_values",
+             lambda d: _swiglu(torch.tensor([extreme * 2], device=d)),
+             check=_matches_swiglu_reference(extreme)),
+        Case(op, "nonfinite", "nan_gate",
+             lambda d: _swiglu(_gate_up(d).index_put_((torch.tensor([0]), torch.tensor([0])),
+                                                      torch.tensor(math.nan))),
+             check=_nan_only_where_nan),
+        Case(op, "empty", "zero_rows",
+             lambda d: _swiglu(_gate_up(d, rows=0)), check=_shapes((0, W), torch.float32)),
+        Case(op, "empty", "zero_width",
+             lambda d: _swiglu(_gate_up(d, width=0)), ("gate_up",)),
+        Case(op, "scalar", "zero_dim_gate_up",
+             lambda d: _swiglu(torch.tensor(1.0, device=d)), ("gate_up",)),
+        Case(op, "memory", "gate_up_transposed",
+             lambda d: _swiglu(_gate_up(d, rows=2 * W, width=2 * R).t()), ("gate_up",),
+             equal_to=lambda d: _swiglu(_gate_up(d, rows=2 * W, width=2 * R).t().contiguous())),
+        Case(op, "memory", "gate_up_expanded",
+             lambda d: _swiglu(_gate_up(d, rows=1).expand(R, 2 * W)), ("gate_up",),
+             equal_to=lambda d: _swiglu(_gate_up(d, rows=1).expand(R, 2 * W).contiguous())),
+        # A contiguous view one element past an aligned start: no 16-byte packs.
+        Case(op, "memory", "gate_up_offset_view",
+             lambda d: _swiglu(_gate_up(d, rows=1, width=2 * R * 2 * W + 1)[0, 1:].view(
+                 2 * R, 2 * W)), ("gate_up",),
+             equal_to=lambda d: _swiglu(_gate_up(d, rows=1, width=2 * R * 2 * W + 1)[0, 1:]
+                                        .view(2 * R, 2 * W).clone())),
+    ]
+
+
 # ---------------------------------------------------------------- registry
 OVERLAP_OPS = ("ngram_overlap", "rouge_n", "lcs_length", "rouge_l", "semantic_density")
 CASES: list[Case] = (token_logprobs_cases() + linear_token_logprobs_cases()
-                     + lambda_advantages_cases() + rms_norm_cases()
+                     + lambda_advantages_cases() + rms_norm_cases() + swiglu_cases()
                      + [c for op in OVERLAP_OPS for c in overlap_cases(op)]
                      + [c for op in OVERLAP_OPS for c in unchecked_overlap_cases(op)])
 CASES_BY_ID = {case.id: case for case in CASES}
@@ -771,6 +845,8 @@ def _smoke_call(op: str, device: str) -> Any:
         return _la(_rewards(device), _scores(device))
     if op == "rms_norm":
         return _rms(_x(device), _norm_weight(device))
+    if op == "swiglu":
+        return _swiglu(_gate_up(device))
     return getattr(lp, op)(_cand(device), _ref(device), ref_index=_both(device))
 
 
