@@ -123,23 +123,9 @@ def test_rms_norm(case: harness.Case, measure) -> None:
 def targets(rows: list[harness.Result], device: str) -> list[harness.Target]:
     """This run's targets: lambdapo against the fastest peer that ran, and on CUDA fwd+bwd
     against the copy rate."""
-    index = harness.by_impl_size(rows)
     peer_names = ("torch_compile", *peers.NORM_PEERS) if device == "cuda" else ("torch_compile",)
-    out = []
-    for size in dict.fromkeys(r.size for r in rows if r.impl == "lambdapo"):
-        measured = [p for p in peer_names if harness.ratio(index, size, p, "lambdapo")]
-        best = min(measured, key=lambda p: index[(p, size)].median_ms, default="torch_compile")
-        out.append(harness.Target(size, f"lambdapo vs {best} (fastest peer)",
-                                  harness.ratio(index, size, best, "lambdapo"), 1.0))
-        copy = index.get(("copy", ",".join(size.split(",")[:3])))
-        ours = index.get(("lambdapo", size))
-        if device == "cuda" and size.endswith("fwd+bwd"):
-            # fwd+bwd moves at least 5 passes over x, the copy 2.
-            share = (100 * 2.5 * copy.median_ms / ours.median_ms
-                     if copy and ours and copy.median_ms and ours.median_ms else None)
-            out.append(harness.Target(size, "fwd+bwd share of the measured copy rate", share,
-                                      80.0, unit="%"))
-    return out
+    # fwd+bwd moves at least 5 passes over x, the copy 2.
+    return harness.fastest_peer_and_copy_targets(rows, device, peer_names, copy_passes=2.5)
 
 
 if __name__ == "__main__":

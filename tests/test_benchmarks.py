@@ -26,6 +26,7 @@ EXPECTED = {
     "bench_lambda_advantages": {"lambdapo", "torch_eager", "torch_compile"},
     "bench_rms_norm": {"lambdapo", "torch_eager", "torch_functional", "torch_compile",
                        "liger_kernel"},
+    "bench_swiglu": {"lambdapo", "torch_eager", "torch_compile", "liger_kernel"},
     "bench_token_logprobs": {"lambdapo", "torch_eager", "torch_compile", "flash_attn_triton",
                              "liger_kernel"},
     "bench_linear_token_logprobs": {"lambdapo", "torch_eager", "torch_compile", "bare_matmuls",
