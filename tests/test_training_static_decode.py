@@ -1,7 +1,8 @@
 """The preallocated-buffer decode steps of the transformers engine against transformers' own
 forward and cache: the same samples and log-probs on Llama (with grouped-query heads),
 Qwen2 (biased projections) and Qwen3 (normalized q and k), and the fallback for models it
-does not serve; and the models' RMSNorms routed through lambdapo_ext.rms_norm."""
+does not serve; and the models' RMSNorms and gated MLPs routed through lambdapo_ext.rms_norm
+and lambdapo_ext.swiglu."""
 
 import copy
 
@@ -190,6 +191,10 @@ def test_fused_rms_norms_keep_the_models_logits_and_gradients(kind, device):
     # Two per layer and the final norm; Qwen3 adds q_norm and k_norm per layer.
     assert policy.fuse_rms_norms(fused) == (9 if kind == "qwen3" else 5)
     assert fused.model.norm.forward.__func__ is policy._fused_rms_norm_forward
+    _assert_same_logits_and_gradients(plain, fused, device)
+
+
+def _assert_same_logits_and_gradients(plain, fused, device):
     ids = torch.tensor([[1, 5, 6, 7, 9], [1, 12, 13, 3, 4]], device=device)
     grad = torch.randn(2, 5, 40, device=device)
     logits = []
@@ -229,3 +234,60 @@ def test_fuse_rms_norms_leaves_other_norms_alone():
     model = torch.nn.Sequential(OwnRMSNorm(), torch.nn.LayerNorm(8))
     assert policy.fuse_rms_norms(model) == 0
     assert "forward" not in vars(model[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_fused_swiglu_mlps_keep_the_models_logits_and_gradients(kind, device):
+    plain = _model(kind, device).train()
+    fused = copy.deepcopy(plain)
+    assert policy.fuse_swiglu_mlps(fused) == 2   # one per layer
+    mlp = fused.model.layers[0].mlp
+    assert mlp.forward.__func__ is policy._fused_swiglu_mlp_forward
+    _assert_same_logits_and_gradients(plain, fused, device)
+
+
+def test_fused_swiglu_mlp_with_biases_and_under_autocast(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, head_dim=16, mlp_bias=True)
+    plain = LlamaForCausalLM(config).eval()
+    fused = copy.deepcopy(plain)
+    assert policy.fuse_swiglu_mlps(fused) == 1
+    ids = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits,
+                               rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fused(input_ids=ids).logits
+        want = plain(input_ids=ids).logits
+    assert low.dtype == want.dtype
+    torch.testing.assert_close(low.float(), want.float(), rtol=0.05, atol=0.05)
+    # Mixed dtypes outside autocast keep the module's own forward (here, its error).
+    import lambdapo_ext
+
+    def not_this_path(gate_up):
+        raise AssertionError("the fused path ran on mixed dtypes")
+
+    monkeypatch.setattr(lambdapo_ext, "swiglu", not_this_path)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fused.model.layers[0].mlp(torch.randn(3, 32, dtype=torch.float64))
+
+
+def test_fuse_swiglu_mlps_leaves_other_mlps_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, head_dim=16, hidden_act="gelu")
+    assert policy.fuse_swiglu_mlps(LlamaForCausalLM(config)) == 0   # not a SiLU gate
+
+    class Wrapped(torch.nn.Linear):   # a stand-in for a LoRA or quantized projection
+        pass
+
+    model = _model("llama")
+    mlp = model.model.layers[1].mlp
+    mlp.up_proj = Wrapped(64, 96, bias=False)
+    assert policy.fuse_swiglu_mlps(model) == 1
+    assert "forward" not in vars(mlp)
+    assert not policy.is_plain_gated_mlp(torch.nn.Sequential())

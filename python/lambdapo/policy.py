@@ -2,7 +2,8 @@
 log-probs of responses through the fused ops of ``lambdapo_ext``.
 
 Every plain Llama-family RMSNorm of a loaded model runs through ``lambdapo_ext.rms_norm``
-(:func:`fuse_rms_norms`). Log-probs come from ``lambdapo_ext.linear_token_logprobs`` on the
+(:func:`fuse_rms_norms`), and every plain gated MLP through one concatenated gate-and-up
+matmul and ``lambdapo_ext.swiglu`` (:func:`fuse_swiglu_mlps`). Log-probs come from ``lambdapo_ext.linear_token_logprobs`` on the
 decoder's final hidden states and the lm-head weight (no [N, V] logits tensor is
 materialised) whenever the model's head is a plain linear layer; models that transform their
 logits (soft-capping, scaling) go through their own forward and
@@ -30,10 +31,11 @@ from .config import BUILTIN_MODEL, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Model families whose RMSNorm is weight * (x * rsqrt(mean(x^2) + eps)) in float32, the
-# arithmetic of lambdapo_ext.rms_norm.
-RMS_NORM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-RMS_NORM_MODULES = tuple(f"transformers.models.{name}.modeling_{name}"
-                         for name in RMS_NORM_FAMILIES)
+# arithmetic of lambdapo_ext.rms_norm, and whose MLP is down(act(gate(x)) * up(x)).
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_FAMILY_MODULES = tuple(f"transformers.models.{name}.modeling_{name}"
+                             for name in LLAMA_FAMILIES)
+SILU_ACTIVATIONS = ("silu", "swish")
 
 
 def resolve_model_path(path: str) -> str:
@@ -85,13 +87,14 @@ def load_policy(config: ModelConfig, device: torch.device):
         trust_remote_code=config.trust_remote_code)
     model = model.to(device)
     fuse_rms_norms(model)
+    fuse_swiglu_mlps(model)
     return model, tokenizer
 
 
 def is_plain_rms_norm(module: nn.Module | None) -> bool:
     """Whether ``module`` is the RMSNorm of a Llama-family model in transformers (any weight
     dtype), the norm :func:`fuse_rms_norms` replaces."""
-    return (module is not None and type(module).__module__ in RMS_NORM_MODULES
+    return (module is not None and type(module).__module__ in LLAMA_FAMILY_MODULES
             and type(module).__name__.endswith("RMSNorm")
             and isinstance(getattr(module, "variance_epsilon", None), float)
             and isinstance(getattr(module, "weight", None), Tensor)
@@ -137,6 +140,68 @@ def fuse_rms_norms(model: nn.Module) -> int:
     for norm in norms:
         norm.forward = types.MethodType(_fused_rms_norm_forward, norm)
     return len(norms)
+
+
+def is_plain_gated_mlp(module: nn.Module | None) -> bool:
+    """Whether ``module`` is the SiLU-gated MLP of a Llama-family model in transformers,
+    ``down_proj(silu(gate_proj(x)) * up_proj(x))`` with plain ``nn.Linear`` projections (not
+    LoRA or quantized wrappers), the MLP :func:`fuse_swiglu_mlps` replaces."""
+    if (module is None or type(module).__module__ not in LLAMA_FAMILY_MODULES
+            or not type(module).__name__.endswith("MLP")):
+        return False
+    gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj",
+                                                                 "down_proj"))
+    activation = getattr(module, "act_fn", None)
+    return (all(type(p) is nn.Linear for p in (gate, up, down))
+            and getattr(getattr(module, "config", None), "hidden_act", None) in SILU_ACTIVATIONS
+            and type(activation).__name__ in ("SiLU", "SiLUActivation")
+            and gate.weight.shape == up.weight.shape and gate.weight.dtype == up.weight.dtype
+            and (gate.bias is None) == (up.bias is None))
+
+
+def swiglu_function(device: torch.device) -> Callable[[Tensor], Tensor]:
+    """fn(gate_up [..., 2I]) -> silu(gate) * up [..., I]: ``lambdapo_ext.swiglu`` where the
+    library has a kernel for ``device``, else the same in torch ops."""
+    return lambdapo_ext.swiglu if _has_swiglu_kernel(device) else _torch_swiglu
+
+
+def _torch_swiglu(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def _has_swiglu_kernel(device: torch.device) -> bool:
+    return has_kernel("swiglu_forward", device.type.upper())
+
+
+def _fused_swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    gate, up = self.gate_proj, self.up_proj
+    if x.dtype != gate.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x)   # mixed dtypes: the module's own promotion
+    # The weights change every optimizer step, so they are joined on every call (a copy of
+    # 2 I H values, small next to the matmul); autograd splits the gradient back.
+    weight = torch.cat([gate.weight, up.weight])
+    bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+    return self.down_proj(lambdapo_ext.swiglu(F.linear(x, weight, bias)))
+
+
+def fuse_swiglu_mlps(model: nn.Module) -> int:
+    """Routes the forward of every plain gated MLP of ``model`` (:func:`is_plain_gated_mlp`)
+    through one matmul on the concatenated gate and up weights and ``lambdapo_ext.swiglu``:
+    one fused pass forward and backward instead of SiLU, a product and their four backward
+    ops, one input-gradient matmul instead of two and their sum, and only the matmul's
+    output saved. Equal to transformers' forward to float32 rounding. An input whose dtype
+    differs from the weights' (outside autocast) keeps the module's own forward. Does
+    nothing where the library has no kernel for an MLP's device.
+
+    Returns:
+        How many MLPs now run fused.
+    """
+    mlps = [m for m in model.modules()
+            if is_plain_gated_mlp(m) and _has_swiglu_kernel(m.gate_proj.weight.device)]
+    for mlp in mlps:
+        mlp.forward = types.MethodType(_fused_swiglu_mlp_forward, mlp)
+    return len(mlps)
 
 
 def autocast_dtype(config: ModelConfig) -> torch.dtype | None:

@@ -543,9 +543,9 @@ def _keep_freed_memory() -> None:
     if libc is None or not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)    # glibc's largest: blocks below come from the heap
-    libc.mallopt(m_trim_threshold, 1 << 62)    # and stay there once freed
-    libc.mallopt(m_top_pad, 256 << 20)         # grown 256 MiB at a time
+    libc.mallopt(m_mmap_threshold, 32 << 20)       # glibc's largest: blocks below come from the heap
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # and stay there once freed (an int)
+    libc.mallopt(m_top_pad, 256 << 20)             # grown 256 MiB at a time
 
 
 def _schedule(kind: str, warmup: int, total: int):

@@ -19,8 +19,8 @@ wrapper) and the norms and activation are the pattern's own (:class:`FusedLayer`
 runs on the weights directly, with about a third of the calls: q, k and v in one matmul, as
 are gate and up; the rotary embedding of q and k together; the attention scale and padding
 mask inside the score matmul (``baddbmm``); the residual adds inside the output matmuls
-(``addmm``); ``lambdapo_ext.rms_norm``. On the small models of RL on a CPU a step's
-time is mostly the per-call cost of those many small ops.
+(``addmm``); ``lambdapo_ext.rms_norm`` and ``lambdapo_ext.swiglu``. On the small models of
+RL on a CPU a step's time is mostly the per-call cost of those many small ops.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..policy import cache_of, is_plain_rms_norm, positions_of, rms_norm_function
+from ..policy import (cache_of, is_plain_rms_norm, positions_of, rms_norm_function,
+                      swiglu_function)
 
 
 class StaticDecoder:
@@ -195,8 +196,8 @@ class StaticDecoder:
                             values.view(rows * kv_heads, width, head_dim)[:, :seen])
             hidden = fused.add_output(hidden, out.view(rows, heads * head_dim))
             x = fused.norm(hidden, fused.post_norm, fused.post_eps)
-            gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, -1)
-            hidden = fused.add_down(hidden, F.silu(gate) * up)
+            gate_up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias)
+            hidden = fused.add_down(hidden, fused.activation(gate_up))
         return hidden
 
 
@@ -220,6 +221,7 @@ class FusedLayer:
         self.post_norm = layer.post_attention_layernorm.weight
         self.post_eps = layer.post_attention_layernorm.variance_epsilon
         self.norm = rms_norm_function(self.input_norm.device)
+        self.activation = swiglu_function(self.input_norm.device)
         self.output, self.down = attention.o_proj, mlp.down_proj
 
     def add_output(self, hidden: Tensor, attended: Tensor) -> Tensor:
