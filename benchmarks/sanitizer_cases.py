@@ -227,13 +227,32 @@ def rms_norm_cases(gen: torch.Generator) -> None:
         _check(f"rms_norm rows={rows} D={dim} {dtype}", results[1], results[0], **tol)
 
 
+def swiglu_cases(gen: torch.Generator) -> None:
+    # Widths that do and do not split into 16-byte packs, a view one element off an aligned
+    # start (single-element path), and a grid-stride tail; fwd+bwd against the CPU kernels.
+    for rows, width, dtype, offset in [(1, 1, torch.float32, 0), (7, 33, torch.float32, 0),
+                                       (300, 128, torch.bfloat16, 0), (5, 64, torch.float32, 1),
+                                       (261, 24, torch.float16, 0)]:
+        flat = (2 * torch.randn(rows * 2 * width + offset, generator=gen)).to(dtype)
+        grad = torch.randn(rows, width, generator=gen).to(dtype)
+        results = []
+        for device in ("cpu", "cuda"):
+            gate_up = flat.to(device)[offset:].view(rows, 2 * width).detach().requires_grad_(True)
+            y = lp.swiglu(gate_up)
+            y.backward(grad.to(device))
+            results.append((y, gate_up.grad))
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        _check(f"swiglu rows={rows} I={width} {dtype} offset={offset}", results[1], results[0],
+               **tol)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no GPU visible to torch", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(0)
     for cases in (lambda_advantages_cases, token_logprobs_cases, linear_token_logprobs_cases,
-                  overlap_cases, rms_norm_cases):
+                  overlap_cases, rms_norm_cases, swiglu_cases):
         cases(gen)
     torch.cuda.synchronize()
     return 0
