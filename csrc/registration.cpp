@@ -64,4 +64,10 @@ TORCH_LIBRARY(lambdapo, m) {
   // dimension), y [..., I]; the backward returns the gradient of gate_up, [..., 2I].
   m.def("swiglu_forward(Tensor gate_up) -> Tensor");
   m.def("swiglu_backward(Tensor grad_y, Tensor gate_up) -> Tensor");
+  // One decode step's attention: q [B, Hkv, G, D] over the first `seen` columns of the
+  // key and value buffers [B, Hkv, W, D], with mask [B, >= seen] added to the scores; returns
+  // [B, Hkv, G, D]. Inference only (no backward).
+  m.def(
+      "decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? mask, int seen, "
+      "float scale) -> Tensor");
 }

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from lambdapo_ext._loader import build_info, library_error
 from lambdapo_ext.ops import (
+    decode_attention,
     lambda_advantages,
     lcs_length,
     linear_token_logprobs,
@@ -26,6 +27,7 @@ from lambdapo_ext.ops import (
 __all__ = [
     "__version__",
     "build_info",
+    "decode_attention",
     "lambda_advantages",
     "lcs_length",
     "library_error",

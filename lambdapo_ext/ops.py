@@ -302,6 +302,40 @@ def swiglu(gate_up: Tensor) -> Tensor:
     return torch.ops.lambdapo.swiglu_forward.default(gate_up)
 
 
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, seen: int, *,
+                     scale: float, mask: Tensor | None = None) -> Tensor:
+    """Attention of one new query token per row over key-value buffers, fused: a decode
+    step's ``softmax(scale * q k^T + mask) v`` over the first ``seen`` columns.
+
+    One pass over the buffers per query head, the scores kept in the accumulation type
+    (float32, float64 for float64) and never written out, instead of a score matmul, a
+    softmax and a value matmul with their ``[B, H, seen]`` intermediates. Grouped-query heads
+    share their key-value head's buffers. Inference only: there is no backward.
+
+    Args:
+        q: ``[B, kv_heads, G, head_dim]``, the G query heads of each key-value head (G = 1
+            without grouped-query attention); float32, float16, bfloat16 or float64.
+        keys, values: ``[B, kv_heads, W, head_dim]`` buffers in the dtype and on the device of
+            ``q`` (columns past ``seen`` are not read).
+        seen: columns attended, ``1 <= seen <= W``.
+        scale: multiplies ``q k^T`` (``head_dim ** -0.5`` for standard attention; finite).
+        mask: ``[B, >= seen]`` added to every head's scores of the row (0 where attended,
+            ``-inf`` on padding), the dtype of ``q``; None: no mask. A row whose attended
+            columns are all ``-inf`` gives NaN, as torch's softmax does.
+
+    Returns:
+        ``[B, kv_heads, G, head_dim]`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: ``seen`` outside ``[1, W]``, a non-finite ``scale``.
+        RuntimeError: shape, dtype or device mismatches (the message names the argument);
+            on CUDA a head_dim over 256; the compiled library is unavailable.
+    """
+    require_library()
+    return torch.ops.lambdapo.decode_attention.default(q, keys, values, mask, int(seen),
+                                                       float(scale))
+
+
 SEMANTIC_METRICS = ("rouge_n", "rouge_l")
 
 
@@ -709,6 +743,26 @@ if _LOAD_ERROR is None:
 
     torch.library.register_autograd("lambdapo::swiglu_forward", _swiglu_backward,
                                     setup_context=_swiglu_setup_context)
+
+    @torch.library.register_fake("lambdapo::decode_attention")
+    def _decode_attention_fake(q, keys, values, mask, seen, scale):
+        torch._check(q.dtype in _FLOAT_DTYPES,
+                     lambda: f"decode_attention: q must be float32, float16, bfloat16 or "
+                             f"float64, got {q.dtype}")
+        torch._check(q.dim() == 4, lambda: f"decode_attention: q must be [B, kv_heads, heads "
+                                           f"per kv head, head_dim], got shape {tuple(q.shape)}")
+        for name, t in (("keys", keys), ("values", values)):
+            torch._check(t.dim() == 4 and t.shape[:2] == q.shape[:2] and t.shape[3] == q.shape[3],
+                         lambda: f"decode_attention: {name} must be [B, kv_heads, W, head_dim] "
+                                 f"matching q, got shape {tuple(t.shape)}")
+            torch._check(t.dtype == q.dtype,
+                         lambda: f"decode_attention: {name} has dtype {t.dtype} but q has "
+                                 f"{q.dtype}")
+        torch._check(1 <= seen <= keys.shape[2],
+                     lambda: f"decode_attention: seen must lie in [1, {keys.shape[2]}], got {seen}")
+        _check_same_device("decode_attention", ("q", q), ("keys", keys), ("values", values),
+                           ("mask", mask))
+        return q.new_empty(q.shape)
 
     @torch.library.register_fake("lambdapo::ngram_overlap")
     def _ngram_overlap_fake(cand_values, cand_starts, cand_lengths, ref_values, ref_starts,

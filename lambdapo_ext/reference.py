@@ -143,6 +143,18 @@ def swiglu(gate_up: Tensor) -> Tensor:
     return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
 
 
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, seen: int, *, scale: float,
+                     mask: Tensor | None = None) -> Tensor:
+    """One decode step's attention in torch ops (a score matmul, softmax, a value matmul) in
+    the compute dtype, rounded once: ``q`` [B, Hkv, G, D] over the first ``seen`` columns of
+    ``keys``/``values`` [B, Hkv, W, D], ``mask`` [B, >= seen] added to the scores."""
+    dtype = _compute_dtype(q)
+    scores = scale * q.to(dtype) @ keys[:, :, :seen].to(dtype).transpose(-1, -2)
+    if mask is not None:
+        scores = scores + mask[:, None, None, :seen].to(dtype)
+    return (torch.softmax(scores, -1) @ values[:, :, :seen].to(dtype)).to(q.dtype)
+
+
 def _padded(seqs, name: str, device=None) -> tuple[Tensor, Tensor]:
     """Any accepted token-sequence form as padded ids [B, L] (pad -1) and lengths [B]."""
     from lambdapo_ext.ops import _as_sequences  # pure Python input handling, no kernels

@@ -67,6 +67,7 @@ DISPATCH_OPS = {
     "semantic_density": ("ngram_overlap", "lcs_length"),
     "rms_norm": ("rms_norm_forward",),
     "swiglu": ("swiglu_forward",),
+    "decode_attention": ("decode_attention",),
 }
 
 
@@ -825,10 +826,77 @@ def swiglu_cases() -> list[Case]:
     ]
 
 
+# ---------------------------------------------------------------- decode_attention
+B_DA, HKV, G_DA, W_DA, D_DA = 2, 2, 1, 5, 8
+
+
+def _attention_inputs(device: str, batch: int = B_DA, width: int = W_DA, dim: int = D_DA,
+                      dtype: torch.dtype = torch.float32):
+    q = torch.randn(batch, HKV, G_DA, dim, device=device, dtype=dtype)
+    keys = torch.randn(batch, HKV, width, dim, device=device, dtype=dtype)
+    values = torch.randn(batch, HKV, width, dim, device=device, dtype=dtype)
+    return q, keys, values, torch.zeros(batch, width, device=device, dtype=dtype)
+
+
+def _da(q, keys, values, mask=None, seen: int = W_DA, scale: float = 0.5):
+    return lp.decode_attention(q, keys, values, seen, scale=scale, mask=mask)
+
+
+def _da_with(device: str, **replace):
+    """decode_attention on the standard inputs with some of them replaced."""
+    q, keys, values, mask = _attention_inputs(device)
+    args = {"q": q, "keys": keys, "values": values, "mask": mask}
+    args.update({k: v(args[k]) if callable(v) else v for k, v in replace.items()
+                 if k in args})
+    return _da(args["q"], args["keys"], args["values"], args["mask"],
+               seen=replace.get("seen", W_DA), scale=replace.get("scale", 0.5))
+
+
+def decode_attention_cases() -> list[Case]:
+    op = "decode_attention"
+    return [
+        Case(op, "shape", "q_3d", lambda d: _da_with(d, q=lambda t: t[:, :, 0]), ("q",)),
+        Case(op, "shape", "keys_head_dim_differs",
+             lambda d: _da_with(d, keys=lambda t: t[..., :-1]), ("keys",)),
+        Case(op, "shape", "values_width_differs",
+             lambda d: _da_with(d, values=lambda t: t[:, :, :-1], seen=W_DA - 1), ("values",)),
+        Case(op, "shape", "mask_rows_differ",
+             lambda d: _da_with(d, mask=lambda t: t[:1]), ("mask",)),
+        Case(op, "dtype", "int_q", lambda d: _da_with(d, q=lambda t: t.long()), ("q",)),
+        Case(op, "dtype", "keys_bfloat16",
+             lambda d: _da_with(d, keys=lambda t: t.bfloat16()), ("keys",)),
+        Case(op, "dtype", "mask_bool", lambda d: _da_with(d, mask=lambda t: t.bool()), ("mask",)),
+        Case(op, "device", "keys_on_cpu", lambda d: _da_with(d, keys=lambda t: t.cpu()),
+             ("keys",), cuda_only=True),
+        Case(op, "device", "mask_on_cpu", lambda d: _da_with(d, mask=lambda t: t.cpu()),
+             ("mask",), cuda_only=True),
+        Case(op, "range", "seen_zero", lambda d: _da_with(d, seen=0), ("seen",)),
+        Case(op, "range", "seen_past_width", lambda d: _da_with(d, seen=W_DA + 1), ("seen",)),
+        Case(op, "range", "mask_shorter_than_seen",
+             lambda d: _da_with(d, mask=lambda t: t[:, :2]), ("mask",)),
+        Case(op, "range", "head_dim_over_256_on_cuda",
+             lambda d: _da(*_attention_inputs(d, dim=300)), ("q",), cuda_only=True),
+        Case(op, "nonfinite", "scale_nan", lambda d: _da_with(d, scale=math.nan), ("scale",)),
+        Case(op, "nonfinite", "scale_inf", lambda d: _da_with(d, scale=math.inf), ("scale",)),
+        Case(op, "empty", "zero_rows", lambda d: _da(*_attention_inputs(d, batch=0)),
+             check=_shapes((0, HKV, G_DA, D_DA), torch.float32)),
+        Case(op, "empty", "zero_head_dim", lambda d: _da(*_attention_inputs(d, dim=0)), ("q",)),
+        Case(op, "scalar", "seen_huge", lambda d: _da_with(d, seen=2**62), ("seen",)),
+        Case(op, "memory", "q_strided",
+             lambda d: _da_with(d, q=lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)),
+             ("q",), equal_to=lambda d: _da_with(d)),
+        Case(op, "memory", "keys_expanded",
+             lambda d: _da_with(d, keys=lambda t: t[:1].expand(B_DA, -1, -1, -1)), ("keys",),
+             equal_to=lambda d: _da_with(d, keys=lambda t: t[:1].expand(B_DA, -1, -1, -1)
+                                         .contiguous())),
+    ]
+
+
 # ---------------------------------------------------------------- registry
 OVERLAP_OPS = ("ngram_overlap", "rouge_n", "lcs_length", "rouge_l", "semantic_density")
 CASES: list[Case] = (token_logprobs_cases() + linear_token_logprobs_cases()
                      + lambda_advantages_cases() + rms_norm_cases() + swiglu_cases()
+                     + decode_attention_cases()
                      + [c for op in OVERLAP_OPS for c in overlap_cases(op)]
                      + [c for op in OVERLAP_OPS for c in unchecked_overlap_cases(op)])
 CASES_BY_ID = {case.id: case for case in CASES}
@@ -847,6 +915,8 @@ def _smoke_call(op: str, device: str) -> Any:
         return _rms(_x(device), _norm_weight(device))
     if op == "swiglu":
         return _swiglu(_gate_up(device))
+    if op == "decode_attention":
+        return _da(*_attention_inputs(device))
     return getattr(lp, op)(_cand(device), _ref(device), ref_index=_both(device))
 
 

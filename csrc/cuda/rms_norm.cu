@@ -14,24 +14,15 @@
 
 #include "kernel_constants.h"
 #include "rms_norm.h"
+#include "warp_sum.cuh"
 
 namespace lambdapo {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kRowWarps = 4;  // rows (warps) per block of the row kernels
 constexpr int kGradRowThreads = 8;  // threadIdx.y of the weight-gradient kernel
 constexpr int64_t kMinGradChunkRows = 256;
 constexpr int64_t kMaxRowBlocks = 65536;  // grid-stride beyond
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
 
 template <typename scalar_t>
 __global__ void rms_norm_forward_kernel(const scalar_t* __restrict__ x,
