@@ -18,8 +18,9 @@ In float32, when every projection is a plain ``nn.Linear`` (not a LoRA or quanti
 wrapper) and the norms and activation are the pattern's own (:class:`FusedLayer`), a step
 runs on the weights directly, with about a third of the calls: q, k and v in one matmul, as
 are gate and up; the rotary embedding of q and k together; the attention scale and padding
-mask inside the score matmul (``baddbmm``); the residual adds inside the output matmuls
-(``addmm``); ``lambdapo_ext.rms_norm`` and ``lambdapo_ext.swiglu``. On the small models of
+mask and the softmax in one pass over the buffers (``lambdapo_ext.decode_attention``); the
+residual adds inside the output matmuls (``addmm``); ``lambdapo_ext.rms_norm`` and
+``lambdapo_ext.swiglu``. On the small models of
 RL on a CPU a step's time is mostly the per-call cost of those many small ops.
 """
 
@@ -30,6 +31,9 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import lambdapo_ext
+from lambdapo_ext._loader import has_kernel
 
 from ..policy import (cache_of, is_plain_rms_norm, positions_of, rms_norm_function,
                       swiglu_function)
@@ -84,14 +88,11 @@ class StaticDecoder:
             buffer_v[:, :, :prompt_width] = v
             self.keys.append(buffer_k)
             self.values.append(buffer_v)
-        # Additive mask over the buffer's columns: -inf on the prompts' left padding; one
-        # row per key-value head, so that [rows * kv_heads, 1, width] is a view of it.
+        # Additive mask [rows, width] over the buffer's columns: -inf on the prompts' left
+        # padding.
         dtype = keys[0].dtype
-        kv_heads = keys[0].shape[1]
-        self.mask = torch.zeros((rows, kv_heads, 1, width), dtype=dtype,
-                                device=prompt_mask.device)
-        self.mask[..., :prompt_width].masked_fill_(prompt_mask[:, None, None, :] == 0,
-                                                    float("-inf"))
+        self.mask = torch.zeros((rows, width), dtype=dtype, device=prompt_mask.device)
+        self.mask[:, :prompt_width].masked_fill_(prompt_mask == 0, float("-inf"))
         self.fused = FusedLayer.of_model(model) if dtype == torch.float32 else None
         self.positions = prompt_mask.sum(-1, keepdim=True)   # next position of every row
         self.live = torch.arange(rows, device=prompt_mask.device)  # buffer row of each live row
@@ -160,7 +161,7 @@ class StaticDecoder:
             # [rows, kv_heads, heads per kv head, head_dim]: grouped-query heads share keys.
             q = q.reshape(rows, kv_heads, heads // kv_heads, self.head_dim)
             scores = torch.matmul(q, keys[:, :, :column + 1].transpose(-1, -2)) * self.scaling
-            scores = scores + self.mask[..., :column + 1]
+            scores = scores + self.mask[:, None, None, :column + 1]
             out = torch.matmul(torch.softmax(scores.float(), -1).to(q.dtype),
                                values[:, :, :column + 1])
             hidden = hidden + attention.o_proj(out.reshape(rows, 1, heads * self.head_dim))
@@ -173,7 +174,7 @@ class StaticDecoder:
         rows, column, head_dim = hidden.shape[0], self.column, self.head_dim
         half = head_dim // 2
         for fused, keys, values in zip(self.fused, self.keys, self.values):
-            kv_heads, width = keys.shape[1], keys.shape[2]
+            kv_heads = keys.shape[1]
             heads = fused.heads
             x = fused.norm(hidden, fused.input_norm, fused.input_eps)
             qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)
@@ -185,16 +186,10 @@ class StaticDecoder:
             keys[:, :, column] = qk[:, heads:]
             values[:, :, column] = qkv[:, (heads + kv_heads) * head_dim:].view(
                 rows, kv_heads, head_dim)
-            # [rows * kv_heads, heads per kv head, head_dim]: grouped-query heads share keys.
-            q = qk[:, :heads].reshape(rows * kv_heads, heads // kv_heads, head_dim)
-            seen = column + 1
-            scores = torch.baddbmm(
-                self.mask.view(rows * kv_heads, 1, width)[..., :seen], q,
-                keys.view(rows * kv_heads, width, head_dim)[:, :seen].transpose(1, 2),
-                alpha=self.scaling)
-            out = torch.bmm(torch.softmax(scores, -1),
-                            values.view(rows * kv_heads, width, head_dim)[:, :seen])
-            hidden = fused.add_output(hidden, out.view(rows, heads * head_dim))
+            # [rows, kv_heads, heads per kv head, head_dim]: grouped-query heads share keys.
+            q = qk[:, :heads].view(rows, kv_heads, heads // kv_heads, head_dim)
+            out = fused.attend(q, keys, values, column + 1, scale=self.scaling, mask=self.mask)
+            hidden = fused.add_output(hidden, out.reshape(rows, heads * head_dim))
             x = fused.norm(hidden, fused.post_norm, fused.post_eps)
             gate_up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias)
             hidden = fused.add_down(hidden, fused.activation(gate_up))
@@ -222,6 +217,9 @@ class FusedLayer:
         self.post_eps = layer.post_attention_layernorm.variance_epsilon
         self.norm = rms_norm_function(self.input_norm.device)
         self.activation = swiglu_function(self.input_norm.device)
+        self.attend = (lambdapo_ext.decode_attention
+                       if has_kernel("decode_attention", self.input_norm.device.type.upper())
+                       else _attend)
         self.output, self.down = attention.o_proj, mlp.down_proj
 
     def add_output(self, hidden: Tensor, attended: Tensor) -> Tensor:
@@ -259,6 +257,21 @@ class FusedLayer:
     @classmethod
     def _plain_norm(cls, norm: nn.Module | None) -> bool:
         return is_plain_rms_norm(norm) and norm.weight.dtype == torch.float32
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, seen: int, *, scale: float,
+            mask: Tensor) -> Tensor:
+    """``lambdapo_ext.decode_attention`` in torch calls (where the library has no kernel):
+    the scale and mask inside the score matmul (``baddbmm``), softmax, the value matmul."""
+    rows, kv_heads, groups, head_dim = q.shape
+    width = keys.shape[2]
+    scores = torch.baddbmm(
+        mask[:, None, None, :seen].expand(rows, kv_heads, 1, seen).reshape(rows * kv_heads, 1,
+                                                                            seen),
+        q.reshape(rows * kv_heads, groups, head_dim),
+        keys.view(rows * kv_heads, width, head_dim)[:, :seen].transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, -1),
+                     values.view(rows * kv_heads, width, head_dim)[:, :seen])
 
 
 def _signed_sin(sin: Tensor) -> Tensor:
