@@ -116,11 +116,11 @@ def by_impl_size(rows: list[Result]) -> dict[tuple[str, str], Result]:
 
 
 def fastest_peer_and_copy_targets(rows: list[Result], device: str, peer_names: tuple[str, ...],
-                                  copy_passes: float) -> list[Target]:
-    """The targets of the elementwise and row ops (rms_norm, swiglu): lambdapo against the
-    fastest of ``peer_names`` that ran (>= 1x) at each size, and on CUDA fwd+bwd against the
-    "copy" row of its shape (>= 80% of its rate for the least traffic: ``copy_passes``
-    copies' worth)."""
+                                  copy_passes: float | None = None) -> list[Target]:
+    """lambdapo against the fastest of ``peer_names`` that ran (>= 1x) at each size, and
+    with ``copy_passes`` (the elementwise and row ops), on CUDA fwd+bwd against the "copy"
+    row of its shape (>= 80% of its rate for the least traffic: ``copy_passes`` copies'
+    worth)."""
     index = by_impl_size(rows)
     out = []
     for size in dict.fromkeys(r.size for r in rows if r.impl == "lambdapo"):
@@ -130,7 +130,7 @@ def fastest_peer_and_copy_targets(rows: list[Result], device: str, peer_names: t
                           ratio(index, size, best, "lambdapo"), 1.0))
         copy = index.get(("copy", ",".join(size.split(",")[:3])))
         ours = index.get(("lambdapo", size))
-        if device == "cuda" and size.endswith("fwd+bwd"):
+        if copy_passes is not None and device == "cuda" and size.endswith("fwd+bwd"):
             share = (100 * copy_passes * copy.median_ms / ours.median_ms
                      if copy and ours and copy.median_ms and ours.median_ms else None)
             out.append(Target(size, "fwd+bwd share of the measured copy rate", share, 80.0,

@@ -12,6 +12,7 @@ the CPU kernels, so a wrong answer fails too.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -246,13 +247,31 @@ def swiglu_cases(gen: torch.Generator) -> None:
                **tol)
 
 
+def decode_attention_cases(gen: torch.Generator) -> None:
+    # Fewer columns than warps, head widths off the lane count, grouped heads, a fully masked
+    # row (NaN on both), against the CPU kernel.
+    for rows, kv_heads, groups, width, dim, seen, dtype in [
+            (1, 1, 1, 1, 1, 1, torch.float32), (3, 2, 7, 40, 64, 3, torch.float32),
+            (4, 2, 2, 300, 100, 257, torch.float32), (5, 1, 3, 64, 256, 64, torch.bfloat16)]:
+        q, keys, values = (torch.randn(rows, kv_heads, n, dim, generator=gen).to(dtype)
+                           for n in (groups, width, width))
+        mask = torch.zeros(rows, width).to(dtype)
+        mask[0] = -math.inf
+        results = [lp.decode_attention(*(t.to(device) for t in (q, keys, values)), seen,
+                                       scale=dim ** -0.5, mask=mask.to(device))
+                   for device in ("cpu", "cuda")]
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        _check(f"decode_attention B={rows} G={groups} D={dim} seen={seen} {dtype}",
+               (results[1].nan_to_num(7.0),), (results[0].nan_to_num(7.0),), **tol)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no GPU visible to torch", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(0)
     for cases in (lambda_advantages_cases, token_logprobs_cases, linear_token_logprobs_cases,
-                  overlap_cases, rms_norm_cases, swiglu_cases):
+                  overlap_cases, rms_norm_cases, swiglu_cases, decode_attention_cases):
         cases(gen)
     torch.cuda.synchronize()
     return 0
