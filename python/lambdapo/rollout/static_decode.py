@@ -98,18 +98,19 @@ class StaticDecoder:
         self.live = torch.arange(rows, device=prompt_mask.device)  # buffer row of each live row
         self.rotary_table = self._rotary_table(self.decoder.embed_tokens.weight, width)
 
-    def _rotary_table(self, like: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(cos, sin, :func:`_signed_sin`) [positions, head_dim] of every position
-        a step can reach, from the model's own rotary embedding once, for the rotary types
-        whose values depend on the position alone (not the dynamic ones, which rescale with
-        the sequence's length). Each step then looks its rows' positions up."""
+    def _rotary_table(self, like: Tensor, width: int) -> Tensor | None:
+        """cos, sin and :func:`_signed_sin` stacked, [positions, 3, head_dim], of every
+        position a step can reach, from the model's own rotary embedding once, for the rotary
+        types whose values depend on the position alone (not the dynamic ones, which rescale
+        with the sequence's length). Each step then looks its rows' positions up, all three
+        in one index."""
         rotary = self.decoder.rotary_emb
         if any(kind in str(getattr(rotary, "rope_type", "default")) for kind in ("dynamic",
                                                                                   "longrope")):
             return None
         positions = torch.arange(width, device=like.device).unsqueeze(0)
         cos, sin = rotary(like.new_empty((1, width, 1)), positions)
-        return cos[0], sin[0], _signed_sin(sin[0])
+        return torch.stack([cos[0], sin[0], _signed_sin(sin[0])], 1)
 
     def select(self, keep: Tensor) -> None:
         """Keeps the live rows at positions ``keep`` (of the current live rows)."""
@@ -131,7 +132,7 @@ class StaticDecoder:
             every[self.live] = tokens
         hidden = self.decoder.embed_tokens(every.unsqueeze(1))
         if self.rotary_table is not None:
-            cos, sin, signed = (t[self.positions] for t in self.rotary_table)
+            cos, sin, signed = self.rotary_table[self.positions].unbind(-2)
         else:
             cos, sin = self.decoder.rotary_emb(hidden, self.positions)
             signed = _signed_sin(sin)
