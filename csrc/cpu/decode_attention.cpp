@@ -1,7 +1,6 @@
 // CPU kernel of decode_attention: (row, key-value head) pairs in parallel; each reads its
-// keys once for all its query heads (scores into a small scratch row per head), takes the
-// softmax in the accumulation type, and reads its values once per query head, in loops the
-// compiler vectorizes per ISA. Three torch calls (baddbmm, softmax, bmm) and their [B, H, seen]
+// keys and then its values once for all its query heads (scores into a small scratch row per
+// head, the softmax in the accumulation type), in loops the compiler vectorizes per ISA. Three torch calls (baddbmm, softmax, bmm) and their [B, H, seen]
 // intermediates become one pass over the buffers.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -41,7 +40,8 @@ inline __attribute__((always_inline)) void attend_impl(
   const int64_t dim = kDim > 0 ? kDim : runtime_dim;
   acc_t* queries = scratch;                  // [groups, dim]
   acc_t* scores = queries + groups * dim;    // [groups, seen]
-  acc_t* sums = scores + groups * seen;      // [dim]
+  acc_t* sums = scores + groups * seen;      // [groups, dim]
+  acc_t* inverses = sums + groups * dim;     // [groups]
   for (int64_t i = 0; i < groups * dim; ++i) queries[i] = widen(q[i]) * scale;
   for (int64_t j = 0; j < seen; ++j) {
     const scalar_t* key = keys + j * dim;
@@ -64,17 +64,24 @@ inline __attribute__((always_inline)) void attend_impl(
       row[j] = exp_or_zero(row[j] - top);
       total += row[j];
     }
-    std::fill(sums, sums + dim, acc_t(0));
-    for (int64_t j = 0; j < seen; ++j) {
-      const scalar_t* value = values + j * dim;
-      const acc_t p = row[j];
+    inverses[g] = acc_t(1) / total;
+  }
+  // Each value row is read once for all the query heads of its key-value head.
+  std::fill(sums, sums + groups * dim, acc_t(0));
+  for (int64_t j = 0; j < seen; ++j) {
+    const scalar_t* value = values + j * dim;
+    for (int64_t g = 0; g < groups; ++g) {
+      const acc_t p = scores[g * seen + j];
+      acc_t* sum = sums + g * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) sums[d] += p * widen(value[d]);
+      for (int64_t d = 0; d < dim; ++d) sum[d] += p * widen(value[d]);
     }
-    const acc_t inverse = acc_t(1) / total;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const acc_t* sum = sums + g * dim;
     scalar_t* o = out + g * dim;
 #pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) o[d] = rounded<scalar_t>(sums[d] * inverse);
+    for (int64_t d = 0; d < dim; ++d) o[d] = rounded<scalar_t>(sum[d] * inverses[g]);
   }
 }
 
@@ -120,7 +127,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& keys,
     const scalar_t* mp = mc.defined() ? mc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(groups * (dim + seen) + dim);
+      std::vector<acc_t> scratch(groups * (2 * dim + seen + 1));
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / heads;
         attend(qp + bh * groups * dim, kp + bh * width * dim, vp + bh * width * dim,
