@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+import lambdapo_ext
 from lambdapo import policy
 from lambdapo.rollout import SamplingParams, TransformersEngine, static_decode
 
@@ -58,7 +59,10 @@ def test_static_decode_samples_what_transformers_samples(kind, temperature, devi
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_fused_steps_give_the_module_steps_logits(kind, device):
+@pytest.mark.parametrize("attention", ["decode_attention", "torch"])
+def test_fused_steps_give_the_module_steps_logits(kind, device, attention, monkeypatch):
+    if attention == "torch":   # as with a library that has no decode_attention kernel
+        monkeypatch.setattr(static_decode, "has_kernel", lambda op, backend: False)
     model = _model(kind, device)
     prompt = torch.tensor([[0, 1, 5, 9], [1, 6, 7, 8], [0, 0, 3, 4]], device=device)
     mask = (prompt > 0).long()
@@ -68,6 +72,8 @@ def test_fused_steps_give_the_module_steps_logits(kind, device):
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
         decoder = static_decode.StaticDecoder(model, out.past_key_values, mask, max_new_tokens=3)
         assert decoder.fused is not None
+        want = lambdapo_ext.decode_attention if attention != "torch" else static_decode._attend
+        assert decoder.fused[0].attend is want
         if not fused:
             decoder.fused = None
         ids = lambda *t: torch.tensor(t, device=device)  # noqa: E731
@@ -265,8 +271,6 @@ def test_fused_swiglu_mlp_with_biases_and_under_autocast(monkeypatch):
     assert low.dtype == want.dtype
     torch.testing.assert_close(low.float(), want.float(), rtol=0.05, atol=0.05)
     # Mixed dtypes outside autocast keep the module's own forward (here, its error).
-    import lambdapo_ext
-
     def not_this_path(gate_up):
         raise AssertionError("the fused path ran on mixed dtypes")
 
