@@ -8,15 +8,16 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <utility>
+
+#include "argument_checks.h"
 
 namespace lambdapo {
 
 inline void check_decode_attention_args(const char* op, const at::Tensor& q,
                                         const at::Tensor& keys, const at::Tensor& values,
                                         const at::Tensor& mask, int64_t seen, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
-                  q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kDouble,
-              op, ": q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
+  check_float_dtype(op, "q", q);
   TORCH_CHECK(q.dim() == 4 && q.size(3) > 0 && q.size(2) > 0, op,
               ": q must be [B, kv_heads, heads per kv head, head_dim] with non-empty heads, got "
               "shape ", q.sizes());

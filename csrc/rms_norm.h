@@ -8,6 +8,8 @@
 #include <cmath>
 #include <vector>
 
+#include "argument_checks.h"
+
 namespace lambdapo {
 
 // Rows per partial sum of the weight gradient: partials of fixed row blocks, added in
@@ -26,9 +28,7 @@ inline std::vector<int64_t> rms_norm_rows_shape(const at::Tensor& x) {
 
 inline void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                 double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kDouble,
-              op, ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  check_float_dtype(op, "x", x);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op,
               ": x must have a non-empty last (normalized) dimension, got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op,

@@ -9,13 +9,12 @@
 
 #include <vector>
 
+#include "argument_checks.h"
+
 namespace lambdapo {
 
 inline void check_swiglu_args(const char* op, const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kHalf ||
-                  gate_up.scalar_type() == at::kBFloat16 || gate_up.scalar_type() == at::kDouble,
-              op, ": gate_up must be float32, float16, bfloat16 or float64, got ",
-              gate_up.scalar_type());
+  check_float_dtype(op, "gate_up", gate_up);
   TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) > 0 && gate_up.size(-1) % 2 == 0, op,
               ": gate_up must have an even, non-zero last dimension (gate then up), got shape ",
               gate_up.sizes());

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "argument_checks.h"
+
 namespace lambdapo {
 
 // Probabilities, log-probs and entropies come out in float32, or float64 for float64
@@ -21,10 +23,7 @@ inline at::ScalarType token_logprobs_result_dtype(at::ScalarType logits_dtype) {
 
 inline void check_token_logprobs_args(const char* op, const at::Tensor& logits,
                                       const at::Tensor& targets, double temperature) {
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
-                  logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kDouble,
-              op, ": logits must be float32, float16, bfloat16 or float64, got ",
-              logits.scalar_type());
+  check_float_dtype(op, "logits", logits);
   TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, op,
               ": logits must have a non-empty last (vocabulary) dimension, got shape ",
               logits.sizes());

@@ -516,12 +516,17 @@ def _check_same_device(op: str, first: tuple[str, Tensor], *others: tuple[str, T
                                  f"{tensor.device}")
 
 
+def _check_float_dtype(op: str, name: str, tensor: Tensor) -> None:
+    """Fake-kernel check (trace time) of the floating dtypes every float op takes."""
+    torch._check(tensor.dtype in _FLOAT_DTYPES,
+                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got "
+                         f"{tensor.dtype}")
+
+
 def _check_logprob_args(op: str, inputs: tuple[str, Tensor], targets: Tensor) -> None:
     """The shape/dtype/device checks of the log-prob kernels, at trace time."""
     name, x = inputs
-    torch._check(x.dtype in _FLOAT_DTYPES,
-                 lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got "
-                         f"{x.dtype}")
+    _check_float_dtype(op, name, x)
     torch._check(x.dim() >= 1, lambda: f"{op}: {name} must have at least one dimension")
     torch._check(targets.dtype in _ID_DTYPES,
                  lambda: f"{op}: targets must be int64 or int32, got {targets.dtype}")
@@ -681,9 +686,7 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("lambdapo::rms_norm_forward")
     def _rms_norm_forward_fake(x, weight, eps):
-        torch._check(x.dtype in _FLOAT_DTYPES,
-                     lambda: f"rms_norm: x must be float32, float16, bfloat16 or float64, got "
-                             f"{x.dtype}")
+        _check_float_dtype("rms_norm", "x", x)
         torch._check(x.dim() >= 1, lambda: "rms_norm: x must have at least one dimension")
         torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
                      lambda: f"rms_norm: weight must have shape [{x.shape[-1]}] (the last "
@@ -720,9 +723,7 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("lambdapo::swiglu_forward")
     def _swiglu_forward_fake(gate_up):
-        torch._check(gate_up.dtype in _FLOAT_DTYPES,
-                     lambda: f"swiglu: gate_up must be float32, float16, bfloat16 or float64, "
-                             f"got {gate_up.dtype}")
+        _check_float_dtype("swiglu", "gate_up", gate_up)
         torch._check(gate_up.dim() >= 1 and gate_up.shape[-1] > 0 and gate_up.shape[-1] % 2 == 0,
                      lambda: f"swiglu: gate_up must have an even, non-zero last dimension "
                              f"(gate then up), got shape {tuple(gate_up.shape)}")
@@ -746,9 +747,7 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("lambdapo::decode_attention")
     def _decode_attention_fake(q, keys, values, mask, seen, scale):
-        torch._check(q.dtype in _FLOAT_DTYPES,
-                     lambda: f"decode_attention: q must be float32, float16, bfloat16 or "
-                             f"float64, got {q.dtype}")
+        _check_float_dtype("decode_attention", "q", q)
         torch._check(q.dim() == 4, lambda: f"decode_attention: q must be [B, kv_heads, heads "
                                            f"per kv head, head_dim], got shape {tuple(q.shape)}")
         for name, t in (("keys", keys), ("values", values)):

@@ -62,7 +62,7 @@ def test_static_decode_samples_what_transformers_samples(kind, temperature, devi
 @pytest.mark.parametrize("attention", ["decode_attention", "torch"])
 def test_fused_steps_give_the_module_steps_logits(kind, device, attention, monkeypatch):
     if attention == "torch":   # as with a library that has no decode_attention kernel
-        monkeypatch.setattr(static_decode, "has_kernel", lambda op, backend: False)
+        monkeypatch.setattr(static_decode, "has_device_kernel", lambda op, device: False)
     model = _model(kind, device)
     prompt = torch.tensor([[0, 1, 5, 9], [1, 6, 7, 8], [0, 0, 3, 4]], device=device)
     mask = (prompt > 0).long()

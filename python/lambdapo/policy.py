@@ -3,11 +3,11 @@ log-probs of responses through the fused ops of ``lambdapo_ext``.
 
 Every plain Llama-family RMSNorm of a loaded model runs through ``lambdapo_ext.rms_norm``
 (:func:`fuse_rms_norms`), and every plain gated MLP through one concatenated gate-and-up
-matmul and ``lambdapo_ext.swiglu`` (:func:`fuse_swiglu_mlps`). Log-probs come from ``lambdapo_ext.linear_token_logprobs`` on the
-decoder's final hidden states and the lm-head weight (no [N, V] logits tensor is
-materialised) whenever the model's head is a plain linear layer; models that transform their
-logits (soft-capping, scaling) go through their own forward and
-``lambdapo_ext.token_logprobs`` on the logits.
+matmul and ``lambdapo_ext.swiglu`` (:func:`fuse_swiglu_mlps`). Log-probs come from
+``lambdapo_ext.linear_token_logprobs`` on the decoder's final hidden states and the lm-head
+weight (no [N, V] logits tensor is materialised) whenever the model's head is a plain linear
+layer; models that transform their logits (soft-capping, scaling) go through their own
+forward and ``lambdapo_ext.token_logprobs`` on the logits.
 """
 
 from __future__ import annotations
@@ -101,6 +101,12 @@ def is_plain_rms_norm(module: nn.Module | None) -> bool:
             and module.weight.dim() == 1)
 
 
+def has_device_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``lambdapo::op`` has a kernel for ``device``'s type (False when the compiled
+    library did not load)."""
+    return has_kernel(op, device.type.upper())
+
+
 def _torch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
@@ -109,14 +115,11 @@ def _lambdapo_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return lambdapo_ext.rms_norm(x, weight, eps=eps)
 
 
-def _has_rms_norm_kernel(device: torch.device) -> bool:
-    return has_kernel("rms_norm_forward", device.type.upper())
-
-
 def rms_norm_function(device: torch.device) -> Callable[[Tensor, Tensor, float], Tensor]:
     """fn(x, weight, eps) -> RMSNorm of x: ``lambdapo_ext.rms_norm`` where the library has a
     kernel for ``device``, else ``torch.nn.functional.rms_norm``."""
-    return _lambdapo_rms_norm if _has_rms_norm_kernel(device) else _torch_rms_norm
+    fused = has_device_kernel("rms_norm_forward", device)
+    return _lambdapo_rms_norm if fused else _torch_rms_norm
 
 
 def _fused_rms_norm_forward(self: nn.Module, hidden: Tensor) -> Tensor:
@@ -135,8 +138,8 @@ def fuse_rms_norms(model: nn.Module) -> int:
     Returns:
         How many norms now run fused.
     """
-    norms = [m for m in model.modules()
-             if is_plain_rms_norm(m) and _has_rms_norm_kernel(m.weight.device)]
+    norms = [m for m in model.modules() if is_plain_rms_norm(m)
+             and has_device_kernel("rms_norm_forward", m.weight.device)]
     for norm in norms:
         norm.forward = types.MethodType(_fused_rms_norm_forward, norm)
     return len(norms)
@@ -162,16 +165,13 @@ def is_plain_gated_mlp(module: nn.Module | None) -> bool:
 def swiglu_function(device: torch.device) -> Callable[[Tensor], Tensor]:
     """fn(gate_up [..., 2I]) -> silu(gate) * up [..., I]: ``lambdapo_ext.swiglu`` where the
     library has a kernel for ``device``, else the same in torch ops."""
-    return lambdapo_ext.swiglu if _has_swiglu_kernel(device) else _torch_swiglu
+    fused = has_device_kernel("swiglu_forward", device)
+    return lambdapo_ext.swiglu if fused else _torch_swiglu
 
 
 def _torch_swiglu(gate_up: Tensor) -> Tensor:
     gate, up = gate_up.chunk(2, -1)
     return F.silu(gate) * up
-
-
-def _has_swiglu_kernel(device: torch.device) -> bool:
-    return has_kernel("swiglu_forward", device.type.upper())
 
 
 def _fused_swiglu_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -197,8 +197,8 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     Returns:
         How many MLPs now run fused.
     """
-    mlps = [m for m in model.modules()
-            if is_plain_gated_mlp(m) and _has_swiglu_kernel(m.gate_proj.weight.device)]
+    mlps = [m for m in model.modules() if is_plain_gated_mlp(m)
+            and has_device_kernel("swiglu_forward", m.gate_proj.weight.device)]
     for mlp in mlps:
         mlp.forward = types.MethodType(_fused_swiglu_mlp_forward, mlp)
     return len(mlps)

@@ -20,8 +20,8 @@ runs on the weights directly, with about a third of the calls: q, k and v in one
 are gate and up; the rotary embedding of q and k together; the attention scale and padding
 mask and the softmax in one pass over the buffers (``lambdapo_ext.decode_attention``); the
 residual adds inside the output matmuls (``addmm``); ``lambdapo_ext.rms_norm`` and
-``lambdapo_ext.swiglu``. On the small models of
-RL on a CPU a step's time is mostly the per-call cost of those many small ops.
+``lambdapo_ext.swiglu``. On the small models of RL on a CPU a step's time is mostly the
+per-call cost of those many small ops.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lambdapo_ext
-from lambdapo_ext._loader import has_kernel
 
-from ..policy import (cache_of, is_plain_rms_norm, positions_of, rms_norm_function,
-                      swiglu_function)
+from ..policy import (cache_of, has_device_kernel, is_plain_rms_norm, positions_of,
+                      rms_norm_function, swiglu_function)
 
 
 class StaticDecoder:
@@ -219,7 +218,7 @@ class FusedLayer:
         self.norm = rms_norm_function(self.input_norm.device)
         self.activation = swiglu_function(self.input_norm.device)
         self.attend = (lambdapo_ext.decode_attention
-                       if has_kernel("decode_attention", self.input_norm.device.type.upper())
+                       if has_device_kernel("decode_attention", self.input_norm.device)
                        else _attend)
         self.output, self.down = attention.o_proj, mlp.down_proj
 
