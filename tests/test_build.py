@@ -55,9 +55,9 @@ def test_avx2_clones_of_float_loops_are_vectorized():
     ymm_by_clone: dict[str, int] = {}
     clone = None
     for line in listing.splitlines():
-        header = re.match(r"^[0-9a-f]+ <(.+\.arch_x86_64_v3)>:$", line)
-        if header or re.match(r"^[0-9a-f]+ <", line):
-            clone = header.group(1) if header else None
+        header = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if header:
+            clone = header.group(1) if header.group(1).endswith(".arch_x86_64_v3") else None
             if clone:
                 ymm_by_clone[clone] = 0
         elif clone and "%ymm" in line:
