@@ -8,7 +8,7 @@ import torch
 from lambdapo import trainer as trainer_lib
 from lambdapo.config import load_config
 from lambdapo.batch import MicroBatch
-from lambdapo.policy import load_policy, response_logprobs
+from lambdapo.policy import load_policy, masked_rows, response_logprobs, select_cache_rows
 from lambdapo.rewards import MathVerifyReward, RewardError
 from lambdapo.rollout import SamplingParams, TransformersEngine
 from lambdapo.tasks import arithmetic
@@ -77,6 +77,37 @@ def test_separate_forward_is_not_run_on_the_fast_path(tmp_path, monkeypatch):
     trainer = Trainer(load_config(None, builtin_overrides(tmp_path / "fast")), progress=False)
     metrics = trainer.train_step()
     assert metrics["middle_time"] >= 0 and metrics["ratio"] == pytest.approx(1.0)
+
+
+def test_row_selections_equal_indexing_forward_and_backward():
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 3, generator=gen, requires_grad=True)
+    mask = torch.rand(4, 5, generator=gen) < 0.6
+    grad = torch.randn(int(mask.sum()), 3, generator=gen)
+    assert torch.equal(masked_rows(x, mask), x[mask])
+    assert type(masked_rows(x, mask).grad_fn).__name__ == "IndexSelectBackward0"
+    assert torch.equal(torch.autograd.grad(masked_rows(x, mask), x, grad)[0],
+                       torch.autograd.grad(x[mask], x, grad)[0])
+
+    keys = torch.randn(3, 2, 4, 8, generator=gen, requires_grad=True)
+    rows = torch.tensor([2, 0, 0, 1, 2, 2])
+    selected = []
+    for select in (select_cache_rows, lambda cache, r: cache.batch_select_indices(r)):
+        cache = DynamicCache()
+        for layer in range(2):
+            cache.update(keys * (layer + 1), -keys * (layer + 1), layer)
+        select(cache, rows)
+        names = {type(layer.keys.grad_fn).__name__ for layer in cache.layers}
+        selected_by_index_select = names == {"IndexSelectBackward0"}
+        out = torch.stack([t for layer in cache.layers for t in (layer.keys, layer.values)])
+        weights = torch.ones_like(out) + out.detach()
+        selected.append((out, torch.autograd.grad(out, keys, weights)[0], selected_by_index_select))
+    (ours, our_grad, fast), (theirs, their_grad, _) = selected
+    assert fast   # the backward that avoids an accumulating index_put_
+    assert ours.shape[1] == len(rows) and torch.equal(ours, theirs)
+    torch.testing.assert_close(our_grad, their_grad)
 
 
 def test_decode_loop_that_drops_finished_rows_equals_row_by_row(builtin):

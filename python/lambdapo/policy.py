@@ -241,6 +241,33 @@ def positions_of(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def masked_rows(x: Tensor, mask: Tensor) -> Tensor:
+    """``x[mask]`` for ``x`` [b, T, ...] and a bool ``mask`` [b, T], as an ``index_select``:
+    its backward is an ``index_add_``, where boolean indexing's is an accumulating
+    ``index_put_`` that took 3-10x longer on the CPU, and longer with two threads than with
+    one."""
+    return x.flatten(0, 1).index_select(0, mask.flatten().nonzero().squeeze(1))
+
+
+def select_cache_rows(cache, rows: Tensor) -> None:
+    """``cache.batch_select_indices(rows)``, with ``index_select`` where that method is
+    transformers' own for the cache and its layer (which index keys and values, a backward
+    as slow as :func:`masked_rows` avoids); a cache or layer with its own selection keeps
+    it."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    if type(cache).batch_select_indices is not Cache.batch_select_indices:
+        cache.batch_select_indices(rows)
+        return
+    for layer in cache.layers:
+        if (type(layer).batch_select_indices is DynamicLayer.batch_select_indices
+                and layer.get_seq_length() > 0):
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
+        else:
+            layer.batch_select_indices(rows)
+
+
 def _prediction_states(model, micro: MicroBatch, head: nn.Linear | None,
                        share_prompts: bool) -> Tensor:
     """[b, T, H] decoder states (``head`` given) or [b, T, V] logits from which response
@@ -266,11 +293,11 @@ def _prediction_states(model, micro: MicroBatch, head: nn.Linear | None,
     # continue it (differentiably), serves their responses.
     out = network(input_ids=micro.prompt_ids, attention_mask=micro.prompt_mask,
                   position_ids=positions, use_cache=True)
-    last = read(out)[micro.prompt_of_row, -1:]
+    last = read(out)[:, -1:].index_select(0, micro.prompt_of_row)
     if width == 1:
         return last
     cache = cache_of(out)
-    cache.batch_select_indices(micro.prompt_of_row)
+    select_cache_rows(cache, micro.prompt_of_row)
     out = network(input_ids=response_in, attention_mask=mask, position_ids=response_positions,
                   use_cache=True, **{cache_argument(network): cache})
     return torch.cat([last, read(out)], 1)
@@ -289,7 +316,7 @@ def response_logprobs(model, micro: MicroBatch, temperature: float, *,
     targets = micro.response_ids[mask]
     with autocast_context(device, autocast):
         head = _plain_linear_head(model)
-        states = _prediction_states(model, micro, head, share_prompts)[mask]
+        states = masked_rows(_prediction_states(model, micro, head, share_prompts), mask)
         if head is not None:
             weight = head.weight
             if autocast is not None:
