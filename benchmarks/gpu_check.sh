@@ -90,14 +90,14 @@ PY
 if has_stage badinputs; then
   # Every bad-input class of every op, each in its own process, CPU and CUDA (issue 13).
   run_stage "bad inputs (isolated, cpu+cuda)" 240 "$OUT/badinputs.log" \
-    $PY tests/test_bad_inputs.py --device all --jobs 8
+    $PY tests/ops/test_bad_inputs.py --device all --jobs 8
   grep -E "^[0-9]+ cases on" "$OUT/badinputs.log" | tail -1 | tee -a "$SUMMARY"
 fi
 
 if has_stage tests; then
   run_stage "pytest (CUDA cases)" 300 "$OUT/pytest.log" \
     $PY -m pytest -q -rfEs -p no:cacheprovider --timeout 240 tests -k "cuda or loader or build" \
-      --ignore tests/test_bad_inputs.py
+      --ignore tests/ops/test_bad_inputs.py
   grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
 fi
 

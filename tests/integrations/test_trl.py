@@ -137,12 +137,12 @@ def test_groups_spanning_two_processes_are_gathered(tmp_path):
     import sys
     from pathlib import Path
     make_tiny_model(tmp_path / "model")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(root), str(root / "python"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(root / "tests" / "trl_two_processes.py"), str(tmp_path)],
+         str(root / "tests" / "integrations" / "trl_two_processes.py"), str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
@@ -160,7 +160,7 @@ def test_the_gsm8k_example_runs(tmp_path):
             {"question": "2+2?", "answer": "2+2=<<2+2=4>>4\n#### 4"}]
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, str(root / "examples" / "trl" / "train_gsm8k.py"), "--model",
          str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out"),

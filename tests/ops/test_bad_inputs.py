@@ -3,13 +3,13 @@
 A case passes when the op raises an exception that names the offending argument (or, for a
 valid edge case or a strided input, returns the right result), the process survives, and on
 CUDA a small valid call afterwards still works. The cases and the forking server that runs them
-are in tests/bad_input_cases.py.
+are in tests/ops/bad_input_cases.py.
 
 As a script (for benchmarks/gpu_check.sh on a GPU machine), prints a table of case -> verdict
 and exits non-zero on any failure; --device all (the default) runs the CPU cases, and the CUDA
 ones when a GPU is visible:
 
-    python tests/test_bad_inputs.py [--device cpu|cuda|all] [--jobs 4] [-k token_logprobs/]
+    python tests/ops/test_bad_inputs.py [--device cpu|cuda|all] [--jobs 4] [-k token_logprobs/]
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import pytest
 from lambdapo import cli
 from lambdapo.config import TrainConfig, load_config
 from lambdapo.trainer import Trainer
-from test_training_faults import saved_run, workspace  # noqa: F401 (fixtures)
-from test_training_loop import overrides
+from test_faults import saved_run, workspace  # noqa: F401 (fixtures)
+from test_loop import overrides
 
 
 @pytest.mark.parametrize("argv,resume,rest", [

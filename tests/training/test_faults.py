@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from lambdapo import checkpoint as ckpt
 from lambdapo.config import load_config
 from lambdapo.trainer import Trainer
-from test_training_loop import TIMING, overrides
+from test_loop import TIMING, overrides
 from tiny_model import make_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------ checkpoint writes, small fakes

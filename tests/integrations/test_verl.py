@@ -24,7 +24,7 @@ import lambdapo_ext  # noqa: E402
 from lambdapo.integrations import verl as adapter  # noqa: E402
 from tiny_model import make_tiny_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GROUP, PROMPTS, WIDTH = 4, 3, 6
 
 

@@ -5,9 +5,9 @@ signal, never an abort, never a silently accepted call (issue 13). Each case is 
 forward and backward) on a small tensor; the server imports torch once and forks a fresh child
 per case, so a crash kills only that child and costs milliseconds, not a torch import.
 
-    python tests/bad_input_cases.py --case token_logprobs/range/target_ge_vocab --device cpu
+    python tests/ops/bad_input_cases.py --case token_logprobs/range/target_ge_vocab --device cpu
         runs one case in this process and prints its verdict (no isolation: for debugging)
-    python tests/bad_input_cases.py --serve
+    python tests/ops/bad_input_cases.py --serve
         the server: reads one JSON request per line, {"cases": [[id, device], ...],
         "jobs": N, "timeout_s": T}, and answers one JSON verdict per case, then {"done": true}
 

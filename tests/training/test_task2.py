@@ -15,7 +15,7 @@ from lambdapo.config import DataConfig
 from lambdapo.data import load_split
 from lambdapo.tasks import TASKS, arithmetic, chain
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(chain.__file__).resolve().parents[1] / "assets"
 ASSET = ASSETS / "tiny-chain"
 PROMPT = re.compile(r"^\d+(?:[+-]\d+)+=$")

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is in the [bench] extra")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import harness  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Choosing a rollout engine, and what a user sees when vLLM is not there (these run
-without vLLM; tests/test_training_vllm.py runs the engine itself)."""
+without vLLM; tests/training/test_vllm.py runs the engine itself)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Run by tests/test_integration_trl.py under torch.distributed.run with 2 CPU processes:
+"""Run by tests/integrations/test_trl.py under torch.distributed.run with 2 CPU processes:
 each group of 4 completions is split across the processes (2 per process), so LambdaPO
 must gather scores and rewards before the pairwise step. Every process checks that its
 advantages are its slice of lambda_advantages over the gathered batch."""
