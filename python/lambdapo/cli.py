@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -88,9 +89,11 @@ def _summary_line(summary: dict) -> str:
 
 
 def cmd_train(args) -> int:
+    from .process import configure_process
     from .trainer import Trainer
 
     config = config_lib.load_config(args.config, args.overrides)
+    configure_process(config)
     with Trainer(config, resume=args.resume, progress=not args.quiet,
                  allow_config_change=args.allow_config_change) as trainer:
         summary = trainer.train()
@@ -129,6 +132,7 @@ def eval_model_folder(path: str) -> str:
 
 
 def cmd_eval(args) -> int:
+    from .process import configure_process
     from .trainer import Trainer
 
     model = eval_model_folder(args.model)
@@ -143,6 +147,7 @@ def cmd_eval(args) -> int:
         config = config_lib.load_config(args.config, overrides)
         if args.dataset:   # the training data is not needed: point it at the eval data
             config.data.dataset = args.dataset
+        configure_process(config)
         with Trainer(config, progress=False) as trainer:
             start = time.perf_counter()
             pass1 = trainer.evaluate(temperature=0.0)
@@ -190,9 +195,25 @@ def _importable_working_directory() -> None:
         sys.path.append(cwd)
 
 
+class _ConsoleLog(logging.Handler):
+    """The ``lambdapo`` log on stderr, one line per record, written past a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(f"lambdapo: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must not end the run
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _importable_working_directory()
+    root = logging.getLogger("lambdapo")
+    console = _ConsoleLog(logging.INFO)
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
     shown_as = warnings.formatwarning
 
     def one_line(message, category, *args, **kwargs) -> str:
@@ -208,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = shown_as
+        root.removeHandler(console)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lambdapo_ext.ops import NORMALIZE_MODES
 
+from . import advantages
 from .loss import AGG_MODES, IS_LEVELS
+from .method import (NORMALIZE_MODES, SCORE_MODES, SEMANTIC_METRICS, LambdaSettings,
+                     SemanticDensitySettings)
 
 BUILTIN_MODEL = "builtin:tiny-arithmetic"
 
@@ -41,8 +43,11 @@ class ModelConfig:
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (autocast over fp32 master "
                                "weights)")
     attn_implementation: str = _f(
-        "auto", "auto (flash_attention_2 when flash-attn and a GPU are there, else sdpa) | sdpa | "
-                "eager | flash_attention_2")
+        "auto", "auto (flash_attention_2 on a GPU with flash-attn for a model that supports "
+                "it, else transformers' choice: sdpa where the model has it, else eager) | "
+                "sdpa | eager | flash_attention_2")
+    kernels: str = _f("none", "none | liger: Liger-Kernel's own patching of the model's family "
+                              "(RMSNorm, SwiGLU, RoPE; CUDA only, pip install liger-kernel)")
     trust_remote_code: bool = _f(False, "allow model code from the model directory")
 
 
@@ -77,6 +82,10 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling mass")
     top_k: int = _f(0, "top-k sampling (0: off)")
     max_new_tokens: int = _f(64, "response length limit")
+    static_decode: str = _f(
+        "auto", "transformers engine: the project's decode loop over preallocated key-value "
+                "buffers (auto: for the Llama-family models its probe accepts, else "
+                "transformers' generate) | on (required) | off (transformers' generate)")
     gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory (on CPU: of RAM) "
                                             "it reserves for weights and KV cache")
     kv_cache_gb: float = _f(0.0, "vllm: KV cache size in GiB (0: what "
@@ -105,6 +114,10 @@ class AlgorithmConfig:
                                   "trainer's log-probs (sequence: exp of the mean per-token "
                                   "log-ratio)")
     rollout_is_cap: float = _f(2.0, "truncation of that weight (verl's rollout_is_threshold)")
+    share_prompt_forward: str = _f(
+        "auto", "training forward: each prompt once, its key-value cache continued by every "
+                "response of it (auto: when a check on the first micro-batch agrees with the "
+                "plain forward) | on | off (each response runs with its prompt)")
 
 
 @dataclass
@@ -270,39 +283,34 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"config file {path}: YAML syntax error: {exc}") from None
 
 
-def _estimators() -> tuple[str, ...]:
-    from .advantages import ESTIMATORS   # the registry imports this module
-
-    return tuple(ESTIMATORS)
-
-
-def _score_modes() -> tuple[str, ...]:
-    from .advantages import SCORE_MODES
-
-    return SCORE_MODES
-
-
 # Allowed values per field. A callable reads them from the module that interprets the
 # field (its one owner); help_lines() shows those after the field's help.
 _CHOICES: dict[str, tuple | typing.Callable[[], tuple]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "model.kernels": ("none", "liger"),
+    "algorithm.share_prompt_forward": ("auto", "on", "off"),
     "data.chat_template": ("auto", "on", "off"),
     "rollout.engine": ("transformers", "vllm", "auto"),
+    "rollout.static_decode": ("auto", "on", "off"),
     "rollout.sleep_level": (0, 1, 2),
     "algorithm.rollout_is": lambda: IS_LEVELS,
-    "algorithm.adv_estimator": _estimators,
-    "algorithm.lambda_score": _score_modes,
-    "algorithm.lambda_normalize": lambda: NORMALIZE_MODES,
+    "algorithm.adv_estimator": lambda: tuple(advantages.ESTIMATORS),
     "algorithm.loss_agg_mode": lambda: AGG_MODES,
-    "reward.sd_metric": ("rouge_n", "rouge_l"),
     "reward.on_error": ("raise", "zero"),
     "optim.schedule": ("constant", "cosine"),
+}
+# The method's own settings: checked by lambdapo.method (the one home of those rules, shared
+# with the TRL and verl adapters); listed here for the help only.
+_METHOD_CHOICES = {
+    "algorithm.lambda_score": lambda: SCORE_MODES,
+    "algorithm.lambda_normalize": lambda: NORMALIZE_MODES,
+    "reward.sd_metric": lambda: SEMANTIC_METRICS,
 }
 
 _POSITIVE = ("rollout.group_size", "rollout.max_new_tokens", "steps", "prompts_per_step",
              "micro_batch_size", "eval_samples", "algorithm.ppo_epochs",
-             "algorithm.mini_batches", "reward.sd_max_n", "reward.timeout_s",
+             "algorithm.mini_batches", "reward.timeout_s",
              "rollout.weight_bucket_mb")
 
 
@@ -319,8 +327,36 @@ def get(config: TrainConfig, key: str) -> Any:
     return node
 
 
+def lambda_settings(config: TrainConfig) -> LambdaSettings:
+    """The run's lambda-advantage settings (``algorithm.lambda_*``), checked.
+
+    Raises:
+        ValueError: naming the invalid field.
+    """
+    algo = config.algorithm
+    return LambdaSettings.checked(
+        algo.lambda_beta, algo.lambda_score, algo.lambda_normalize,
+        names={key: f"config algorithm.lambda_{key}" for key in ("beta", "score", "normalize")})
+
+
+def semantic_density_settings(config: TrainConfig) -> SemanticDensitySettings:
+    """The run's semantic-density reward settings (``reward.lambda_sd``, ``sd_metric``,
+    ``sd_max_n``), checked.
+
+    Raises:
+        ValueError: naming the invalid field.
+    """
+    reward = config.reward
+    return SemanticDensitySettings.checked(
+        reward.lambda_sd, reward.sd_metric, reward.sd_max_n,
+        names={"weight": "config reward.lambda_sd", "metric": "config reward.sd_metric",
+               "max_n": "config reward.sd_max_n"})
+
+
 def validate(config: TrainConfig) -> None:
     """Raises ValueError naming the first field with an invalid value."""
+    lambda_settings(config)
+    semantic_density_settings(config)
     for key in _CHOICES:
         choices = allowed_values(key)
         if get(config, key) not in choices:
@@ -342,7 +378,7 @@ def validate(config: TrainConfig) -> None:
     if config.rollout.temperature <= 0:
         raise ValueError("config rollout.temperature: must be > 0 (sampling is required)")
     for key in ("algorithm.clip_low", "algorithm.clip_high", "algorithm.kl_coef",
-                "reward.lambda_sd", "optim.weight_decay", "optim.max_grad_norm", "optim.lr",
+                "optim.weight_decay", "optim.max_grad_norm", "optim.lr",
                 "optim.warmup_steps", "rollout.max_model_len", "rollout.kv_cache_gb",
                 "eval_every", "save_every", "threads", "log_samples", "checkpoint.keep_last",
                 "reward.workers"):
@@ -378,7 +414,8 @@ RESUMABLE_CHANGES = (
     "data.eval_split", "data.num_eval", "data.max_prompt_tokens", "rollout.engine",
     "rollout.gpu_memory_utilization", "rollout.kv_cache_gb", "rollout.max_model_len",
     "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error",
-    "reward.workers")
+    "reward.workers", "model.kernels", "model.attn_implementation", "rollout.static_decode",
+    "algorithm.share_prompt_forward")
 
 
 def _flatten(tree: dict) -> dict:
@@ -431,7 +468,7 @@ def help_lines(node: Any = None, prefix: str = "") -> list[str]:
         else:
             shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
             text = f.metadata.get("help", "")
-            choices = _CHOICES.get(prefix + f.name)
+            choices = _CHOICES.get(prefix + f.name) or _METHOD_CHOICES.get(prefix + f.name)
             if callable(choices):
                 text += ": " + " | ".join(str(c) for c in choices())
             lines.append(f"  {prefix + f.name + ' = ' + shown.strip():<44} {text}")

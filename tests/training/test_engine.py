@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from lambdapo import cli
-from lambdapo.rollout import vllm_engine
 from lambdapo.config import load_config
-from lambdapo.policy import load_policy
-from lambdapo.rollout import RolloutEngineError, TransformersEngine, build_engine
+from lambdapo.models import load_policy
+from lambdapo.rollout import vllm_engine
+from lambdapo.rollout.base import RolloutEngineError
+from lambdapo.rollout.engines import build_engine
+from lambdapo.rollout.transformers_engine import TransformersEngine
 from lambdapo.rollout.vllm_engine import layer_buckets
 
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from lambdapo import checkpoint as ckpt
-from lambdapo import cli, policy
+from lambdapo import cli, logprobs, prompt_sharing
 from lambdapo.batch import MicroBatch
 from lambdapo.config import load_config
-from lambdapo.policy import load_policy, response_logprobs
-from lambdapo.rollout import SamplingParams, TransformersEngine, process_logits
+from lambdapo.logprobs import plain_prediction_states, response_logprobs
+from lambdapo.models import load_policy
+from lambdapo.prompt_sharing import shared_prompt_states
+from lambdapo.rollout.base import SamplingParams
+from lambdapo.rollout.transformers_engine import TransformersEngine, process_logits
 from lambdapo.trainer import Trainer
 from tiny_model import make_tiny_model
 
@@ -56,7 +59,8 @@ def test_fused_logprobs_equal_the_models_logits(workspace, share_prompts):
                  [9, 10, 11]]
     micro = MicroBatch.from_sequences(prompts, responses, tok.pad_token_id, torch.device("cpu"))
     assert micro.prompt_ids.shape[0] == 2 and len(responses[0]) > 3
-    lp, h = response_logprobs(model, micro, temperature=0.7, share_prompts=share_prompts)
+    states = shared_prompt_states if share_prompts else plain_prediction_states
+    lp, h = response_logprobs(model, micro, temperature=0.7, states=states)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         logits = model(input_ids=torch.tensor([p + r])).logits[0]
         rows = torch.log_softmax(logits.float() / 0.7, -1)[len(p) - 1:len(p) + len(r) - 1]
@@ -76,8 +80,8 @@ def test_shared_prompt_gradients_equal_the_plain_forwards(workspace):
     micro = MicroBatch.from_sequences(prompts, responses, tok.pad_token_id, torch.device("cpu"))
     upstream = torch.randn(micro.response_ids.shape, generator=torch.Generator().manual_seed(0))
     grads = []
-    for share in (True, False):
-        lp, h = response_logprobs(model, micro, temperature=1.3, share_prompts=share)
+    for states in (shared_prompt_states, plain_prediction_states):
+        lp, h = response_logprobs(model, micro, temperature=1.3, states=states)
         grads.append(torch.autograd.grad((lp * upstream).sum() + (h * upstream).sum(),
                                          list(model.parameters())))
     for shared, plain in zip(*grads):
@@ -96,14 +100,12 @@ def test_prompt_sharing_check_accepts_rounding_and_refuses_wrong_states(workspac
                  for n in torch.randint(3, 40, (24,), generator=gen)]
     micro = MicroBatch.from_sequences([prompts[i % 3] for i in range(24)], responses,
                                       tok.pad_token_id, torch.device("cpu"))
-    assert policy.prompt_sharing_agrees(model, micro, 1.0, autocast=autocast)
-    states = policy._prediction_states
+    assert prompt_sharing.prompt_sharing_agrees(model, micro, 1.0, autocast=autocast)
 
-    def off_by_one(model, micro, head, share_prompts):   # a cache read at wrong positions
-        out = states(model, micro, head, share_prompts)
-        return out.roll(1, dims=1) if share_prompts else out
-    monkeypatch.setattr(policy, "_prediction_states", off_by_one)
-    assert not policy.prompt_sharing_agrees(model, micro, 1.0, autocast=autocast)
+    def off_by_one(network, micro, read):   # a cache read at wrong positions
+        return shared_prompt_states(network, micro, read).roll(1, dims=1)
+    monkeypatch.setattr(prompt_sharing, "shared_prompt_states", off_by_one)
+    assert not prompt_sharing.prompt_sharing_agrees(model, micro, 1.0, autocast=autocast)
 
 
 def test_prompt_sharing_check_falls_back_for_a_cache_that_cannot_be_shared(workspace,
@@ -115,12 +117,12 @@ def test_prompt_sharing_check_falls_back_for_a_cache_that_cannot_be_shared(works
                              torch.device("cpu"))
     micro = MicroBatch.from_sequences([[1, 5, 6]] * 2, [[7, 8], [9]], tok.pad_token_id,
                                       torch.device("cpu"))
-    assert policy.prompt_sharing_agrees(model, micro, 1.0)
+    assert prompt_sharing.prompt_sharing_agrees(model, micro, 1.0)
 
     def unsupported(self, indices):
         raise NotImplementedError("this cache cannot select rows")
     monkeypatch.setattr(DynamicCache, "batch_select_indices", unsupported)
-    assert not policy.prompt_sharing_agrees(model, micro, 1.0)
+    assert not prompt_sharing.prompt_sharing_agrees(model, micro, 1.0)
 
 
 def test_process_logits_top_k_and_top_p():
@@ -134,11 +136,13 @@ def test_process_logits_top_k_and_top_p():
     torch.testing.assert_close(lp, torch.log_softmax(logits / 2.0, -1))
 
 
-def test_engine_logprobs_agree_with_the_trainers(workspace):
+@pytest.mark.parametrize("static_decode", ["on", "off"])
+def test_engine_logprobs_agree_with_the_trainers(workspace, static_decode):
     root, model_dir = workspace
     model, tok = load_policy(load_config(None, [f"model.path={model_dir}"]).model,
                              torch.device("cpu"))
-    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=1)
+    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=1,
+                                static_decode=static_decode)
     prompts = [tok("1+2=")["input_ids"], tok("33+44=")["input_ids"]]
     rollout = engine.generate(prompts, SamplingParams(n=3, temperature=0.8, max_new_tokens=12))
     assert len(rollout.completion_ids) == 6
@@ -150,7 +154,8 @@ def test_engine_logprobs_agree_with_the_trainers(workspace):
         torch.testing.assert_close(lp[i, :len(sampled)], torch.tensor(sampled), rtol=1e-4,
                                    atol=1e-4)
     # The same seed draws the same samples.
-    again = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=1).generate(
+    again = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=1,
+                               static_decode=static_decode).generate(
         prompts, SamplingParams(n=3, temperature=0.8, max_new_tokens=12))
     assert again.completion_ids == rollout.completion_ids
 
@@ -262,7 +267,7 @@ def test_logits_fallback_equals_the_fused_path(workspace, monkeypatch):
     batch = MicroBatch.from_sequences([tok("12+3=")["input_ids"]] * 2, [[5, 6, 7], [8]], tok.pad_token_id,
                         torch.device("cpu"))
     fused = response_logprobs(model, batch, temperature=0.9)
-    monkeypatch.setattr(policy, "_plain_linear_head", lambda m: None)
+    monkeypatch.setattr(logprobs, "plain_linear_head", lambda m: None)
     fallback = response_logprobs(model, batch, temperature=0.9)
     for a, b in zip(fused, fallback):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -308,16 +313,16 @@ def test_rollout_correction_weights_the_update(workspace, level, cap, scale):
     def first_step(rollout_is: str) -> dict:
         extra = {"algorithm.rollout_is": rollout_is, "algorithm.rollout_is_cap": cap,
                  "optim.max_grad_norm": 0, "steps": 1}
-        trainer = Trainer(load_config(None, overrides(root, model_dir, f"is-{rollout_is}",
-                                                      **extra)), progress=False)
-        generate = trainer.engine.generate
+        with Trainer(load_config(None, overrides(root, model_dir, f"is-{rollout_is}", **extra)),
+                     progress=False) as trainer:
+            generate = trainer.engine.generate
 
-        def shifted(prompts, params):
-            rollout = generate(prompts, params)
-            rollout.logprobs = [[lp - 0.3 for lp in row] for row in rollout.logprobs]
-            return rollout
-        trainer.engine.generate = shifted
-        return trainer.train_step()
+            def shifted(prompts, params):
+                rollout = generate(prompts, params)
+                rollout.logprobs = [[lp - 0.3 for lp in row] for row in rollout.logprobs]
+                return rollout
+            trainer.engine.generate = shifted
+            return trainer.train_step()
 
     plain, corrected = first_step("none"), first_step(level)
     for m in (plain, corrected):

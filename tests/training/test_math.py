@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from lambdapo import advantages as adv
-from lambdapo.config import AlgorithmConfig
 from lambdapo.loss import BatchTotals, aggregate, k3_kl, policy_loss, rollout_is_weights
+from lambdapo.method import LambdaSettings
 
 
-def algo(**kwargs) -> AlgorithmConfig:
-    return AlgorithmConfig(**kwargs)
+def advantages(estimator: str, **settings) -> torch.Tensor:
+    return adv.compute_advantages(REWARDS, SCORES, estimator, LambdaSettings(**settings))
 
 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
@@ -20,7 +20,7 @@ SCORES = torch.tensor([[-0.1, -0.5, -0.2, -2.0], [-1.0, -1.0, -1.0, -1.0]])
 
 
 def test_grpo_by_hand():
-    a = adv.compute_advantages(REWARDS, SCORES, algo(adv_estimator="grpo"))
+    a = advantages("grpo")
     std = math.sqrt(((0.5 ** 2) * 4) / 3)  # sample std of [1, 0, 0, 1]
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]) / torch.tensor([[std + 1e-6],
                                                                                   [1e-6]])
@@ -28,16 +28,16 @@ def test_grpo_by_hand():
 
 
 def test_dr_grpo_and_rloo_by_hand():
-    d = adv.compute_advantages(REWARDS, SCORES, algo(adv_estimator="dr_grpo"))
+    d = advantages("dr_grpo")
     torch.testing.assert_close(d[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
-    r = adv.compute_advantages(REWARDS, SCORES, algo(adv_estimator="rloo"))
+    r = advantages("rloo")
     # r_0 - mean(0, 0, 1) = 1 - 1/3
     torch.testing.assert_close(r[0], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
     assert torch.count_nonzero(r[1]) == 0
 
 
 def test_lambdapo_by_hand_and_beta_zero_is_rloo():
-    a = adv.compute_advantages(REWARDS, SCORES, algo(adv_estimator="lambdapo", lambda_beta=1.0))
+    a = advantages("lambdapo", beta=1.0)
     s = SCORES[0]
 
     def w(i, j):
@@ -47,16 +47,15 @@ def test_lambdapo_by_hand_and_beta_zero_is_rloo():
                 for i in range(4)]
     torch.testing.assert_close(a[0], torch.tensor(expected, dtype=torch.float32))
     assert torch.count_nonzero(a[1]) == 0
-    zero = adv.compute_advantages(REWARDS, SCORES, algo(adv_estimator="lambdapo", lambda_beta=0.0))
-    torch.testing.assert_close(zero, adv.compute_advantages(REWARDS, SCORES,
-                                                            algo(adv_estimator="rloo")))
+    zero = advantages("lambdapo", beta=0.0)
+    torch.testing.assert_close(zero, advantages("rloo"))
 
 
 def test_estimator_errors():
     with pytest.raises(ValueError, match="adv_estimator"):
-        adv.compute_advantages(REWARDS, SCORES, algo(adv_estimator="ppo"))
+        advantages("ppo")
     with pytest.raises(ValueError, match="G=1"):
-        adv.compute_advantages(REWARDS[:, :1], SCORES[:, :1], algo())
+        adv.compute_advantages(REWARDS[:, :1], SCORES[:, :1], "lambdapo")
 
 
 def test_sequence_scores():
@@ -181,11 +180,12 @@ def test_a_registered_estimator_is_selectable_and_validated(monkeypatch):
     monkeypatch.setattr(adv, "ESTIMATORS", dict(adv.ESTIMATORS))
 
     @adv.register_estimator("best_of_group")
-    def best_of_group(rewards, scores, config):
+    def best_of_group(rewards, scores, settings):
         return (rewards == rewards.max(1, keepdim=True).values).float()
 
     config = config_lib.load_config(None, ["algorithm.adv_estimator=best_of_group"])
-    a = adv.compute_advantages(REWARDS, SCORES, config.algorithm)
+    a = adv.compute_advantages(REWARDS, SCORES, config.algorithm.adv_estimator,
+                               config_lib.lambda_settings(config))
     torch.testing.assert_close(a, torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 1]]))
     assert not adv.ESTIMATORS["best_of_group"].uses_scores
     assert "best_of_group" in "\n".join(config_lib.help_lines())
@@ -196,18 +196,24 @@ def test_a_registered_estimator_is_selectable_and_validated(monkeypatch):
 
 
 def test_choices_come_from_the_modules_that_interpret_them():
-    from lambdapo_ext.ops import NORMALIZE_MODES
+    from lambdapo_ext.advantages import NORMALIZE_MODES
 
     from lambdapo import config as config_lib
     from lambdapo.loss import AGG_MODES, IS_LEVELS
+    from lambdapo.method import SCORE_MODES
 
     assert config_lib.allowed_values("algorithm.adv_estimator") == tuple(adv.ESTIMATORS)
-    assert config_lib.allowed_values("algorithm.lambda_score") == adv.SCORE_MODES
-    assert config_lib.allowed_values("algorithm.lambda_normalize") == NORMALIZE_MODES
     assert config_lib.allowed_values("algorithm.loss_agg_mode") == AGG_MODES
     assert config_lib.allowed_values("algorithm.rollout_is") == IS_LEVELS
+    help_text = "\n".join(config_lib.help_lines())
+    assert " | ".join(SCORE_MODES) in help_text and " | ".join(NORMALIZE_MODES) in help_text
     for normalize in NORMALIZE_MODES:   # every mode the config accepts, the op runs
-        adv.compute_advantages(REWARDS, SCORES, algo(lambda_normalize=normalize))
+        advantages("lambdapo", normalize=normalize)
+    for key, value in (("algorithm.lambda_score", "max"), ("algorithm.lambda_normalize", "x"),
+                       ("algorithm.lambda_beta", "-1"), ("reward.sd_metric", "bleu"),
+                       ("reward.lambda_sd", "-0.1"), ("reward.sd_max_n", "0")):
+        with pytest.raises(ValueError, match=f"config {key}"):
+            config_lib.load_config(None, [f"{key}={value}"])
 
 
 def _padded_tokens(parts, lengths):
@@ -252,7 +258,7 @@ def test_micro_batch_plan_cuts_padding_where_it_pays():
 
 def test_rollout_batch_tensors_and_micro_batches():
     from lambdapo.batch import RolloutBatch
-    from lambdapo.rollout import Rollout
+    from lambdapo.rollout.base import Rollout
 
     prompts = [[1, 5], [1, 6, 7, 8]]
     rollout = Rollout([[9], [10, 11, 2], [], [12, 2]], [[-0.5], [-1, -2, -3], [], [-4, -5]],

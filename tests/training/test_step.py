@@ -6,11 +6,16 @@ import pytest
 import torch
 
 from lambdapo import trainer as trainer_lib
-from lambdapo.config import load_config
 from lambdapo.batch import MicroBatch
-from lambdapo.policy import load_policy, masked_rows, response_logprobs, select_cache_rows
+from lambdapo.behaviour import SeparateForward, UpdateForward
+from lambdapo.config import load_config
+from lambdapo.hf_compat import select_cache_rows
+from lambdapo.logprobs import masked_rows, response_logprobs
+from lambdapo.models import load_policy
+from lambdapo.process import configure_process
 from lambdapo.rewards import MathVerifyReward, RewardError
-from lambdapo.rollout import SamplingParams, TransformersEngine
+from lambdapo.rollout.base import SamplingParams
+from lambdapo.rollout.transformers_engine import TransformersEngine
 from lambdapo.tasks import arithmetic
 from lambdapo.trainer import Trainer
 
@@ -31,8 +36,8 @@ def builtin():
 
 def one_step(tmp_path, name, fused: bool, monkeypatch, **extra):
     extra = {"optim.lr": 0.0, **extra}
-    monkeypatch.setattr(trainer_lib.Trainer, "_behaviour_from_update",
-                        lambda self: fused)
+    monkeypatch.setattr(trainer_lib, "update_can_be_behaviour",
+                        lambda **conditions: (fused, "chosen by the test"))
     trainer = Trainer(load_config(None, builtin_overrides(tmp_path / name, **extra)),
                       progress=False)
     metrics = trainer.train_step()
@@ -60,7 +65,10 @@ def test_behaviour_forward_is_skipped_only_when_its_numbers_are_known(tmp_path):
     def decide(**extra):
         trainer = Trainer(load_config(None, builtin_overrides(tmp_path / "decide", **extra)),
                           progress=False)
-        return trainer._behaviour_from_update()
+        try:
+            return isinstance(trainer.behaviour, UpdateForward)
+        finally:
+            trainer.close()
 
     assert decide()
     assert not decide(**{"algorithm.ppo_epochs": 2})
@@ -73,7 +81,7 @@ def test_behaviour_forward_is_skipped_only_when_its_numbers_are_known(tmp_path):
 def test_separate_forward_is_not_run_on_the_fast_path(tmp_path, monkeypatch):
     def forbidden(self, *args):
         raise AssertionError("the behaviour forward ran")
-    monkeypatch.setattr(trainer_lib.Trainer, "_behaviour_logprobs", forbidden)
+    monkeypatch.setattr(SeparateForward, "prepare", forbidden)
     trainer = Trainer(load_config(None, builtin_overrides(tmp_path / "fast")), progress=False)
     metrics = trainer.train_step()
     assert metrics["middle_time"] >= 0 and metrics["ratio"] == pytest.approx(1.0)
@@ -111,11 +119,13 @@ def test_row_selections_equal_indexing_forward_and_backward():
     torch.testing.assert_close(our_grad, their_grad)
 
 
-def test_decode_loop_that_drops_finished_rows_equals_row_by_row(builtin):
+@pytest.mark.parametrize("static_decode", ["on", "off"])
+def test_decode_loop_that_drops_finished_rows_equals_row_by_row(builtin, static_decode):
     model, tok = builtin
     rows = arithmetic.generate("train", 6, seed=3)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows]
-    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id)
+    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id,
+                                static_decode=static_decode)
     params = SamplingParams(n=1, temperature=0, max_new_tokens=40)
     together = engine.generate(prompts, params)
     alone = [engine.generate([p], params) for p in prompts]
@@ -129,11 +139,13 @@ def test_decode_loop_that_drops_finished_rows_equals_row_by_row(builtin):
                                    rtol=1e-5)
 
 
-def test_sampled_logprobs_of_dropped_rows_are_the_trainers(builtin):
+@pytest.mark.parametrize("static_decode", ["on", "off"])
+def test_sampled_logprobs_of_dropped_rows_are_the_trainers(builtin, static_decode):
     model, tok = builtin
     rows = arithmetic.generate("train", 4, seed=5)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows]
-    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=2)
+    engine = TransformersEngine(model, tok.eos_token_id, tok.pad_token_id, seed=2,
+                                static_decode=static_decode)
     rollout = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=48))
     assert any(rollout.finished) and len({len(c) for c in rollout.completion_ids}) > 1
     seq_prompts = [p for p in prompts for _ in range(4)]
@@ -169,9 +181,11 @@ def test_rewards_verify_in_a_worker_while_the_first_forward_runs(tmp_path, monke
         seen.append(torch.get_num_threads()), forward(self, model, micro))[1])
     steps = {}
     for workers in (0, 1):
-        trainer = Trainer(load_config(None, builtin_overrides(
+        config = load_config(None, builtin_overrides(
             tmp_path / f"w{workers}", **{"threads": 2, "reward.workers": workers,
-                                         "optim.lr": 0.0})), progress=False)
+                                         "optim.lr": 0.0}))
+        configure_process(config)
+        trainer = Trainer(config, progress=False)
         try:
             seen.clear()
             steps[workers] = trainer.train_step()

@@ -13,9 +13,9 @@ if os.environ.get("LAMBDAPO_REQUIRE_VLLM") != "1":
 
 from lambdapo import cli  # noqa: E402
 from lambdapo.config import BUILTIN_MODEL, load_config  # noqa: E402
-from lambdapo.policy import load_policy, resolve_model_path  # noqa: E402
-from lambdapo.rollout import (RolloutEngineError, SamplingParams,  # noqa: E402
-                              TransformersEngine, process_logits)
+from lambdapo.models import load_policy, resolve_model_path  # noqa: E402
+from lambdapo.rollout.base import RolloutEngineError, SamplingParams  # noqa: E402
+from lambdapo.rollout.transformers_engine import TransformersEngine, process_logits  # noqa: E402
 from lambdapo.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from lambdapo.tasks import arithmetic  # noqa: E402
 from lambdapo.trainer import Trainer  # noqa: E402

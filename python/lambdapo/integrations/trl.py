@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 import lambdapo_ext
-from lambdapo_ext.ops import NORMALIZE_MODES
 
-from ..advantages import SCORE_MODES, sequence_scores
+from ..advantages import sequence_scores
+from ..method import LambdaSettings, SemanticDensitySettings
 from ..rewards import semantic_density_to_texts
 
 try:
@@ -68,22 +68,23 @@ class LambdaPOConfig(GRPOConfig):
         check_lambda_settings(self)
 
 
-def check_lambda_settings(args) -> None:
-    """Raises ValueError naming the first invalid LambdaPO setting of ``args``."""
-    beta = float(getattr(args, "lambda_beta", 1.0))
-    if beta != beta or abs(beta) == float("inf"):
-        raise ValueError(f"lambda_beta must be finite, got {beta}")
-    if getattr(args, "lambda_score", "mean") not in SCORE_MODES:
-        raise ValueError(f"lambda_score must be one of {SCORE_MODES}, got {args.lambda_score!r}")
-    if getattr(args, "lambda_normalize", "mean") not in NORMALIZE_MODES:
-        raise ValueError(f"lambda_normalize must be one of {NORMALIZE_MODES}, got "
-                         f"{args.lambda_normalize!r}")
-    if getattr(args, "semantic_density_weight", 0.0) < 0:
-        raise ValueError(f"semantic_density_weight must be >= 0, got "
-                         f"{args.semantic_density_weight}")
-    if getattr(args, "semantic_density_metric", "rouge_n") not in ("rouge_n", "rouge_l"):
-        raise ValueError(f"semantic_density_metric must be rouge_n or rouge_l, got "
-                         f"{args.semantic_density_metric!r}")
+def check_lambda_settings(args) -> tuple[LambdaSettings, SemanticDensitySettings]:
+    """The LambdaPO settings of ``args`` (a :class:`LambdaPOConfig`, or a plain
+    ``GRPOConfig``: the defaults), checked by :mod:`lambdapo.method`.
+
+    Raises:
+        ValueError: naming the first invalid setting.
+    """
+    lambda_settings = LambdaSettings.checked(
+        getattr(args, "lambda_beta", 1.0), getattr(args, "lambda_score", "mean"),
+        getattr(args, "lambda_normalize", "mean"))
+    density = SemanticDensitySettings.checked(
+        getattr(args, "semantic_density_weight", 0.0),
+        getattr(args, "semantic_density_metric", "rouge_n"),
+        getattr(args, "semantic_density_max_n", 2),
+        names={"weight": "semantic_density_weight", "metric": "semantic_density_metric",
+               "max_n": "semantic_density_max_n"})
+    return lambda_settings, density
 
 
 class SemanticDensityTextReward:
@@ -144,19 +145,19 @@ class LambdaPOTrainer(GRPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = LambdaPOConfig(output_dir=f"{str(name).split('/')[-1]}-LambdaPO")
-        check_lambda_settings(args)
+        self._lambda_settings, density = check_lambda_settings(args)
         if args.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("LambdaPOTrainer: multi_objective_aggregation must be "
                              "'sum_then_normalize' (LambdaPO compares weighted reward sums), "
                              f"got {args.multi_objective_aggregation!r}")
         self._semantic_density = None
-        weight = getattr(args, "semantic_density_weight", 0.0)
+        weight = density.weight
         if weight > 0:
             funcs = [] if reward_funcs is None else (
                 list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
             self._semantic_density = SemanticDensityTextReward(
-                solution_column=args.solution_column, metric=args.semantic_density_metric,
-                max_n=args.semantic_density_max_n)
+                solution_column=args.solution_column, metric=density.metric,
+                max_n=density.max_n)
             weights = args.reward_weights or [1.0] * len(funcs)
             args.reward_weights = list(weights) + [weight]
             reward_funcs = funcs + [self._semantic_density]
@@ -185,14 +186,13 @@ class LambdaPOTrainer(GRPOTrainer):
         if "tool_mask" in output:
             mask = mask * output["tool_mask"].float()
         logps = self._sampled_logps(output)
-        local_scores = sequence_scores(torch.nan_to_num(logps.float()), mask,
-                                       getattr(self.args, "lambda_score", "mean"))
+        settings = self._lambda_settings
+        local_scores = sequence_scores(torch.nan_to_num(logps.float()), mask, settings.score)
         scores = self.accelerator.gather(local_scores).to(device)
 
         advantages = lambdapo_ext.lambda_advantages(
             rewards.view(-1, group), scores.view(-1, group), mask=scored.view(-1, group),
-            beta=float(getattr(self.args, "lambda_beta", 1.0)),
-            normalize=getattr(self.args, "lambda_normalize", "mean")).view(-1)
+            beta=settings.beta, normalize=settings.normalize).view(-1)
         local = len(local_scores)
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start:start + local].to(output["advantages"].device)

@@ -51,6 +51,7 @@ from torch import Tensor
 import lambdapo_ext
 
 from ..advantages import sequence_scores
+from ..method import LambdaSettings, SemanticDensitySettings
 from ..rewards import semantic_density_to_texts
 
 logger = logging.getLogger(__name__)
@@ -105,9 +106,11 @@ def compute_lambdapo_advantage(token_level_rewards: Tensor, response_mask: Tenso
     Raises:
         ValueError: invalid settings in ``config``; log-probs of another shape.
     """
-    beta = float(_setting(config, "lambda_beta", 1.0))
-    how = _setting(config, "lambda_score", "mean")
-    normalize = _setting(config, "lambda_normalize", "mean")
+    settings = LambdaSettings.checked(
+        _setting(config, "lambda_beta", 1.0), _setting(config, "lambda_score", "mean"),
+        _setting(config, "lambda_normalize", "mean"),
+        names={key: f"algorithm.lambda_{key}" for key in ("beta", "score", "normalize")})
+    beta, how, normalize = settings.beta, settings.score, settings.normalize
     mask = response_mask.float()
     rewards = token_level_rewards.float().sum(dim=-1)
     log_probs = log_probs if log_probs is not None else _LOG_PROBS.get()
@@ -257,6 +260,10 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
     Raises:
         ValueError: no tokenizer, or an ``extra_info`` without ``solution_key``.
     """
+    settings = SemanticDensitySettings.checked(
+        lambda_sd, metric, max_n, names={"weight": "reward_kwargs.lambda_sd",
+                                         "metric": "reward_kwargs.metric",
+                                         "max_n": "reward_kwargs.max_n"})
     tok = _tokenizer(tokenizer)
     for i, info in enumerate(extra_infos):
         if not info or solution_key not in info:
@@ -265,12 +272,12 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
     tokenize = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     density = semantic_density_to_texts(
         [tokenize(s) for s in solution_strs], [str(info[solution_key]) for info in extra_infos],
-        tokenize, metric=metric, max_n=max_n)
+        tokenize, metric=settings.metric, max_n=settings.max_n)
     results = []
     for source, text, truth, info, sd in zip(data_sources, solution_strs, ground_truths,
                                              extra_infos, density):
         value = _outcome(outcome, source, text, truth, info, answer_marker)
-        results.append({"score": value + lambda_sd * sd, "outcome": value,
+        results.append({"score": value + settings.weight * sd, "outcome": value,
                         "semantic_density": sd})
     return results
 

