@@ -11,32 +11,26 @@ __version__ = "0.1.0"
 
 from lambdapo_ext._loader import build_info, library_error
 from lambdapo_ext.ops import (
-    decode_attention,
     lambda_advantages,
     lcs_length,
     linear_token_logprobs,
     ngram_overlap,
-    rms_norm,
     rouge_l,
     rouge_n,
     semantic_density,
-    swiglu,
     token_logprobs,
 )
 
 __all__ = [
     "__version__",
     "build_info",
-    "decode_attention",
     "lambda_advantages",
     "lcs_length",
     "library_error",
     "linear_token_logprobs",
     "ngram_overlap",
-    "rms_norm",
     "rouge_l",
     "rouge_n",
     "semantic_density",
-    "swiglu",
     "token_logprobs",
 ]

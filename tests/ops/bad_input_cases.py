@@ -65,9 +65,6 @@ DISPATCH_OPS = {
     "lcs_length": ("lcs_length",),
     "rouge_l": ("lcs_length",),
     "semantic_density": ("ngram_overlap", "lcs_length"),
-    "rms_norm": ("rms_norm_forward",),
-    "swiglu": ("swiglu_forward",),
-    "decode_attention": ("decode_attention",),
 }
 
 
@@ -697,206 +694,10 @@ def unchecked_overlap_cases(op: str) -> list[Case]:
             for name, make in UNCHECKED_OVERLAP_INPUTS]
 
 
-# ---------------------------------------------------------------- rms_norm
-R, D = 3, 8
-
-
-def _x(device: str, rows: int = R, d: int = D) -> torch.Tensor:
-    return torch.randn(rows, d, device=device)
-
-
-def _norm_weight(device: str, d: int = D) -> torch.Tensor:
-    return torch.rand(d, device=device) + 0.5
-
-
-def _rms(x, weight, **kwargs):
-    return lp.rms_norm(x, weight, **kwargs)
-
-
-def rms_norm_cases() -> list[Case]:
-    op = "rms_norm"
-    return [
-        Case(op, "shape", "weight_length_differs",
-             lambda d: _rms(_x(d), _norm_weight(d, D + 1)), ("weight",)),
-        Case(op, "shape", "weight_2d",
-             lambda d: _rms(_x(d), _norm_weight(d).unsqueeze(0)), ("weight",)),
-        Case(op, "shape", "x_scalar",
-             lambda d: _rms(torch.tensor(1.0, device=d), _norm_weight(d, 1)), ("x",)),
-        Case(op, "dtype", "int_x",
-             lambda d: _rms(_x(d).long(), _norm_weight(d).long()), ("x",)),
-        Case(op, "dtype", "weight_dtype_differs",
-             lambda d: _rms(_x(d), _norm_weight(d).half()), ("weight",)),
-        Case(op, "device", "weight_on_cpu",
-             lambda d: _rms(_x(d), _norm_weight("cpu")), ("weight",), cuda_only=True),
-        Case(op, "range", "weight_longer_than_x",
-             lambda d: _rms(_x(d, d=1), _norm_weight(d, 2)), ("weight",)),
-        Case(op, "nonfinite", "eps_nan",
-             lambda d: _rms(_x(d), _norm_weight(d), eps=math.nan), ("eps",)),
-        Case(op, "nonfinite", "eps_inf",
-             lambda d: _rms(_x(d), _norm_weight(d), eps=math.inf), ("eps",)),
-        Case(op, "empty", "zero_rows",
-             lambda d: _rms(_x(d, rows=0), _norm_weight(d)),
-             check=_shapes((0, D), torch.float32)),
-        Case(op, "empty", "zero_width",
-             lambda d: _rms(_x(d, d=0), _norm_weight(d, 0)), ("x",)),
-        Case(op, "scalar", "eps_negative",
-             lambda d: _rms(_x(d), _norm_weight(d), eps=-1e-6), ("eps",)),
-        Case(op, "memory", "x_transposed",
-             lambda d: _rms(_x(d, rows=D, d=R).t(), _norm_weight(d)), ("x",),
-             equal_to=lambda d: _rms(_x(d, rows=D, d=R).t().contiguous(), _norm_weight(d))),
-        Case(op, "memory", "x_expanded",
-             lambda d: _rms(_x(d, rows=1).expand(R, D), _norm_weight(d)), ("x",),
-             equal_to=lambda d: _rms(_x(d, rows=1).expand(R, D).contiguous(), _norm_weight(d))),
-        Case(op, "memory", "weight_strided",
-             lambda d: _rms(_x(d), _norm_weight(d, 2 * D)[::2]), ("weight",),
-             equal_to=lambda d: _rms(_x(d), _norm_weight(d, 2 * D)[::2].contiguous())),
-    ]
-
-
-# ---------------------------------------------------------------- swiglu
-W = 6   # I: gate_up is [R, 2 W]
-
-
-def _gate_up(device: str, rows: int = R, width: int = 2 * W) -> torch.Tensor:
-    return torch.randn(rows, width, device=device)
-
-
-def _swiglu(gate_up):
-    return lp.swiglu(gate_up)
-
-
-def _swiglu_backward(grad_y, gate_up):
-    return torch.ops.lambdapo.swiglu_backward(grad_y, gate_up)
-
-
-def _matches_swiglu_reference(values: list[float]) -> Callable[[Any], None]:
-    """check(): the result is the float64 reference's on gate = up = ``values``, rounded."""
-    def check(result):
-        x = torch.tensor(values, dtype=torch.float64)
-        want = (torch.nn.functional.silu(x) * x).float()
-        torch.testing.assert_close(result.cpu(), want.view(1, -1), rtol=1e-6, atol=1e-30)
-    return check
-
-
-def _nan_only_where_nan(result) -> None:
-    nan = result.isnan().cpu()
-    assert nan[0, 0] and not nan.flatten()[1:].any(), nan
-
-
-def swiglu_cases() -> list[Case]:
-    op = "swiglu"
-    extreme = [-1e30, -1e4, -80.0, -1.0, 0.0, 1e-30, 1.0, 80.0, 1e4, 1e18]
-    return [
-        Case(op, "shape", "odd_width",
-             lambda d: _swiglu(_gate_up(d, width=2 * W + 1)), ("gate_up",)),
-        Case(op, "shape", "backward_grad_y_full_width",
-             lambda d: _swiglu_backward(_gate_up(d), _gate_up(d)), ("grad_y",)),
-        Case(op, "dtype", "int_gate_up",
-             lambda d: _swiglu(_gate_up(d).long()), ("gate_up",)),
-        Case(op, "dtype", "backward_grad_y_half",
-             lambda d: _swiglu_backward(_gate_up(d, width=W).half(), _gate_up(d)), ("grad_y",)),
-        Case(op, "device", "backward_grad_y_on_cpu",
-             lambda d: _swiglu_backward(_gate_up("cpu", width=W), _gate_up(d)), ("grad_y",),
-             cuda_only=True),
-        Case(op, "range", "extreme_values",
-             lambda d: _swiglu(torch.tensor([extreme * 2], device=d)),
-             check=_matches_swiglu_reference(extreme)),
-        Case(op, "nonfinite", "nan_gate",
-             lambda d: _swiglu(_gate_up(d).index_put_((torch.tensor([0]), torch.tensor([0])),
-                                                      torch.tensor(math.nan))),
-             check=_nan_only_where_nan),
-        Case(op, "empty", "zero_rows",
-             lambda d: _swiglu(_gate_up(d, rows=0)), check=_shapes((0, W), torch.float32)),
-        Case(op, "empty", "zero_width",
-             lambda d: _swiglu(_gate_up(d, width=0)), ("gate_up",)),
-        Case(op, "scalar", "zero_dim_gate_up",
-             lambda d: _swiglu(torch.tensor(1.0, device=d)), ("gate_up",)),
-        Case(op, "memory", "gate_up_transposed",
-             lambda d: _swiglu(_gate_up(d, rows=2 * W, width=2 * R).t()), ("gate_up",),
-             equal_to=lambda d: _swiglu(_gate_up(d, rows=2 * W, width=2 * R).t().contiguous())),
-        Case(op, "memory", "gate_up_expanded",
-             lambda d: _swiglu(_gate_up(d, rows=1).expand(R, 2 * W)), ("gate_up",),
-             equal_to=lambda d: _swiglu(_gate_up(d, rows=1).expand(R, 2 * W).contiguous())),
-        # A contiguous view one element past an aligned start: no 16-byte packs.
-        Case(op, "memory", "gate_up_offset_view",
-             lambda d: _swiglu(_gate_up(d, rows=1, width=2 * R * 2 * W + 1)[0, 1:].view(
-                 2 * R, 2 * W)), ("gate_up",),
-             equal_to=lambda d: _swiglu(_gate_up(d, rows=1, width=2 * R * 2 * W + 1)[0, 1:]
-                                        .view(2 * R, 2 * W).clone())),
-    ]
-
-
-# ---------------------------------------------------------------- decode_attention
-B_DA, HKV, G_DA, W_DA, D_DA = 2, 2, 1, 5, 8
-
-
-def _attention_inputs(device: str, batch: int = B_DA, width: int = W_DA, dim: int = D_DA,
-                      dtype: torch.dtype = torch.float32):
-    q = torch.randn(batch, HKV, G_DA, dim, device=device, dtype=dtype)
-    keys = torch.randn(batch, HKV, width, dim, device=device, dtype=dtype)
-    values = torch.randn(batch, HKV, width, dim, device=device, dtype=dtype)
-    return q, keys, values, torch.zeros(batch, width, device=device, dtype=dtype)
-
-
-def _da(q, keys, values, mask=None, seen: int = W_DA, scale: float = 0.5):
-    return lp.decode_attention(q, keys, values, seen, scale=scale, mask=mask)
-
-
-def _da_with(device: str, **replace):
-    """decode_attention on the standard inputs with some of them replaced."""
-    q, keys, values, mask = _attention_inputs(device)
-    args = {"q": q, "keys": keys, "values": values, "mask": mask}
-    args.update({k: v(args[k]) if callable(v) else v for k, v in replace.items()
-                 if k in args})
-    return _da(args["q"], args["keys"], args["values"], args["mask"],
-               seen=replace.get("seen", W_DA), scale=replace.get("scale", 0.5))
-
-
-def decode_attention_cases() -> list[Case]:
-    op = "decode_attention"
-    return [
-        Case(op, "shape", "q_3d", lambda d: _da_with(d, q=lambda t: t[:, :, 0]), ("q",)),
-        Case(op, "shape", "keys_head_dim_differs",
-             lambda d: _da_with(d, keys=lambda t: t[..., :-1]), ("keys",)),
-        Case(op, "shape", "values_width_differs",
-             lambda d: _da_with(d, values=lambda t: t[:, :, :-1], seen=W_DA - 1), ("values",)),
-        Case(op, "shape", "mask_rows_differ",
-             lambda d: _da_with(d, mask=lambda t: t[:1]), ("mask",)),
-        Case(op, "dtype", "int_q", lambda d: _da_with(d, q=lambda t: t.long()), ("q",)),
-        Case(op, "dtype", "keys_bfloat16",
-             lambda d: _da_with(d, keys=lambda t: t.bfloat16()), ("keys",)),
-        Case(op, "dtype", "mask_bool", lambda d: _da_with(d, mask=lambda t: t.bool()), ("mask",)),
-        Case(op, "device", "keys_on_cpu", lambda d: _da_with(d, keys=lambda t: t.cpu()),
-             ("keys",), cuda_only=True),
-        Case(op, "device", "mask_on_cpu", lambda d: _da_with(d, mask=lambda t: t.cpu()),
-             ("mask",), cuda_only=True),
-        Case(op, "range", "seen_zero", lambda d: _da_with(d, seen=0), ("seen",)),
-        Case(op, "range", "seen_past_width", lambda d: _da_with(d, seen=W_DA + 1), ("seen",)),
-        Case(op, "range", "mask_shorter_than_seen",
-             lambda d: _da_with(d, mask=lambda t: t[:, :2]), ("mask",)),
-        Case(op, "range", "head_dim_over_256_on_cuda",
-             lambda d: _da(*_attention_inputs(d, dim=300)), ("q",), cuda_only=True),
-        Case(op, "nonfinite", "scale_nan", lambda d: _da_with(d, scale=math.nan), ("scale",)),
-        Case(op, "nonfinite", "scale_inf", lambda d: _da_with(d, scale=math.inf), ("scale",)),
-        Case(op, "empty", "zero_rows", lambda d: _da(*_attention_inputs(d, batch=0)),
-             check=_shapes((0, HKV, G_DA, D_DA), torch.float32)),
-        Case(op, "empty", "zero_head_dim", lambda d: _da(*_attention_inputs(d, dim=0)), ("q",)),
-        Case(op, "scalar", "seen_huge", lambda d: _da_with(d, seen=2**62), ("seen",)),
-        Case(op, "memory", "q_strided",
-             lambda d: _da_with(d, q=lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)),
-             ("q",), equal_to=lambda d: _da_with(d)),
-        Case(op, "memory", "keys_expanded",
-             lambda d: _da_with(d, keys=lambda t: t[:1].expand(B_DA, -1, -1, -1)), ("keys",),
-             equal_to=lambda d: _da_with(d, keys=lambda t: t[:1].expand(B_DA, -1, -1, -1)
-                                         .contiguous())),
-    ]
-
-
 # ---------------------------------------------------------------- registry
 OVERLAP_OPS = ("ngram_overlap", "rouge_n", "lcs_length", "rouge_l", "semantic_density")
 CASES: list[Case] = (token_logprobs_cases() + linear_token_logprobs_cases()
-                     + lambda_advantages_cases() + rms_norm_cases() + swiglu_cases()
-                     + decode_attention_cases()
+                     + lambda_advantages_cases()
                      + [c for op in OVERLAP_OPS for c in overlap_cases(op)]
                      + [c for op in OVERLAP_OPS for c in unchecked_overlap_cases(op)])
 CASES_BY_ID = {case.id: case for case in CASES}
@@ -911,12 +712,6 @@ def _smoke_call(op: str, device: str) -> Any:
         return _ltlp(_hidden(device), _weight(device), _targets(device))
     if op == "lambda_advantages":
         return _la(_rewards(device), _scores(device))
-    if op == "rms_norm":
-        return _rms(_x(device), _norm_weight(device))
-    if op == "swiglu":
-        return _swiglu(_gate_up(device))
-    if op == "decode_attention":
-        return _da(*_attention_inputs(device))
     return getattr(lp, op)(_cand(device), _ref(device), ref_index=_both(device))
 
 
