@@ -17,7 +17,7 @@ import sys
 import torch
 
 import lambdapo_ext as lp
-from lambdapo_ext.ops import NORMALIZE_MODES
+from lambdapo_ext.advantages import NORMALIZE_MODES
 
 
 def _check(name: str, got, expected, **tol) -> None:

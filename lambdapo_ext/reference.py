@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lambdapo_ext.ops import NORMALIZE_MODES
+from lambdapo_ext.advantages import NORMALIZE_MODES
+from lambdapo_ext.overlap import _as_sequences
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -128,8 +129,6 @@ def linear_token_logprobs(
 
 def _padded(seqs, name: str, device=None) -> tuple[Tensor, Tensor]:
     """Any accepted token-sequence form as padded ids [B, L] (pad -1) and lengths [B]."""
-    from lambdapo_ext.ops import _as_sequences  # pure Python input handling, no kernels
-
     values, starts, lengths = _as_sequences(seqs, name, device)
     width = int(lengths.max()) if lengths.numel() else 0
     pos = torch.arange(width, device=values.device)

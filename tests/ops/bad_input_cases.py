@@ -647,10 +647,10 @@ def unchecked_overlap_expected(op: str, cand, ref, ref_index: torch.Tensor, **kw
     validated op on the clipped sequences, an out-of-range ref_index meaning an empty
     reference, negative ids renamed one to one to non-negative ones (they compare like any
     other id). On the CPU."""
-    cands = clipped_sequences(*(t.cpu() for t in lp.ops._as_sequences(cand, "cand",
-                                                                    validate=False)))
-    refs = clipped_sequences(*(t.cpu() for t in lp.ops._as_sequences(ref, "ref",
-                                                                   validate=False)),
+    cands = clipped_sequences(*(t.cpu() for t in lp.overlap._as_sequences(cand, "cand",
+                                                                        validate=False)))
+    refs = clipped_sequences(*(t.cpu() for t in lp.overlap._as_sequences(ref, "ref",
+                                                                       validate=False)),
                              max_length=MAX_REFERENCE_TOKENS)
     paired = [refs[i] if 0 <= i < len(refs) else [] for i in ref_index.tolist()]
     low = min([0] + [t for seq in cands + paired for t in seq])
