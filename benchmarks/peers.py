@@ -76,31 +76,3 @@ def linear_peers(device: str) -> dict:
     except ImportError as exc:
         peers["liger_fused_linear"] = f"liger-kernel not importable ({exc.name})"
     return peers
-
-
-NORM_PEERS = ("liger_kernel",)
-SWIGLU_PEERS = ("liger_kernel",)
-
-
-def norm_peers(device: str) -> dict:
-    """Peers of rms_norm: name -> fn(x, weight, eps) -> y (Liger's Triton RMSNorm with
-    transformers' Llama casting)."""
-    if device != "cuda":
-        return {name: "CUDA only" for name in NORM_PEERS}
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-    except ImportError as exc:
-        return {"liger_kernel": f"liger-kernel not importable ({exc.name})"}
-    return {"liger_kernel": lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps)}
-
-
-def swiglu_peers(device: str) -> dict:
-    """Peers of swiglu: name -> fn(gate, up) -> silu(gate) * up (Liger's Triton SiLU-mul, on
-    separate gate and up tensors)."""
-    if device != "cuda":
-        return {name: "CUDA only" for name in SWIGLU_PEERS}
-    try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except ImportError as exc:
-        return {"liger_kernel": f"liger-kernel not importable ({exc.name})"}
-    return {"liger_kernel": LigerSiLUMulFunction.apply}

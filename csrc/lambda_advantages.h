@@ -16,7 +16,7 @@ namespace lambdapo {
 enum class Normalize : int { Mean = 0, None = 1, Std = 2 };
 
 // The normalize strings the kernels accept, the C++ owner of the list (Python's owner is
-// lambdapo_ext.ops.NORMALIZE_MODES; tests check that the two agree).
+// lambdapo_ext.advantages.NORMALIZE_MODES; tests check that the two agree).
 constexpr std::pair<std::string_view, Normalize> kNormalizeModes[] = {
     {"mean", Normalize::Mean}, {"none", Normalize::None}, {"std", Normalize::Std}};
 

@@ -53,21 +53,4 @@ TORCH_LIBRARY(lambdapo, m) {
       "lcs_length(Tensor cand_values, Tensor cand_starts, Tensor cand_lengths, "
       "Tensor ref_values, Tensor ref_starts, Tensor ref_lengths, Tensor ref_index, "
       "bool validate=True) -> (Tensor, Tensor, Tensor)");
-  // RMSNorm over the last dimension: returns (y, rstd), rstd float32 (float64 for float64
-  // x) of the leading shape; the backward returns (grad_x, grad_weight), each empty when
-  // output_mask leaves it out.
-  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def(
-      "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, "
-      "bool[2] output_mask) -> (Tensor, Tensor)");
-  // SwiGLU: y = silu(gate) * up over gate_up = [..., 2I] (gate, then up, on the last
-  // dimension), y [..., I]; the backward returns the gradient of gate_up, [..., 2I].
-  m.def("swiglu_forward(Tensor gate_up) -> Tensor");
-  m.def("swiglu_backward(Tensor grad_y, Tensor gate_up) -> Tensor");
-  // One decode step's attention: q [B, Hkv, G, D] over the first `seen` columns of the
-  // key and value buffers [B, Hkv, W, D], with mask [B, >= seen] added to the scores; returns
-  // [B, Hkv, G, D]. Inference only (no backward).
-  m.def(
-      "decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? mask, int seen, "
-      "float scale) -> Tensor");
 }

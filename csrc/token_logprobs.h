@@ -11,8 +11,6 @@
 #include <utility>
 #include <vector>
 
-#include "argument_checks.h"
-
 namespace lambdapo {
 
 // Probabilities, log-probs and entropies come out in float32, or float64 for float64
@@ -23,7 +21,11 @@ inline at::ScalarType token_logprobs_result_dtype(at::ScalarType logits_dtype) {
 
 inline void check_token_logprobs_args(const char* op, const at::Tensor& logits,
                                       const at::Tensor& targets, double temperature) {
-  check_float_dtype(op, "logits", logits);
+  // 16-bit and fp32 for use, fp64 for gradcheck.
+  const at::ScalarType dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  dtype == at::kDouble,
+              op, ": logits must be float32, float16, bfloat16 or float64, got ", dtype);
   TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, op,
               ": logits must have a non-empty last (vocabulary) dimension, got shape ",
               logits.sizes());

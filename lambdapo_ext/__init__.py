@@ -10,33 +10,20 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lambdapo_ext._loader import build_info, library_error
-from lambdapo_ext.ops import (
-    decode_attention,
-    lambda_advantages,
-    lcs_length,
-    linear_token_logprobs,
-    ngram_overlap,
-    rms_norm,
-    rouge_l,
-    rouge_n,
-    semantic_density,
-    swiglu,
-    token_logprobs,
-)
+from lambdapo_ext.advantages import lambda_advantages
+from lambdapo_ext.logprobs import linear_token_logprobs, token_logprobs
+from lambdapo_ext.overlap import lcs_length, ngram_overlap, rouge_l, rouge_n, semantic_density
 
 __all__ = [
     "__version__",
     "build_info",
-    "decode_attention",
     "lambda_advantages",
     "lcs_length",
     "library_error",
     "linear_token_logprobs",
     "ngram_overlap",
-    "rms_norm",
     "rouge_l",
     "rouge_n",
     "semantic_density",
-    "swiglu",
     "token_logprobs",
 ]

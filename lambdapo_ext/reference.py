@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lambdapo_ext.ops import NORMALIZE_MODES
+from lambdapo_ext.advantages import NORMALIZE_MODES
+from lambdapo_ext.overlap import _as_sequences
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -126,39 +127,8 @@ def linear_token_logprobs(
                           return_entropy=return_entropy)
 
 
-def rms_norm(x: Tensor, weight: Tensor, *, eps: float = 1e-6) -> Tensor:
-    """transformers' ``LlamaRMSNorm`` in the compute dtype (float32, float64 for float64),
-    rounded once to the dtype of ``x``."""
-    dtype = _compute_dtype(x, weight)
-    h = x.to(dtype)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.to(dtype) * h).to(x.dtype)
-
-
-def swiglu(gate_up: Tensor) -> Tensor:
-    """transformers' gated-MLP activation ``silu(gate) * up`` on the halves of the last
-    dimension, in the compute dtype (float32, float64 for float64), rounded once."""
-    dtype = _compute_dtype(gate_up)
-    gate, up = gate_up.to(dtype).chunk(2, -1)
-    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
-
-
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, seen: int, *, scale: float,
-                     mask: Tensor | None = None) -> Tensor:
-    """One decode step's attention in torch ops (a score matmul, softmax, a value matmul) in
-    the compute dtype, rounded once: ``q`` [B, Hkv, G, D] over the first ``seen`` columns of
-    ``keys``/``values`` [B, Hkv, W, D], ``mask`` [B, >= seen] added to the scores."""
-    dtype = _compute_dtype(q)
-    scores = scale * q.to(dtype) @ keys[:, :, :seen].to(dtype).transpose(-1, -2)
-    if mask is not None:
-        scores = scores + mask[:, None, None, :seen].to(dtype)
-    return (torch.softmax(scores, -1) @ values[:, :, :seen].to(dtype)).to(q.dtype)
-
-
 def _padded(seqs, name: str, device=None) -> tuple[Tensor, Tensor]:
     """Any accepted token-sequence form as padded ids [B, L] (pad -1) and lengths [B]."""
-    from lambdapo_ext.ops import _as_sequences  # pure Python input handling, no kernels
-
     values, starts, lengths = _as_sequences(seqs, name, device)
     width = int(lengths.max()) if lengths.numel() else 0
     pos = torch.arange(width, device=values.device)

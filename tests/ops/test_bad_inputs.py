@@ -2,19 +2,26 @@
 
 A case passes when the op raises an exception that names the offending argument (or, for a
 valid edge case or a strided input, returns the right result), the process survives, and on
-CUDA a small valid call afterwards still works. The cases and the forking server that runs them
-are in tests/ops/bad_input_cases.py.
+CUDA a small valid call afterwards still works. The cases are listed per op family in
+tests/ops/bad_inputs_{advantages,logprobs,overlap}.py; tests/ops/bad_input_runner.py judges
+them and holds the forking server that runs them.
 
 As a script (for benchmarks/gpu_check.sh on a GPU machine), prints a table of case -> verdict
 and exits non-zero on any failure; --device all (the default) runs the CPU cases, and the CUDA
 ones when a GPU is visible:
 
     python tests/ops/test_bad_inputs.py [--device cpu|cuda|all] [--jobs 4] [-k token_logprobs/]
+    python tests/ops/test_bad_inputs.py --case token_logprobs/range/target_ge_vocab --device cpu
+        runs one case in this process on each device and prints its verdict (no isolation:
+        for debugging)
+    python tests/ops/test_bad_inputs.py --serve
+        the case server that bad_input_runner.CaseServer starts (bad_input_runner.serve)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,10 +30,21 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bad_input_cases as cases  # noqa: E402
-from conftest import cuda_available_for  # noqa: E402
+import bad_input_runner as runner  # noqa: E402
+import bad_inputs_advantages  # noqa: E402
+import bad_inputs_logprobs  # noqa: E402
+import bad_inputs_overlap  # noqa: E402
 
 import lambdapo_ext  # noqa: E402
+from lambdapo_ext._loader import has_kernel  # noqa: E402
+
+FAMILIES = (bad_inputs_advantages, bad_inputs_logprobs, bad_inputs_overlap)
+CASES: list[runner.Case] = [case for family in FAMILIES for case in family.CASES]
+DISPATCH_OPS = {op: ops for family in FAMILIES for op, ops in family.DISPATCH_OPS.items()}
+SMOKE_CALLS = {op: call for family in FAMILIES for op, call in family.SMOKE_CALLS.items()}
+CASES_BY_ID = {case.id: case for case in CASES}
+assert len(CASES_BY_ID) == len(CASES), "duplicate case ids"
+CASES_BY_ID.update((case.id, case) for _, case in runner.SELFTEST_CASES)
 
 PUBLIC_OPS = sorted(name for name in lambdapo_ext.__all__
                     if name not in ("__version__", "build_info", "library_error"))
@@ -49,11 +67,18 @@ ISSUE_13_CASES = (
 
 def backend_present(op: str, device: str) -> bool:
     """CPU always; CUDA with a GPU and a CUDA kernel of every dispatcher op behind ``op``."""
-    return device == "cpu" or all(cuda_available_for(d) for d in cases.DISPATCH_OPS[op])
+    return device == "cpu" or (torch.cuda.is_available()
+                               and all(has_kernel(d, "CUDA") for d in DISPATCH_OPS[op]))
+
+
+def judge_case(case_id: str, device: str) -> dict[str, str]:
+    """The verdict of one case on one device, judged in this process."""
+    case = CASES_BY_ID[case_id]
+    return runner.judge(case, device, SMOKE_CALLS.get(case.op))
 
 
 def _params():
-    for case in cases.CASES:
+    for case in CASES:
         for device in case.devices:
             marks = () if device == "cpu" else pytest.mark.skipif(
                 not backend_present(case.op, device),
@@ -66,7 +91,7 @@ JOBS = min(4, os.cpu_count() or 1)
 
 @pytest.fixture(scope="module")
 def case_server():
-    with cases.CaseServer() as server:
+    with runner.CaseServer(__file__) as server:
         yield server
 
 
@@ -78,13 +103,13 @@ def selected_verdicts(request, case_server):
         params = getattr(item, "callspec", None) and item.callspec.params
         if item.module is request.module and params and "case_id" in params:
             case_id, device = params["case_id"], params["device"]
-            if backend_present(cases.CASES_BY_ID[case_id].op, device):
+            if backend_present(CASES_BY_ID[case_id].op, device):
                 requests.append((case_id, device))
     return {(v["case"], v["device"]): v for v in case_server.run(requests, jobs=JOBS)}
 
 
 def _failure(verdict: dict) -> str:
-    case = cases.CASES_BY_ID[verdict["case"]]
+    case = CASES_BY_ID[verdict["case"]]
     seen = f" [seen before: {case.issue}]" if case.issue else ""
     return f"{verdict['case']} on {verdict['device']}: {verdict['verdict']}{seen}: " \
            f"{verdict['detail']}"
@@ -97,32 +122,33 @@ def test_bad_input_is_rejected_by_name_without_a_crash(selected_verdicts, case_i
 
 
 def test_harness_tells_each_failure_apart(case_server):
-    requests = [(case.id, "cpu") for _, case in cases.SELFTEST_CASES]
+    requests = [(case.id, "cpu") for _, case in runner.SELFTEST_CASES]
     verdicts = {v["case"]: v["verdict"] for v in case_server.run(requests, jobs=2, timeout_s=2)}
-    assert verdicts == {case.id: expected for expected, case in cases.SELFTEST_CASES}
+    assert verdicts == {case.id: expected for expected, case in runner.SELFTEST_CASES}
 
 
 def test_an_argument_is_named_by_a_whole_word():
-    assert cases.names_argument("lcs_length: ref_values holds negative token ids", ["ref"])
-    assert cases.names_argument("cand offsets must be non-decreasing", ["cand"])
-    assert not cases.names_argument("lcs_length: ref_index must lie in [0, 1)", ["ref"])
-    assert not cases.names_argument("logits must be float32", ["targets", "logit"])
+    assert runner.names_argument("lcs_length: ref_values holds negative token ids", ["ref"])
+    assert runner.names_argument("cand offsets must be non-decreasing", ["cand"])
+    assert not runner.names_argument("lcs_length: ref_index must lie in [0, 1)", ["ref"])
+    assert not runner.names_argument("logits must be float32", ["targets", "logit"])
 
 
 def test_every_public_op_has_every_class():
-    assert PUBLIC_OPS == sorted(cases.DISPATCH_OPS), "a public op without bad-input cases"
+    assert PUBLIC_OPS == sorted(DISPATCH_OPS), "a public op without bad-input cases"
+    assert sorted(SMOKE_CALLS) == PUBLIC_OPS, "a public op without a smoke call"
     for op in PUBLIC_OPS:
-        kinds = {case.kind for case in cases.CASES if case.op == op}
-        cpu_kinds = {case.kind for case in cases.CASES if case.op == op and not case.cuda_only}
+        kinds = {case.kind for case in CASES if case.op == op}
+        cpu_kinds = {case.kind for case in CASES if case.op == op and not case.cuda_only}
         assert kinds == set(CLASSES), f"{op}: classes {sorted(kinds)}"
         # Mixed devices need a second real device: CUDA only.
         assert cpu_kinds == set(CLASSES) - {"device"}, f"{op}: CPU classes {sorted(cpu_kinds)}"
 
 
 def test_issue_13_cases_are_present():
-    missing = [case_id for case_id in ISSUE_13_CASES if case_id not in cases.CASES_BY_ID]
+    missing = [case_id for case_id in ISSUE_13_CASES if case_id not in CASES_BY_ID]
     assert not missing
-    assert all(cases.CASES_BY_ID[case_id].issue for case_id in ISSUE_13_CASES)
+    assert all(CASES_BY_ID[case_id].issue for case_id in ISSUE_13_CASES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,10 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="all: the CPU, and CUDA when a GPU is visible")
     parser.add_argument("--jobs", type=int, default=JOBS, help="cases running at once")
-    parser.add_argument("--timeout", type=int, default=cases.DEFAULT_TIMEOUT_S,
+    parser.add_argument("--timeout", type=int, default=runner.DEFAULT_TIMEOUT_S,
                         help="seconds per case")
     parser.add_argument("-k", dest="only", default="", help="only case ids containing this")
+    parser.add_argument("--case", help="run this case id in this process (no isolation)")
+    parser.add_argument("--serve", action="store_true",
+                        help="answer case requests on stdin (bad_input_runner.serve)")
     args = parser.parse_args(argv)
+    if args.serve:
+        runner.serve(judge_case)
+        return 0
     if lambdapo_ext.library_error():
         print(lambdapo_ext.library_error())
         return 2
@@ -143,16 +175,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     devices = (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]) \
         if args.device == "all" else [args.device]
+    if args.case:
+        if args.case not in CASES_BY_ID:
+            parser.error(f"no case {args.case!r}")
+        verdicts = [{"device": device, **judge_case(args.case, device)} for device in devices
+                    if device in CASES_BY_ID[args.case].devices]
+        for verdict in verdicts:
+            print(json.dumps(verdict))
+        return 0 if all(v["verdict"] == "ok" for v in verdicts) else 1
     requests, skipped = [], set()
     for device in devices:
-        for c in cases.CASES:
+        for c in CASES:
             if device in c.devices and args.only in c.id:
                 if backend_present(c.op, device):
                     requests.append((c.id, device))
                 else:
                     skipped.add(f"{c.op} on {device}")
     start = time.perf_counter()
-    with cases.CaseServer() as server:
+    with runner.CaseServer(__file__) as server:
         verdicts = {(v["case"], v["device"]): v
                     for v in server.run(requests, jobs=args.jobs, timeout_s=args.timeout)}
     width = max(len(case_id) for case_id, _ in requests)

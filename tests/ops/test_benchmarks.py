@@ -23,12 +23,7 @@ import harness  # noqa: E402
 # Implementations each op must list on both devices (peers included: a missing one is a
 # skip with its reason, never absent).
 EXPECTED = {
-    "bench_decode_attention": {"lambdapo", "torch_eager", "torch_baddbmm", "torch_sdpa",
-                               "torch_compile", "flash_attn"},
     "bench_lambda_advantages": {"lambdapo", "torch_eager", "torch_compile"},
-    "bench_rms_norm": {"lambdapo", "torch_eager", "torch_functional", "torch_compile",
-                       "liger_kernel"},
-    "bench_swiglu": {"lambdapo", "torch_eager", "torch_compile", "liger_kernel"},
     "bench_token_logprobs": {"lambdapo", "torch_eager", "torch_compile", "flash_attn_triton",
                              "liger_kernel"},
     "bench_linear_token_logprobs": {"lambdapo", "torch_eager", "torch_compile", "bare_matmuls",

@@ -4,8 +4,8 @@ CPU loops are vectorized for every ISA they are cloned for.
 A library carrying a private copy of libstdc++ formats numbers in TORCH_CHECK messages with
 the wrong locale facet: the message is cut at the first number, or the process crashes
 (issue 13). A loop whose lanes GCC may not evaluate unconditionally (trapping math) stays
-scalar in the AVX2 clone while the AVX-512 one is vectorized: 6x slower swiglu on an AVX2
-machine. These checks run against whatever build is installed, CPU or CUDA.
+scalar in the AVX2 clone while the AVX-512 one is vectorized: 6x slower on an AVX2 machine.
+These checks run against whatever build is installed, CPU or CUDA.
 """
 
 import platform
@@ -69,5 +69,10 @@ def test_avx2_clones_of_float_loops_are_vectorized():
     float_loops = {name: ymm for name, ymm in zip(names, ymm_by_clone.values())
                    if re.search(r"\((float|c10::Half|c10::BFloat16) const\*", name)}
     assert float_loops, "no AVX2 clones of float loops found in the library"
+    # The loops of the softmax blocks (both log-prob ops) and of lambda_advantages: a kernel
+    # whose loops lost their clones would otherwise go unchecked.
+    for loop in ("load_scaled", "block_exp_sums", "block_grad", "accumulate_pairs",
+                 "accumulate_lane_major"):
+        assert any(f"::{loop}(" in name for name in float_loops), f"no AVX2 clone of {loop}"
     scalar = [name for name, ymm in float_loops.items() if ymm == 0]
     assert not scalar, f"AVX2 clones without a vector instruction: {scalar}"

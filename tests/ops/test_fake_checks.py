@@ -7,7 +7,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lambdapo_ext
-from lambdapo_ext import ops
+from lambdapo_ext import (lambda_advantages, lcs_length, linear_token_logprobs, ngram_overlap,
+                          token_logprobs)
 
 L = torch.long
 
@@ -20,27 +21,27 @@ def _overlap_args(ref_index_len=2):
 
 CASES = {
     "token_logprobs targets shape": (
-        lambda: ops.token_logprobs(torch.randn(2, 3, 8), torch.zeros(2, 4, dtype=L)), "targets"),
+        lambda: token_logprobs(torch.randn(2, 3, 8), torch.zeros(2, 4, dtype=L)), "targets"),
     "token_logprobs int logits": (
-        lambda: ops.token_logprobs(torch.zeros(2, 8, dtype=L), torch.zeros(2, dtype=L)),
+        lambda: token_logprobs(torch.zeros(2, 8, dtype=L), torch.zeros(2, dtype=L)),
         "logits"),
     "linear hidden size": (
-        lambda: ops.linear_token_logprobs(torch.randn(4, 16), torch.randn(32, 8),
-                                          torch.zeros(4, dtype=L)), "weight"),
+        lambda: linear_token_logprobs(torch.randn(4, 16), torch.randn(32, 8),
+                                      torch.zeros(4, dtype=L)), "weight"),
     "linear bias shape": (
-        lambda: ops.linear_token_logprobs(torch.randn(4, 16), torch.randn(32, 16),
-                                          torch.zeros(4, dtype=L), bias=torch.randn(31)),
+        lambda: linear_token_logprobs(torch.randn(4, 16), torch.randn(32, 16),
+                                      torch.zeros(4, dtype=L), bias=torch.randn(31)),
         "bias"),
     "lambda mask shape": (
-        lambda: ops.lambda_advantages(torch.rand(2, 4), torch.rand(2, 4),
-                                      mask=torch.ones(2, 3, dtype=torch.bool)), "mask"),
+        lambda: lambda_advantages(torch.rand(2, 4), torch.rand(2, 4),
+                                  mask=torch.ones(2, 3, dtype=torch.bool)), "mask"),
     "lambda rewards rank": (
-        lambda: ops.lambda_advantages(torch.rand(8), torch.rand(8)), "rewards"),
+        lambda: lambda_advantages(torch.rand(8), torch.rand(8)), "rewards"),
     "ngram ref_index length": (
-        lambda: ops.ngram_overlap(**_overlap_args(ref_index_len=3), max_n=2, validate=False),
+        lambda: ngram_overlap(**_overlap_args(ref_index_len=3), max_n=2, validate=False),
         "ref_index"),
     "lcs ref_index length": (
-        lambda: ops.lcs_length(**_overlap_args(ref_index_len=1), validate=False), "ref_index"),
+        lambda: lcs_length(**_overlap_args(ref_index_len=1), validate=False), "ref_index"),
 }
 
 
@@ -57,12 +58,12 @@ def test_fake_kernels_reject_what_the_kernels_reject(case):
 
 def test_fake_kernels_accept_valid_inputs():
     with FakeTensorMode():
-        lp = ops.token_logprobs(torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=L))
-        lin = ops.linear_token_logprobs(torch.randn(4, 16), torch.randn(32, 16),
-                                        torch.zeros(4, dtype=L), bias=torch.randn(32),
-                                        chunk_size=4, vocab_chunk_size=32)
-        adv = ops.lambda_advantages(torch.rand(2, 4), torch.rand(2, 4))
-        lcs = ops.lcs_length(**_overlap_args(), validate=False)
+        lp = token_logprobs(torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=L))
+        lin = linear_token_logprobs(torch.randn(4, 16), torch.randn(32, 16),
+                                    torch.zeros(4, dtype=L), bias=torch.randn(32),
+                                    chunk_size=4, vocab_chunk_size=32)
+        adv = lambda_advantages(torch.rand(2, 4), torch.rand(2, 4))
+        lcs = lcs_length(**_overlap_args(), validate=False)
     assert lp.shape == (2, 3) and lin.shape == (4,) and adv.shape == (2, 4)
     assert lcs.shape == (2,)
 

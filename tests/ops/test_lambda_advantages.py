@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lambdapo_ext import lambda_advantages
 from lambdapo_ext import reference
-from lambdapo_ext.ops import NORMALIZE_MODES as NORMALIZE
+from lambdapo_ext.advantages import NORMALIZE_MODES as NORMALIZE
 from tests.conftest import devices, skip_without_cuda, to_device
 
 
@@ -291,8 +291,9 @@ def test_bad_normalize_through_the_raw_op():
 
 
 def test_kernel_accepts_exactly_the_python_normalize_modes():
-    """The C++ guard (kNormalizeModes) and lambdapo_ext.ops.NORMALIZE_MODES list the same
-    modes: each Python mode runs through the raw op, and the op's error lists exactly them."""
+    """The C++ guard (kNormalizeModes) and lambdapo_ext.advantages.NORMALIZE_MODES list the
+    same modes: each Python mode runs through the raw op, and the op's error lists exactly
+    them."""
     rewards, scores = random_groups(2, 5, seed=4)
     for mode in NORMALIZE:
         torch.ops.lambdapo.lambda_advantages(rewards, scores, None, None, 1.0, mode, 1e-6)

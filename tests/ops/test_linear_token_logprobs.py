@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lambdapo_ext import linear_token_logprobs, reference
-from lambdapo_ext.ops import default_chunk_size
+from lambdapo_ext.logprobs import default_chunk_size
 from tests.conftest import devices, skip_without_cuda, to_device
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lambdapo_ext as ops
-from bad_input_cases import MAX_REFERENCE_TOKENS, clipped_sequences
+from bad_inputs_overlap import MAX_REFERENCE_TOKENS, clipped_sequences
 from tests.conftest import skip_without_cuda
 
 
