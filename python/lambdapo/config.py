@@ -251,16 +251,19 @@ def parse_overrides(items: list[str]) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``
-    (``section.field=value``). Raises ValueError naming the key for unknown keys or values
-    of the wrong type, and for invalid choices (see :func:`validate`)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: str | Path | None = None) -> TrainConfig:
+    """Defaults, then the YAML file ``base`` (a run's saved config.yaml, if any), then the
+    YAML file at ``path`` (if any), then ``overrides`` (``section.field=value``). Raises
+    ValueError naming the key for unknown keys or values of the wrong type, and for invalid
+    choices (see :func:`validate`)."""
     config = TrainConfig()
-    if path:
-        data = _read_yaml(Path(path))
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a mapping at the top level")
-        _apply(config, data)
+    for file in (base, path):
+        if file:
+            data = _read_yaml(Path(file))
+            if not isinstance(data, dict):
+                raise ValueError(f"config file {file}: expected a mapping at the top level")
+            _apply(config, data)
     _apply(config, parse_overrides(overrides or []))
     validate(config)
     return config

@@ -46,7 +46,9 @@ from .prompt_sharing import PromptSharing
 from .rewards import MathVerifyReward, RewardManager
 from .rollout.base import SamplingParams
 from .rollout.engines import build_engine
+from .process import CpuContention
 from .scoring import PendingScores, ScoredBatch, Scorer
+from .stopping import GracefulStop
 
 log = logging.getLogger("lambdapo")
 
@@ -124,6 +126,8 @@ class Trainer:
             self.optimizer, _schedule(config.optim.schedule, config.optim.warmup_steps, total))
         self.shuffle = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
+        self._saved_step: int | None = None
+        self.cpu_watch = CpuContention(torch.get_num_threads(), active=self.device.type == "cpu")
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.elapsed_before = 0.0
@@ -323,15 +327,18 @@ class Trainer:
                                     "reward": reward}) + "\n")
 
     def save(self) -> Path:
+        """Checkpoints the run at its current step (:mod:`lambdapo.checkpoint`)."""
         state = {"sampler": self.sampler.state(), "history": self.history,
                  "eval_history": self.eval_history, "config": to_dict(self.config),
                  "elapsed": self.elapsed_before + self._elapsed()}
         rng = {"engine": self.engine.generator_state(), "shuffle": self.shuffle.get_state(),
                "torch": torch.get_rng_state()}
-        return ckpt.save_checkpoint(self.run_dir, self.step, model=self.model,
-                                    tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, rng=rng, state=state,
-                                    keep_last=self.config.checkpoint.keep_last)
+        folder = ckpt.save_checkpoint(self.run_dir, self.step, model=self.model,
+                                      tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, rng=rng, state=state,
+                                      keep_last=self.config.checkpoint.keep_last)
+        self._saved_step = self.step
+        return folder
 
     def _resume(self, where: str, allow_config_change: bool = False) -> None:
         folder = ckpt.find_checkpoint(self.run_dir if where == "auto" else where)
@@ -348,6 +355,9 @@ class Trainer:
                           f"{'; '.join(breaking + harmless)}", LambdapoWarning, stacklevel=3)
         ckpt.load_weights_into(self.model, folder)
         self.step = int(state["step"])
+        self._saved_step = self.step
+        log.info("resuming %s from step %d of %d (checkpoint %s)", self.run_dir, self.step,
+                 self.config.steps, folder)
         self.sampler.load_state(state["sampler"])
         self.history = state["history"]
         self.eval_history = state["eval_history"]
@@ -359,43 +369,45 @@ class Trainer:
     def _elapsed(self) -> float:
         return time.perf_counter() - self._start if hasattr(self, "_start") else 0.0
 
-    def train(self) -> dict:
-        """Runs the remaining steps; returns a summary (accuracy before/after, time)."""
+    def train(self, stop: GracefulStop | None = None) -> dict:
+        """Runs the remaining steps; returns a summary (accuracy before/after, time).
+
+        ``stop``: while it holds a requested signal (:mod:`lambdapo.stopping`) no further
+        step starts; the run then saves a checkpoint of its last finished step (unless it
+        has one), writes its plot and returns early with ``summary["stopped"]`` set to the
+        signal's name and ``summary["checkpoint"]`` to the checkpoint folder."""
         from tqdm.auto import tqdm
 
-        from .metrics import MetricsWriter, plot_curves, truncate_jsonl
+        from .metrics import MetricsWriter, truncate_jsonl
 
         cfg = self.config
         self._start = time.perf_counter()
         writer = MetricsWriter(self.run_dir, last_step=self.step)
         truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
+        stopped = lambda: stop is not None and stop.requested is not None  # noqa: E731
         if not self.eval_history:
-            before = self.evaluate()
-            self.eval_history.append({"step": 0, "accuracy": before.accuracy,
-                                      "reward": before.reward})
-            writer.scalars({"eval/accuracy": before.accuracy, "eval/reward": before.reward}, 0)
+            self._evaluate_into(writer)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
                    desc="lambdapo", unit="step", dynamic_ncols=True)
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and not stopped():
             metrics = self.train_step()
             self.history.append(metrics)
             writer.write(metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            self.cpu_watch.after_step()
+            if stopped():
+                break
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                result = self.evaluate()
-                self.eval_history.append({"step": self.step, "accuracy": result.accuracy,
-                                          "reward": result.reward})
-                writer.scalars({"eval/accuracy": result.accuracy,
-                                "eval/reward": result.reward}, self.step)
+                self._evaluate_into(writer)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 writer.flush()   # the events up to a checkpoint survive a kill after it
                 self.save()
         bar.close()
-        after = self.evaluate()
-        self.eval_history.append({"step": self.step, "accuracy": after.accuracy,
-                                  "reward": after.reward})
-        writer.scalars({"eval/accuracy": after.accuracy, "eval/reward": after.reward}, self.step)
+        if stopped():
+            writer.close()
+            return self._stopped_summary(stop.name)
+        after = self._evaluate_into(writer)
         self.save()
         elapsed = self.elapsed_before + self._elapsed()
         summary = {"engine": self.engine.name,
@@ -403,11 +415,45 @@ class Trainer:
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
                    "eval_samples": after.samples, "eval_history": self.eval_history}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self._plot()
+        writer.close()
+        return summary
+
+    def _evaluate_into(self, writer) -> EvalResult:
+        result = self.evaluate()
+        self.eval_history.append({"step": self.step, "accuracy": result.accuracy,
+                                  "reward": result.reward})
+        writer.scalars({"eval/accuracy": result.accuracy, "eval/reward": result.reward},
+                       self.step)
+        return result
+
+    def _plot(self) -> None:
+        from .metrics import plot_curves
+
+        cfg = self.config
         plot_curves(self.history, self.eval_history, self.run_dir / "curves.png",
                     title=f"{self.run_dir} (adv_estimator={cfg.algorithm.adv_estimator}, "
                           f"seed {cfg.seed})")
-        writer.close()
-        return summary
+
+    def _stopped_summary(self, signal_name: str) -> dict:
+        """After a stop request: the last finished step checkpointed (unless it is, or no
+        step ran), the plot written, one log line naming the checkpoint and the resume
+        command."""
+        checkpoint = None
+        if self.step > 0:
+            checkpoint = (self.run_dir / "checkpoints" / f"step-{self.step}")
+            if self._saved_step != self.step:
+                checkpoint = self.save()
+        self._plot()
+        if checkpoint is None:
+            log.info("stopped by %s before the first step; nothing to save", signal_name)
+        else:
+            log.info("stopped by %s after step %d of %d: checkpoint %s; continue with: "
+                     "lambdapo train --resume %s", signal_name, self.step, self.config.steps,
+                     checkpoint, self.run_dir)
+        return {"stopped": signal_name, "steps": self.step,
+                "checkpoint": None if checkpoint is None else str(checkpoint),
+                "eval_history": self.eval_history}
 
     def close(self) -> None:
         """Shuts the rollout engine down (a vLLM engine holds memory until then), stops the
