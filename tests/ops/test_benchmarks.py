@@ -291,3 +291,53 @@ def test_default_run_writes_nothing_tracked():
             if not folder_existed:
                 harness.OUT_DIR.rmdir()
 
+
+def test_results_md_is_generated_from_the_rows():
+    """benchmarks/RESULTS.md is what summarize.py makes of benchmarks/results/*.jsonl:
+    regenerate it (python benchmarks/summarize.py --markdown --write) after recording."""
+    import summarize
+
+    text = summarize.markdown()
+    assert (ROOT / "benchmarks/RESULTS.md").read_text() == text, (
+        "benchmarks/RESULTS.md is stale: python benchmarks/summarize.py --markdown --write")
+    for op in summarize.load_rows():
+        assert f"## {summarize.OPS.get(op, (op,))[0]}" in text
+    for removed in ("rms_norm", "swiglu", "decode_attention"):
+        assert f"## {removed}" not in text and not (
+            harness.RESULTS_DIR / f"{removed}.jsonl").exists()
+    # every table row names its machine, date and commit
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith(("| size", "| setting")):
+            assert re.search(r"\| \d{4}-\d\d-\d\d \| `[0-9a-f]{7}", line), line
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    base = {"device": "cpu", "device_name": "AMD EPYC (2 threads)", "torch": "2",
+            "op": "op", "status": "ok", "peak_mib": 1.0, "extra": {}}
+    path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+
+
+def test_markdown_takes_each_size_from_its_newest_run(tmp_path):
+    """A row's ratios come from its own run only: a peer measured in an older run is not
+    set against a newer lambdapo time; sizes the newest run lacks keep their older run."""
+    import summarize
+
+    old = {"date": "2026-01-01T00:00:00Z", "commit": "aaaaaaa"}
+    new = {"date": "2026-02-01T00:00:00Z", "commit": "bbbbbbb", "device_name": "Intel Xeon"}
+    _jsonl(tmp_path / "op.jsonl", [
+        {**old, "impl": "lambdapo", "size": "s1", "median_ms": 2.0},
+        {**old, "impl": "peer", "size": "s1", "median_ms": 6.0},
+        {**old, "impl": "lambdapo", "size": "s2", "median_ms": 1.0},
+        {**old, "impl": "peer", "size": "s2", "median_ms": 5.0},
+        {**new, "impl": "lambdapo", "size": "s1", "median_ms": 4.0},
+        {**new, "impl": "peer", "size": "s1", "status": "not run: CUDA only",
+         "median_ms": None},
+        {**old, "device": "cuda", "impl": "lambdapo", "size": "s1", "median_ms": 0.5}])
+    text = summarize.markdown(tmp_path)
+    cuda, cpu = text.split("### CUDA")[1].split("### CPU")
+    assert [line for line in cuda.splitlines() if line.startswith("| s") and not line.startswith("| size")] == [
+        "| s1 | 0.5 | 1.0 | AMD EPYC (2 threads) | 2026-01-01 | `aaaaaaa` |"]
+    rows = [line for line in cpu.splitlines() if line.startswith("| s") and not line.startswith("| size")]
+    assert rows == ["| s1 | 4 | 1.0 | - | Intel Xeon | 2026-02-01 | `bbbbbbb` |",
+                    "| s2 | 1 | 1.0 | 5.00x | AMD EPYC (2 threads) | 2026-01-01 | `aaaaaaa` |"]
+    assert "`-`: not run (peer at s1: CUDA only)." in text
