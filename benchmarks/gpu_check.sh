@@ -7,6 +7,9 @@
 #   benchmarks/gpu_check.sh                       # all stages: build badinputs tests sanitizer bench
 #   benchmarks/gpu_check.sh tests bench:token_logprobs,lambda_advantages
 #
+# The benchmark rows of this run go to $OUT/results/<op>.jsonl and, recorded (--record), to
+# the history benchmarks/results/<op>.jsonl, which is tarred to $OUT/results.tar.
+#
 # GPU_CHECK_BUDGET (seconds, default 1800) bounds the whole script: each stage is cut short
 # so that the summary still prints. Peer packages (liger-kernel, cut-cross-entropy,
 # rouge-score, flash-attn's Triton sources) are used when importable; wheels in .whl/ are
@@ -125,15 +128,18 @@ elif has_stage bench; then
   run_stage "ceilings" 60 "$OUT/bench.log" $PY benchmarks/gpu_ceilings.py
   grep '"copy_TB_per_s"' "$OUT/bench.log" | tail -1 | tee -a "$SUMMARY"
   first_line=$(( $(wc -l < "$OUT/bench.log") + 1 ))
-  # Each script runs its cases through pytest-benchmark: the ratio table and target lines
-  # go to bench.log, pytest-benchmark's JSON (every round, extra_info) to $OUT.
+  # Each script runs its cases through pytest-benchmark: progress lines, the ratio table and
+  # target lines go to bench.log, pytest-benchmark's JSON (every round, extra_info) to $OUT,
+  # the rows to $OUT/results/ and (--record) the history benchmarks/results/.
   for bench in $benches; do
     run_stage "bench $bench" 240 "$OUT/bench.log" \
-      $PY "benchmarks/bench_$bench.py" --device cuda --benchmark-json "$OUT/bench_$bench.json"
+      $PY "benchmarks/bench_$bench.py" --device cuda --record --out "$OUT/results" \
+        --benchmark-json "$OUT/bench_$bench.json"
   done
   tar -cf "$OUT/results.tar" benchmarks/results
-  $PY benchmarks/summarize.py --device cuda --since "$START" $benches | tee -a "$SUMMARY"
-  tail -n "+$first_line" "$OUT/bench.log" | grep -E '^target ' | tee -a "$SUMMARY"
+  $PY benchmarks/summarize.py --results "$OUT/results" --device cuda --since "$START" $benches \
+    | tee -a "$SUMMARY"
+  tail -n "+$first_line" "$OUT/bench.log" | grep -E '^(targets of |target )' | tee -a "$SUMMARY"
 fi
 echo
 echo "=== summary ($(( $(date +%s) - START )) s)"
