@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lambdapo_ext import _vocab_parallel
-from lambdapo_ext._checks import check_same_device
+from lambdapo_ext._checks import check_same_device, check_tensors
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 # Logits memory of one linear_token_logprobs tile when the chunk sizes are not given, and
@@ -93,10 +93,12 @@ def token_logprobs(
         ValueError: a target outside ``[0, V)`` that is not ``ignore_index`` (with
             ``validate``), a temperature <= 0, or (with ``validate`` and a process group)
             shards of unequal size (messages name the argument).
+        TypeError: ``logits`` or ``targets`` is not a tensor.
         RuntimeError: wrong dtype, shape, device or layout of ``logits``/``targets``, the
             compiled library is unavailable, or a process group without an initialized
             ``torch.distributed``.
     """
+    check_tensors("token_logprobs", logits=logits, targets=targets)
     require_library()
     if process_group is not None and _vocab_parallel.group_size(process_group) > 1:
         return _vocab_parallel.token_logprobs(
@@ -236,9 +238,12 @@ def linear_token_logprobs(
     Raises:
         ValueError: bad targets, temperature, chunk sizes, or a ``weight`` with no rows
             (messages name the argument).
+        TypeError: an input that is not a tensor.
         RuntimeError: dtype, shape or device mismatches, or the compiled library is
             unavailable.
     """
+    check_tensors("linear_token_logprobs", hidden=hidden, weight=weight, targets=targets,
+                  bias=bias)
     require_library()
     if weight.dim() == 2 and weight.shape[0] == 0:
         raise ValueError(f"linear_token_logprobs: weight must have at least one row (a "
