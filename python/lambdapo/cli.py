@@ -114,11 +114,12 @@ def train_config(args) -> tuple[config_lib.TrainConfig, str | None]:
 
 
 def run_folder(path: Path) -> Path:
-    """The training run folder that ``path`` (a run folder, its checkpoints/, or a
-    checkpoint folder in it) belongs to; ``path`` itself when it is none of these."""
+    """The training run folder that ``path`` (a run folder, its checkpoints/, a checkpoint
+    folder in it, or a LoRA run's merged/ model) belongs to; ``path`` itself when it is none
+    of these."""
     from . import checkpoint as ckpt
 
-    if path.name == "checkpoints":
+    if path.name in ("checkpoints", "merged") and (path.parent / "config.yaml").is_file():
         return path.parent
     if (path / ckpt.STATE_FILE).exists() and path.parent.name == "checkpoints":
         return path.parent.parent
@@ -182,7 +183,8 @@ def eval_model_folder(path: str) -> str:
     if folder.is_dir() and (folder / ckpt.STATE_FILE).exists():
         ckpt.verify_checkpoint(folder)
         return str(folder)
-    if folder.is_dir() and not (folder / "config.json").exists():
+    if folder.is_dir() and not (folder / "config.json").exists() and \
+            not (folder / "adapter_config.json").exists():
         raise ValueError(f"--model {path}: expected a model folder (with config.json), a "
                          f"checkpoint folder (checkpoints/step-N) or a training run folder "
                          f"(with checkpoints/latest)")
@@ -207,7 +209,9 @@ def cmd_eval(args) -> int:
         if saved is not None:
             print(f"lambdapo eval: the run's settings from {saved}"
                   + (f", then {' '.join(own)}" if own else ""), file=sys.stderr)
-        overrides = own + [f"model.path={model}", "steps=1", f"output_dir={scratch}"]
+        # A LoRA run's checkpoint loads as its base with the adapter merged: no new adapter.
+        overrides = own + [f"model.path={model}", "steps=1", f"output_dir={scratch}",
+                           "model.lora_rank=0"]
         config = config_lib.load_config(args.config, overrides, base=saved)
         if args.dataset:   # the training data is not needed: point it at the eval data
             config.data.dataset = args.dataset

@@ -82,6 +82,11 @@ def load_policy(config: ModelConfig, device: torch.device):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    adapter = path
+    if is_adapter_folder(path):   # a LoRA checkpoint: its base model, the adapter merged in
+        path = adapter_base(path)
+    else:
+        adapter = None
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     model_class = _causal_lm_class(model_config, config.trust_remote_code)
     attention = attention_implementation(config, model_class, device)
@@ -94,12 +99,38 @@ def load_policy(config: ModelConfig, device: torch.device):
             raise
         raise ValueError(f"model.attn_implementation={attention}: {exc} (model.attn_"
                          f"implementation=auto lets transformers choose)") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        # peft loads the adapter frozen; merged, the model is a plain, trainable one.
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().requires_grad_(True)
     log.info("model %s: %s, attention %s%s", config.path, type(model).__name__,
              model.config._attn_implementation,
              "" if config.attn_implementation != "auto" else " (auto)")
     model = model.to(device)
     apply_kernels(model, config.kernels)
     return model, tokenizer
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a peft adapter (a LoRA run's checkpoint) rather than a model."""
+    folder = Path(path)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model folder a saved adapter was trained on (its ``adapter_config.json``).
+
+    Raises:
+        FileNotFoundError: that base model folder does not exist any more.
+    """
+    import json
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not Path(base).exists():
+        raise FileNotFoundError(f"model.path {path}: a LoRA adapter whose base model {base} "
+                                f"does not exist here (use the run's merged/ model instead)")
+    return base
 
 
 def _causal_lm_class(model_config, trust_remote_code: bool) -> type:

@@ -40,6 +40,7 @@ from .config import (LambdapoWarning, TrainConfig, config_changes, lambda_settin
                      save_config, to_dict)
 from .data import PromptEncoder, PromptSampler, load_split
 from .logprobs import response_logprobs
+from .lora import adapter_disabled, apply_lora, load_adapter_weights, save_merged
 from .loss import BatchTotals, policy_loss
 from .models import autocast_dtype, load_policy, pick_device, resolve_model_path
 from .prompt_sharing import PromptSharing
@@ -101,14 +102,29 @@ class Trainer:
         self.device = pick_device(config.device)
         self.autocast = autocast_dtype(config.model)
         self.model, self.tokenizer = load_policy(config.model, self.device)
+        # With LoRA, self.model keeps peft's layers injected in place (every forward runs on
+        # it) and self.peft saves, loads and switches off the adapter.
+        self.peft = None
+        if config.model.lora_rank > 0:
+            self.peft = apply_lora(self.model, config.model.lora_rank, config.model.lora_alpha,
+                                   config.model.target_modules)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            log.info("LoRA rank %d on %s: %d trainable parameters of %d",
+                     config.model.lora_rank, config.model.target_modules, trainable,
+                     sum(p.numel() for p in self.model.parameters()))
+        if config.model.enable_gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.ref_model = None
-        if algo.kl_coef > 0:
+        if algo.kl_coef > 0 and self.peft is None:   # with LoRA: the base, adapter off
             self.ref_model, _ = load_policy(config.model, self.device)
             self.ref_model.eval().requires_grad_(False)
         self.pad = self.tokenizer.pad_token_id
         self.encoder = PromptEncoder(self.tokenizer, config.data)
-        self.prompt_sharing = PromptSharing(algo.share_prompt_forward)
+        self.prompt_sharing = PromptSharing(
+            algo.share_prompt_forward,
+            gradient_checkpointing=config.model.enable_gradient_checkpointing)
         self.rewards = RewardManager.from_config(config.reward)
         self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
                                                 config.reward.timeout_s, config.reward.workers)
@@ -118,7 +134,8 @@ class Trainer:
         self.train_rows = load_split(config.data, "train", config.seed)
         self.eval_rows = load_split(config.data, "eval", config.seed)
         self.sampler = PromptSampler(self.train_rows, config.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=config.optim.lr,
                                            betas=tuple(config.optim.betas),
                                            weight_decay=config.optim.weight_decay)
         total = config.steps * algo.ppo_epochs * algo.mini_batches
@@ -139,7 +156,7 @@ class Trainer:
         """The run's source of pi_old (:mod:`lambdapo.behaviour`), logged with its reason."""
         cfg, algo = self.config, self.config.algorithm
         correction = CorrectionSettings(algo.rollout_is, algo.rollout_is_cap)
-        reference = None if self.ref_model is None else self._reference_logprobs
+        reference = None if algo.kl_coef == 0 else self._reference_logprobs
         # The transformers engine samples with the trainer's own float32 model from the
         # unprocessed distribution: its log-probs are the trainer's numbers.
         engine_exact = (self.engine.name == "transformers" and self.autocast is None
@@ -263,6 +280,9 @@ class Trainer:
         return self._logprobs(self.model, micro)
 
     def _reference_logprobs(self, micro: MicroBatch) -> Tensor:
+        if self.peft is not None:
+            with adapter_disabled(self.peft):
+                return self._logprobs(self.model, micro)[0]
         return self._logprobs(self.ref_model, micro)[0]
 
     def update(self, batch: RolloutBatch, behaviour: StepBehaviour,
@@ -333,7 +353,8 @@ class Trainer:
                  "elapsed": self.elapsed_before + self._elapsed()}
         rng = {"engine": self.engine.generator_state(), "shuffle": self.shuffle.get_state(),
                "torch": torch.get_rng_state()}
-        folder = ckpt.save_checkpoint(self.run_dir, self.step, model=self.model,
+        folder = ckpt.save_checkpoint(self.run_dir, self.step,
+                                      model=self.model if self.peft is None else self.peft,
                                       tokenizer=self.tokenizer, optimizer=self.optimizer,
                                       scheduler=self.scheduler, rng=rng, state=state,
                                       keep_last=self.config.checkpoint.keep_last)
@@ -353,7 +374,10 @@ class Trainer:
         if breaking or harmless:
             warnings.warn(f"resuming {folder} with a changed config: "
                           f"{'; '.join(breaking + harmless)}", LambdapoWarning, stacklevel=3)
-        ckpt.load_weights_into(self.model, folder)
+        if self.peft is not None:
+            load_adapter_weights(self.peft, folder)
+        else:
+            ckpt.load_weights_into(self.model, folder)
         self.step = int(state["step"])
         self._saved_step = self.step
         log.info("resuming %s from step %d of %d (checkpoint %s)", self.run_dir, self.step,
@@ -414,6 +438,9 @@ class Trainer:
                    "accuracy_before": self.eval_history[0]["accuracy"],
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
                    "eval_samples": after.samples, "eval_history": self.eval_history}
+        if self.peft is not None:   # the adapter merged: a plain transformers folder
+            summary["merged_model"] = str(save_merged(self.model, self.tokenizer,
+                                                      self.run_dir / "merged"))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self._plot()
         writer.close()
