@@ -66,7 +66,10 @@ void forward_rows(const linear::Tile& tile, at::Tensor& state, bool first) {
         const int64_t n = std::min(kBlock, cols - b0);
         load_scaled(row + b0, buf.data(), n, inv_t);
         const acc_t bm = block_max(buf.data(), n);
-        if (bm == -std::numeric_limits<acc_t>::infinity()) continue;  // all -inf
+        if (bm == -std::numeric_limits<acc_t>::infinity()) {  // all -inf (or NaN)
+          if (block_has_nan(buf.data(), n)) s = std::numeric_limits<double>::quiet_NaN();
+          continue;
+        }
         acc_t bs, bt;
         block_exp_sums(buf.data(), n, bm, &bs, &bt);
         merge_state(m, s, t, bm, bs, bt);

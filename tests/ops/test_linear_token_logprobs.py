@@ -142,6 +142,40 @@ def test_gradient_of_logprobs_only_and_no_bias():
     torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-5, atol=1e-6)
 
 
+# (V, vocab_chunk_size, column): a NaN or inf logit at the first value a CUDA thread folds
+# (column 0, N*t of a vectorized tile, the first 256 columns of an odd tile), at tile edges,
+# and at the last column.
+NAN_COLUMNS = [(1000, 1000, 0), (1000, 1000, 4 * 37), (1000, 1000, 8 * 31), (1001, 300, 0),
+               (1001, 300, 255), (1001, 300, 300), (1001, 300, 599), (1001, 300, 1000)]
+
+
+@pytest.mark.parametrize("device", devices("linear_token_logprobs_forward"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,vocab_chunk,column", NAN_COLUMNS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["logprob-grad", "entropy-grad"])
+def test_nan_logits_propagate(device, dtype, vocab, vocab_chunk, column, value, entropy_grad):
+    """A NaN logit column (a NaN in the lm-head's bias, as a NaN weight row or an fp16
+    overflow gives) makes every kept row's log-prob and entropy NaN and every gradient NaN;
+    an ignored row keeps 0 and a zero hidden gradient."""
+    hidden, weight, bias, targets, g_lp, g_h = make_inputs((4,), 16, vocab, dtype=dtype,
+                                                           seed=12)
+    targets[2] = -100
+    bias[column] = value
+    leaves = [t.to(device).requires_grad_(True) for t in (hidden, weight, bias)]
+    lp, h = linear_token_logprobs(leaves[0], leaves[1], targets.to(device), bias=leaves[2],
+                                  return_entropy=True, chunk_size=3,
+                                  vocab_chunk_size=vocab_chunk)
+    loss = (lp * g_lp.to(device)).sum() + ((h * g_h.to(device)).sum() if entropy_grad else 0)
+    loss.backward()
+    lp, h, (g_hidden, g_weight, g_bias) = lp.cpu(), h.cpu(), [t.grad.cpu() for t in leaves]
+    kept = targets != -100
+    assert lp[kept].isnan().all() and h[kept].isnan().all()
+    assert (lp[~kept] == 0).all() and (h[~kept] == 0).all()
+    assert g_hidden[kept].isnan().all() and (g_hidden[~kept] == 0).all()
+    assert g_weight.isnan().all() and g_bias.isnan().all()
+
+
 def test_batch_invariance():
     hidden, weight, bias, targets, _, _ = make_inputs((64,), 32, 500, seed=6)
     batch = linear_token_logprobs(hidden, weight, targets, bias=bias, chunk_size=64,
