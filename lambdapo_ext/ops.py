@@ -642,9 +642,10 @@ if _LOAD_ERROR is None:
     def _linear_token_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, bias,
                                              targets, lse, entropy, temperature, ignore_index,
                                              chunk_size, vocab_chunk_size, output_mask,
-                                             validate=True):
+                                             validate=True, unrounded_grad_hidden=False):
         need_hidden, need_weight, need_bias = output_mask
-        return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+        hidden_grad_dtype = _result_dtype(hidden.dtype) if unrounded_grad_hidden else hidden.dtype
+        return (hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=hidden_grad_dtype),
                 weight.new_empty(weight.shape if need_weight else (0,)),
                 weight.new_empty(weight.shape[:1] if need_bias and bias is not None else (0,)))
 

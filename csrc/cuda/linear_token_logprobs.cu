@@ -313,10 +313,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
     double temperature, int64_t ignore_index, int64_t chunk_size, int64_t vocab_chunk_size,
-    std::array<bool, 3> output_mask, bool validate) {
+    std::array<bool, 3> output_mask, bool validate, bool unrounded_grad_hidden) {
   return linear::backward<CudaKernels>(grad_logprobs, grad_entropy, hidden, weight, bias,
                                        targets, lse, entropy, temperature, ignore_index,
-                                       chunk_size, vocab_chunk_size, output_mask, validate);
+                                       chunk_size, vocab_chunk_size, output_mask, validate,
+                                       unrounded_grad_hidden);
 }
 
 }  // namespace

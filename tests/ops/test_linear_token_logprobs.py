@@ -105,6 +105,33 @@ def test_backward_computes_only_the_masked_gradients():
                 assert got.numel() == 0
 
 
+@pytest.mark.parametrize("device", devices("linear_token_logprobs_backward"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab_chunk", [128, 500])
+def test_unrounded_grad_hidden_is_the_hidden_gradient_before_its_rounding(device, dtype,
+                                                                          vocab_chunk):
+    """unrounded_grad_hidden=True (the vocabulary-parallel path's: it sums the ranks' shares
+    before rounding) gives grad_hidden in float32, within one rounding of the default output
+    (the two may take different matmul kernels); the other gradients are unchanged. One
+    vocabulary block or several."""
+    inputs = to_device(make_inputs((13,), 24, 500, dtype=dtype, seed=13), device)
+    hidden, weight, bias, targets, g_lp, g_h = inputs
+    lp, h, lse = torch.ops.lambdapo.linear_token_logprobs_forward(
+        hidden, weight, bias, targets, 1.0, -100, True, 4, vocab_chunk)
+    args = (g_lp, g_h, hidden, weight, bias, targets, lse, h, 1.0, -100, 4, vocab_chunk,
+            [True] * 3, True)
+    rounded = torch.ops.lambdapo.linear_token_logprobs_backward(*args)
+    unrounded = torch.ops.lambdapo.linear_token_logprobs_backward(*args, True)
+    assert unrounded[0].dtype == torch.float32 and unrounded[0].shape == hidden.shape
+    if dtype == torch.float32:
+        assert torch.equal(unrounded[0], rounded[0])
+    else:
+        torch.testing.assert_close(unrounded[0], rounded[0].float(), rtol=2.0**-8, atol=1e-6)
+    assert torch.equal(unrounded[1], rounded[1]) and torch.equal(unrounded[2], rounded[2])
+    torch.library.opcheck(torch.ops.lambdapo.linear_token_logprobs_backward.default,
+                          (*args, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_is_at_most_same_dtype_torch(dtype):
     inputs = make_inputs((4, 16), 64, 2000, dtype=dtype, seed=3)
