@@ -37,7 +37,8 @@ TORCH_LIBRARY(lambdapo, m) {
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, "
       "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, "
       "float temperature, int ignore_index, int chunk_size, int vocab_chunk_size, "
-      "bool[3] output_mask, bool validate=True) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask, bool validate=True, bool unrounded_grad_hidden=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // Semantic density: candidate i is cand_values[cand_starts[i] : + cand_lengths[i]],
   // compared with reference ref_index[i] (same layout). ngram_overlap returns
   // (clipped matches, candidate n-gram counts, reference n-gram counts), each [B, max_n];
