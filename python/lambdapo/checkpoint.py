@@ -14,6 +14,12 @@ aside (``.old-step-N``) before the new one is renamed in, and deletes it only af
 The run directory is locked (``flock`` on ``output_dir/.lock``) while a trainer uses it,
 so a second run on the same ``output_dir`` stops with an error; the operating system drops
 the lock when the process ends, however it ends.
+
+A run of several processes (torchrun) writes one checkpoint: rank 0 writes the model (whole,
+gathered: the same files as one process), the tokenizer and the state; each rank writes its
+shard of the optimizer state and its random states (``optimizer.rank<r>.safetensors``,
+``rng.rank<r>.safetensors``); rank 0 then writes the manifest of all of them and renames the
+folder into place. Such a checkpoint resumes with the same number of processes.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LambdapoWarning
+from .distributed import SINGLE, Parallel, like_parameter, local_tensor
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -81,6 +88,22 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def optimizer_file(parallel: Parallel) -> str:
+    """The optimizer state's file of this rank (one process: ``optimizer.safetensors``)."""
+    return f"optimizer.rank{parallel.rank}.safetensors" if parallel.enabled else OPTIMIZER_FILE
+
+
+def rng_file(parallel: Parallel) -> str:
+    """The random states' file of this rank (one process: ``rng.safetensors``)."""
+    return f"rng.rank{parallel.rank}.safetensors" if parallel.enabled else RNG_FILE
+
+
+def _trainer_file(name: str) -> bool:
+    """Whether a safetensors file of a checkpoint holds trainer state, not model weights."""
+    return name in (OPTIMIZER_FILE, RNG_FILE) or re.fullmatch(
+        r"(optimizer|rng)\.rank\d+\.safetensors", name) is not None
 
 
 # --------------------------------------------------------------------------- manifest
@@ -144,21 +167,26 @@ def verify_checkpoint(folder: Path) -> None:
 
 # ------------------------------------------------------------------------------- save
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors, the rest) of the optimizer state; a sharded parameter's state tensors are
+    this rank's shards."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = local_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
+        if int(index) < len(params):   # a shard back as the sharded tensor it was
+            value = like_parameter(value, params[int(index)])
         state.setdefault(int(index), {})[key] = value
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)
@@ -223,25 +251,43 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer,
                     optimizer: torch.optim.Optimizer, scheduler, rng: dict[str, torch.Tensor],
-                    state: dict, keep_last: int = 0) -> Path:
+                    state: dict, keep_last: int = 0, parallel: Parallel = SINGLE) -> Path:
     """Writes checkpoint ``step`` (with its manifest) atomically, points ``latest`` at it,
-    then keeps only the ``keep_last`` newest checkpoints (0: all). Returns its folder."""
+    then keeps only the ``keep_last`` newest checkpoints (0: all). Returns its folder.
+
+    With several processes (``parallel``) every rank calls it: rank 0 saves ``model`` (whose
+    whole weights the caller has gathered), the tokenizer, the state and the manifest, each
+    rank its optimizer shard and random states."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    _recover(root)
     tmp = root / f".tmp-step-{step}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    final = root / f"step-{step}"
+    if parallel.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        _recover(root)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    parallel.barrier()   # the folder exists
     tensors, meta = _optimizer_tensors(optimizer)
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    save_file({k: v.cpu().contiguous() for k, v in rng.items()}, str(tmp / RNG_FILE))
+    save_file(tensors, str(tmp / optimizer_file(parallel)))
+    save_file({k: v.cpu().contiguous() for k, v in rng.items()}, str(tmp / rng_file(parallel)))
+    parallel.barrier()   # every rank's files are in
+    if parallel.is_main:
+        _finish_save(root, tmp, final, step, meta, scheduler, state, keep_last,
+                     parallel.world_size)
+    parallel.barrier()   # latest names it before any rank goes on
+    return final
+
+
+def _finish_save(root: Path, tmp: Path, final: Path, step: int, meta: dict, scheduler,
+                 state: dict, keep_last: int, world_size: int) -> None:
     full_state = {**state, "step": step, "optimizer": meta,
                   "scheduler": {"last_epoch": scheduler.last_epoch,
                                 "_step_count": scheduler._step_count}}
+    if world_size > 1:
+        full_state["world_size"] = world_size
     (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
     write_manifest(tmp, step)
     _fsync_tree(tmp)
-    final = root / f"step-{step}"
     old = root / f".old-step-{step}"
     if final.exists():
         os.rename(final, old)
@@ -257,7 +303,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer,
     if old.exists():
         shutil.rmtree(old)
     prune_checkpoints(root, keep_last)
-    return final
 
 
 # ------------------------------------------------------------------------------- load
@@ -300,27 +345,63 @@ def _damaged(folder: Path, name: str, exc: Exception) -> CheckpointError:
                            f"({type(exc).__name__}: {exc})")
 
 
-def load_checkpoint(folder: Path, *, optimizer: torch.optim.Optimizer, scheduler,
-                    device: torch.device) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restores optimizer and scheduler; returns (trainer state, RNG tensors). The model
-    weights are loaded by the caller from the same folder (transformers format).
+def read_state(folder: Path) -> dict:
+    """The trainer state of the checkpoint in ``folder`` (its step, config, history ...).
 
     Raises:
-        CheckpointError: a file is missing or cannot be read (naming it).
+        CheckpointError: the state file is missing or damaged.
     """
     folder = Path(folder)
     try:
         state = json.loads((folder / STATE_FILE).read_text())
-        meta = state["optimizer"]
-        step, schedule = int(state["step"]), state["scheduler"]
-        last_epoch, step_count = int(schedule["last_epoch"]), int(schedule["_step_count"])
+        state["step"] = int(state["step"])
+        schedule = state["scheduler"]
+        int(schedule["last_epoch"]), int(schedule["_step_count"]), state["optimizer"]
+        state["world_size"] = int(state.get("world_size", 1))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _damaged(folder, STATE_FILE, exc) from None
-    state["step"] = step
+    return state
+
+
+def check_world_size(folder: Path, state: dict, parallel: Parallel) -> None:
+    """A checkpoint resumes with the number of processes that saved it (its optimizer state
+    is sharded that many ways).
+
+    Raises:
+        CheckpointError: another number of processes, saying how to resume it.
+    """
+    saved = int(state.get("world_size", 1))
+    if saved != parallel.world_size:
+        how = "plain `lambdapo train`" if saved == 1 else \
+            f"`torchrun --nproc-per-node={saved} -m lambdapo train`"
+        raise CheckpointError(
+            f"checkpoint {folder} was saved by {saved} process{'es' if saved > 1 else ''} and "
+            f"this run has {parallel.world_size}: its optimizer state is split {saved} "
+            f"way{'s' if saved > 1 else ''}. Resume it with {how}, or start a new run from "
+            f"its weights (model.path={folder})")
+
+
+def load_checkpoint(folder: Path, *, optimizer: torch.optim.Optimizer, scheduler,
+                    device: torch.device, parallel: Parallel = SINGLE
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restores optimizer and scheduler (this rank's shard of the optimizer state with
+    several processes); returns (trainer state, this rank's RNG tensors). The model weights
+    are loaded by the caller from the same folder (transformers format).
+
+    Raises:
+        CheckpointError: a file is missing or cannot be read (naming it), or it was saved
+            by another number of processes.
+    """
+    folder = Path(folder)
+    state = read_state(folder)
+    check_world_size(folder, state, parallel)
+    meta = state["optimizer"]
+    last_epoch = int(state["scheduler"]["last_epoch"])
+    step_count = int(state["scheduler"]["_step_count"])
     try:
-        tensors = load_file(str(folder / OPTIMIZER_FILE), device=str(device))
+        tensors = load_file(str(folder / optimizer_file(parallel)), device=str(device))
     except (OSError, SafetensorError) as exc:
-        raise _damaged(folder, OPTIMIZER_FILE, exc) from None
+        raise _damaged(folder, optimizer_file(parallel), exc) from None
     try:
         _load_optimizer(optimizer, tensors, meta)
     except (ValueError, KeyError, TypeError) as exc:
@@ -331,9 +412,9 @@ def load_checkpoint(folder: Path, *, optimizer: torch.optim.Optimizer, scheduler
     # The optimizer's groups hold the current learning rates; the scheduler reports them.
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     try:
-        rng = load_file(str(folder / RNG_FILE))
+        rng = load_file(str(folder / rng_file(parallel)))
     except (OSError, SafetensorError) as exc:
-        raise _damaged(folder, RNG_FILE, exc) from None
+        raise _damaged(folder, rng_file(parallel), exc) from None
     return state, rng
 
 
@@ -349,7 +430,7 @@ def load_weights_into(model, folder: Path) -> None:
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if f.name not in (OPTIMIZER_FILE, RNG_FILE)]
+    files = [f for f in files if not _trainer_file(f.name)]
     if not files:
         raise CheckpointError(f"checkpoint {folder}: no model weights (*.safetensors)")
     seen = set()

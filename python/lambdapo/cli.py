@@ -9,6 +9,10 @@
 ``lambdapo train --help`` lists every config field with its default. The working
 directory is importable (searched after the installed packages), so reward modules there
 work as ``reward.functions=module:function``.
+
+``torchrun --nproc-per-node=N -m lambdapo train ...`` (or torchrun with the ``lambdapo``
+script) trains data-parallel over N processes (:mod:`lambdapo.distributed`); rank 0 prints
+the progress, the log and the results, the other ranks only their warnings and errors.
 """
 
 from __future__ import annotations
@@ -127,12 +131,16 @@ def run_folder(path: Path) -> Path:
 
 
 def cmd_train(args) -> int:
+    from .distributed import current, prompts_error
     from .process import configure_process
     from .stopping import GracefulStop, StopNow
     from .trainer import Trainer
 
     config, resume = train_config(args)
     configure_process(config)
+    parallel = current()
+    if config.prompts_per_step % parallel.world_size:
+        raise ValueError(prompts_error(config.prompts_per_step, parallel.world_size))
     try:
         with GracefulStop() as stop:
             with Trainer(config, resume=resume, progress=not args.quiet,
@@ -145,8 +153,9 @@ def cmd_train(args) -> int:
         return 128 + signum
     if summary.get("stopped"):
         return 128 + signal.Signals[summary["stopped"]]
-    print(_summary_line(summary))
-    print(f"outputs: {config.output_dir}")
+    if parallel.is_main:
+        print(_summary_line(summary))
+        print(f"outputs: {config.output_dir}")
     return 0
 
 
@@ -192,6 +201,7 @@ def eval_model_folder(path: str) -> str:
 
 
 def cmd_eval(args) -> int:
+    from .distributed import current
     from .process import configure_process
     from .trainer import Trainer
 
@@ -227,7 +237,8 @@ def cmd_eval(args) -> int:
               "pass@1_greedy": pass1.accuracy, f"mean@{k}": sampled.accuracy,
               "temperature": temperature, "mean_reward": sampled.reward,
               "seconds": time.perf_counter() - start}
-    print(json.dumps(result, indent=1))
+    if current().is_main:   # the held-out prompts were split over the processes
+        print(json.dumps(result, indent=1))
     return 0
 
 
@@ -264,44 +275,70 @@ def _importable_working_directory() -> None:
 
 
 class _ConsoleLog(logging.Handler):
-    """The ``lambdapo`` log on stderr, one line per record, written past a progress bar."""
+    """The ``lambdapo`` log on stderr, one line per record, written past a progress bar;
+    ``rank``: this process's rank among several (its lines then say so)."""
+
+    def __init__(self, level: int, rank: int | None = None):
+        super().__init__(level)
+        self.prefix = "lambdapo: " if rank is None else f"lambdapo [rank {rank}]: "
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm.auto import tqdm
 
         level = "warning: " if record.levelno >= logging.WARNING else ""
         try:
-            tqdm.write(f"lambdapo: {level}{record.getMessage()}", file=sys.stderr)
+            tqdm.write(f"{self.prefix}{level}{record.getMessage()}", file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must not end the run
             self.handleError(record)
 
 
+def _launched_rank() -> int | None:
+    """This process's rank when torchrun started it as one of several, else None."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import shutdown
+
     args = parse_args(argv)
     _importable_working_directory()
+    rank = _launched_rank()
     root = logging.getLogger("lambdapo")
-    console = _ConsoleLog(logging.INFO)
+    # Under torchrun, rank 0 speaks for the run; the others say only what goes wrong.
+    console = _ConsoleLog(logging.INFO if not rank else logging.WARNING, rank)
     root.addHandler(console)
     root.setLevel(logging.INFO)
     shown_as = warnings.formatwarning
+    filters = warnings.filters[:]
+    if rank:   # rank 0 gives the run's warnings once
+        warnings.simplefilter("ignore", config_lib.LambdapoWarning)
+    prefix = console.prefix
 
     def one_line(message, category, *args, **kwargs) -> str:
         if issubclass(category, config_lib.LambdapoWarning):
-            return f"lambdapo: warning: {message}\n"
+            return f"{prefix}warning: {message}\n"
         return shown_as(message, category, *args, **kwargs)
     warnings.formatwarning = one_line
+    where = "" if rank is None else f" [rank {rank}]"
     try:
         return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except (ValueError, FileNotFoundError, RewardError, RolloutEngineError,
             RunDirectoryLocked) as exc:
-        print(f"lambdapo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lambdapo {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lambdapo {args.command}: interrupted", file=sys.stderr)
+        print(f"lambdapo {args.command}{where}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         warnings.formatwarning = shown_as
+        warnings.filters[:] = filters
         root.removeHandler(console)
+        shutdown()
 
 
 if __name__ == "__main__":

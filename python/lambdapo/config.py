@@ -188,6 +188,8 @@ class TrainConfig:
     threads: int = _f(0, "CPU threads for torch (0: torch's default, one per core, the "
                          "fastest on an idle machine even for the built-in model)")
     log_samples: int = _f(2, "completions written to samples.jsonl per step")
+    dist_timeout_s: float = _f(1800.0, "several processes (torchrun): seconds a collective "
+                                       "waits for the other processes before the run fails")
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -398,6 +400,8 @@ def validate(config: TrainConfig) -> None:
                 "reward.workers"):
         if get(config, key) < 0:
             raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
+    if config.dist_timeout_s <= 0:
+        raise ValueError(f"config dist_timeout_s: must be > 0, got {config.dist_timeout_s}")
     if config.model.lora_rank < 0:
         raise ValueError(f"config model.lora_rank: must be >= 0 (0: full fine-tuning), got "
                          f"{config.model.lora_rank}")
@@ -434,7 +438,7 @@ RESUMABLE_CHANGES = (
     "data.eval_split", "data.num_eval", "data.max_prompt_tokens", "rollout.engine",
     "rollout.gpu_memory_utilization", "rollout.kv_cache_gb", "rollout.max_model_len",
     "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error",
-    "reward.workers", "model.kernels", "model.attn_implementation", "rollout.static_decode",
+    "reward.workers", "dist_timeout_s", "model.kernels", "model.attn_implementation", "rollout.static_decode",
     "algorithm.share_prompt_forward")
 
 

@@ -62,6 +62,23 @@ class MetricsWriter:
         self.tb.close()
 
 
+class NullWriter:
+    """A :class:`MetricsWriter` that writes nothing (the ranks other than 0 of a run of
+    several processes)."""
+
+    def write(self, metrics: dict) -> None:
+        pass
+
+    def scalars(self, values: dict, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -1,8 +1,9 @@
 """The process a training run lives in: its settings, made by the command line (or by a
 script that runs :class:`~lambdapo.trainer.Trainer` itself) before the trainer is built
-(torch's thread count, the seeds of Python's and torch's global generators, and on a CPU
-glibc's malloc settings; building a Trainer changes none of these), and the watch for other
-processes competing for its cores (:class:`CpuContention`)."""
+(torch's thread count, the seeds of Python's and torch's global generators, on a CPU
+glibc's malloc settings, and under torchrun the process group of the run's processes;
+building a Trainer changes none of these), and the watch for other processes competing for
+its cores (:class:`CpuContention`)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,13 @@ log = logging.getLogger(__name__)
 
 def configure_process(config: TrainConfig) -> None:
     """Sets torch's threads (``threads``, 0: torch's default), seeds Python's and torch's
-    global generators from ``seed``, and on a CPU run keeps freed memory for reuse
-    (:func:`keep_freed_memory`)."""
+    global generators from ``seed`` (the same on every process of a run), on a CPU run keeps
+    freed memory for reuse (:func:`keep_freed_memory`), and when torchrun started this
+    process as one of several, joins their process group
+    (:func:`lambdapo.distributed.init_process_group`: NCCL on GPUs, gloo on the CPU)."""
+    from .distributed import init_process_group
+
+    init_process_group(config.device, config.dist_timeout_s)
     if config.threads:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)

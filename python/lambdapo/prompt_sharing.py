@@ -17,6 +17,7 @@ its reason are logged once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -34,17 +35,29 @@ SHARE_PROMPT_MODES = ("auto", "on", "off")
 log = logging.getLogger(__name__)
 
 
-def shared_prompt_states(network: nn.Module, micro: MicroBatch, read: Callable) -> Tensor:
+def shared_prompt_states(network: nn.Module, micro: MicroBatch, read: Callable, *,
+                         two_passes: bool = False) -> Tensor:
     """:data:`~lambdapo.logprobs.PredictionStates` with each distinct prompt run once and
-    its key-value cache continued by every response of it."""
+    its key-value cache continued by every response of it. ``two_passes``: the network runs
+    twice however long the responses are (with one-token responses, the second pass reads
+    their token and adds nothing), so that every call runs the same modules as often: the
+    processes of a sharded run must run the same collectives."""
     positions = positions_of(micro.prompt_mask)
     out = network(input_ids=micro.prompt_ids, attention_mask=micro.prompt_mask,
                   position_ids=positions, use_cache=True)
     last = read(out)[:, -1:].index_select(0, micro.prompt_of_row)
-    if micro.width == 1:
+    if micro.width == 1 and not two_passes:
         return last
     cache = cache_of(out)
     select_cache_rows(cache, micro.prompt_of_row)
+    if micro.width == 1:   # a pass whose states are not needed, with a zero gradient
+        mask = torch.cat([micro.prompt_mask[micro.prompt_of_row],
+                          torch.ones_like(micro.prompt_mask[micro.prompt_of_row, :1])], 1)
+        position = positions[micro.prompt_of_row, -1:] + 1
+        out = network(input_ids=micro.response_ids[:, :1], attention_mask=mask,
+                      position_ids=position, use_cache=True,
+                      **{cache_argument(network): cache})
+        return last + 0.0 * read(out)
     mask, response_positions = response_attention(micro)
     out = network(input_ids=micro.response_ids[:, :micro.width - 1], attention_mask=mask,
                   position_ids=response_positions, use_cache=True,
@@ -75,17 +88,25 @@ def prompt_sharing_agrees(model, micro: MicroBatch, temperature: float, *,
 class PromptSharing:
     """The training forward's :data:`~lambdapo.logprobs.PredictionStates`, chosen once
     from ``algorithm.share_prompt_forward`` (``auto`` checks the first micro-batch with
-    :func:`prompt_sharing_agrees`) and logged with its reason.
+    :func:`prompt_sharing_agrees`) and logged with its reason. ``agree``: makes the check's
+    verdict that of every process of a run (``all_true``: all of them must have seen the
+    shared forward agree), so that all run the same forward.
 
     Raises:
         ValueError: an unknown mode.
     """
 
-    def __init__(self, mode: str, *, gradient_checkpointing: bool = False):
+    def __init__(self, mode: str, *, gradient_checkpointing: bool = False,
+                 agree: Callable[[bool], bool] = lambda verdict: verdict,
+                 uniform_passes: bool = False):
         if mode not in SHARE_PROMPT_MODES:
             raise ValueError(f"algorithm.share_prompt_forward: {mode!r} is not one of "
                              f"{SHARE_PROMPT_MODES}")
         self.mode = mode
+        self._agree = agree
+        # Several processes: the shared forward runs the network twice on every call.
+        self._shared = (functools.partial(shared_prompt_states, two_passes=True)
+                        if uniform_passes else shared_prompt_states)
         self._states: PredictionStates | None = None
         if mode == "off":
             self._choose(plain_prediction_states, "share_prompt_forward=off")
@@ -93,7 +114,7 @@ class PromptSharing:
             self._choose(plain_prediction_states, "gradient checkpointing recomputes each "
                          "forward, so a prompt's cache cannot serve its responses")
         elif mode == "on":
-            self._choose(shared_prompt_states, "share_prompt_forward=on (not checked)")
+            self._choose(self._shared, "share_prompt_forward=on (not checked)")
 
     def states(self, model, micro: MicroBatch, temperature: float,
                autocast: torch.dtype | None) -> PredictionStates:
@@ -105,8 +126,8 @@ class PromptSharing:
                 agrees = prompt_sharing_agrees(model, micro, temperature, autocast=autocast)
             finally:
                 model.train(was_training)
-            if agrees:
-                self._choose(shared_prompt_states, "its log-probs equal the plain forward's "
+            if self._agree(agrees):
+                self._choose(self._shared, "its log-probs equal the plain forward's "
                              "on the first micro-batch")
             else:
                 self._choose(plain_prediction_states, "this model's key-value cache cannot be "
@@ -117,9 +138,9 @@ class PromptSharing:
     @property
     def shared(self) -> bool | None:
         """Whether the prompt-shared forward is in use (None: not decided yet)."""
-        return None if self._states is None else self._states is shared_prompt_states
+        return None if self._states is None else self._states is self._shared
 
     def _choose(self, states: PredictionStates, reason: str) -> None:
         self._states = states
-        kind = "prompt-shared" if states is shared_prompt_states else "plain"
+        kind = "prompt-shared" if states is self._shared else "plain"
         log.info("training forward: %s (%s)", kind, reason)

@@ -15,14 +15,22 @@ One step is collect -> score -> update:
 
 Outputs go to one run directory: ``config.yaml``, ``train.log``, ``metrics.jsonl``,
 ``samples.jsonl``, TensorBoard events, ``curves.png``, ``checkpoints/``. Process-wide
-settings (threads, seeds, malloc) are the caller's: :func:`lambdapo.process.configure_process`.
+settings (threads, seeds, malloc, the process group under torchrun) are the caller's:
+:func:`lambdapo.process.configure_process`.
+
+With several processes (torchrun, :mod:`lambdapo.distributed`) every rank runs this loop on
+its share of each step's prompts (whole groups), with its own engine and the policy sharded
+over the ranks; the update is the one-process update of the global batch, and rank 0 alone
+writes the outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
+from . import distributed
 from .advantages import ESTIMATORS
 from .batch import MicroBatch, RolloutBatch, plan_micro_batches
 from .behaviour import (CorrectionSettings, SeparateForward, StepBehaviour, UpdateForward,
@@ -77,29 +86,54 @@ class Trainer:
         self.config = config
         self.progress = progress
         self.run_dir = Path(config.output_dir)
+        # One process, or this rank of several (lambdapo.distributed); rank 0 writes.
+        self.parallel = distributed.current()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Held from before the model loads (a second run fails at once) until close();
-        # released here if __init__ fails.
-        self._lock = ckpt.lock_run_dir(self.run_dir)
-        self._log_file = _attach_run_log(self.run_dir / "train.log")
+        # Held (by rank 0) from before the model loads (a second run fails at once) until
+        # close(); released here if __init__ fails.
+        self._lock = self._lock_run_dir()
+        self._log_file = (_attach_run_log(self.run_dir / "train.log") if self.parallel.is_main
+                          else None)
         try:
-            self._build(config)
+            folder = state = None
+            if resume:   # checked before the model loads; its weights load before sharding
+                folder, state = self._resume_checks(resume, allow_config_change)
+            self._build(config, weights=folder)
             if resume:
-                self._resume(resume, allow_config_change)
-                self.engine.sync_weights()
-            elif (self.run_dir / "checkpoints" / "latest").exists():
+                self._resume(folder, state)
+                self._sync_engine()
+            elif (self.run_dir / "checkpoints" / "latest").exists() and self.parallel.is_main:
                 warnings.warn(f"output_dir {self.run_dir} holds an earlier run's checkpoints; "
                               f"this run starts over and replaces them as it saves (--resume "
                               f"continues that run instead)", LambdapoWarning, stacklevel=2)
-            save_config(config, self.run_dir / "config.yaml")
+            if self.parallel.is_main:
+                save_config(config, self.run_dir / "config.yaml")
         except BaseException:
             self._detach_log()
-            self._lock.close()
+            if self._lock is not None:
+                self._lock.close()
             raise
 
-    def _build(self, config: TrainConfig) -> None:
+    def _lock_run_dir(self):
+        """Rank 0's lock on ``output_dir`` (:func:`lambdapo.checkpoint.lock_run_dir`); with
+        several processes every rank learns whether it was taken, and all raise if not."""
+        lock, refusal = None, None
+        if self.parallel.is_main:
+            try:
+                lock = ckpt.lock_run_dir(self.run_dir)
+            except ckpt.RunDirectoryLocked as exc:
+                refusal = str(exc)
+        refusal = self.parallel.broadcast_object(refusal)
+        if refusal is not None:
+            raise ckpt.RunDirectoryLocked(refusal)
+        return lock
+
+    def _build(self, config: TrainConfig, weights: Path | None = None) -> None:
+        """Everything a run needs; ``weights``: a checkpoint whose model (or adapter) weights
+        are loaded into the policy before it is sharded."""
         algo = config.algorithm
-        self.device = pick_device(config.device)
+        parallel = self.parallel
+        self.device = parallel.device(pick_device(config.device))
         self.autocast = autocast_dtype(config.model)
         self.model, self.tokenizer = load_policy(config.model, self.device)
         # With LoRA, self.model keeps peft's layers injected in place (every forward runs on
@@ -112,19 +146,34 @@ class Trainer:
             log.info("LoRA rank %d on %s: %d trainable parameters of %d",
                      config.model.lora_rank, config.model.target_modules, trainable,
                      sum(p.numel() for p in self.model.parameters()))
+        if weights is not None:
+            if self.peft is not None:
+                load_adapter_weights(self.peft, weights)
+            else:
+                ckpt.load_weights_into(self.model, weights)
         if config.model.enable_gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
-        self.ref_model = None
+        # Every forward of the policy runs through self.policy (sharded over the processes
+        # with FSDP2, or direct in one process; lambdapo.distributed).
+        self.policy = distributed.shard_policy(self.model, parallel)
+        self.ref_model = self.reference = None
         if algo.kl_coef > 0 and self.peft is None:   # with LoRA: the base, adapter off
             self.ref_model, _ = load_policy(config.model, self.device)
             self.ref_model.eval().requires_grad_(False)
+            self.reference = distributed.shard_policy(self.ref_model, parallel)
+        if parallel.enabled:
+            log.info("%d processes (%s): the policy is sharded with FSDP2 over them, each "
+                     "takes %d of the %d prompts of a step", parallel.world_size,
+                     parallel.backend, config.prompts_per_step // parallel.world_size,
+                     config.prompts_per_step)
         self.pad = self.tokenizer.pad_token_id
         self.encoder = PromptEncoder(self.tokenizer, config.data)
         self.prompt_sharing = PromptSharing(
             algo.share_prompt_forward,
-            gradient_checkpointing=config.model.enable_gradient_checkpointing)
+            gradient_checkpointing=config.model.enable_gradient_checkpointing,
+            agree=parallel.all_true, uniform_passes=parallel.enabled)
         self.rewards = RewardManager.from_config(config.reward)
         self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
                                                 config.reward.timeout_s, config.reward.workers)
@@ -148,8 +197,13 @@ class Trainer:
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.elapsed_before = 0.0
-        self.engine = build_engine(config, self.model, self.tokenizer,
-                                   resolve_model_path(config.model.path))
+        # Each rank samples from a generator of its own (rank 0's is one process's).
+        with self.policy.full_weights():
+            self.engine = build_engine(config, self.model, self.tokenizer,
+                                       resolve_model_path(config.model.path),
+                                       seed=config.seed + 1_000_003 * parallel.rank,
+                                       gather_weights=self.policy.full_weights,
+                                       several_processes=parallel.enabled)
         self.behaviour = self._behaviour_source()
 
     def _behaviour_source(self) -> SeparateForward | UpdateForward:
@@ -164,9 +218,12 @@ class Trainer:
         from_update, reason = update_can_be_behaviour(
             single_step=algo.ppo_epochs == 1 and algo.mini_batches == 1,
             uses_scores=ESTIMATORS[algo.adv_estimator].uses_scores, engine_exact=engine_exact)
+        # Its micro-batches padded as the update's are: every rank runs as many forwards.
+        behaviour_micro_batches = lambda batch, rows: [  # noqa: E731
+            micro for micro, _ in self._padded_micro_batches(batch, rows)]
         source = (UpdateForward(reference, correction) if from_update else
                   SeparateForward(self.model, self._policy_logprobs, reference,
-                                  self._micro_batches, correction))
+                                  behaviour_micro_batches, correction))
         log_choice(source, reason)
         return source
 
@@ -185,15 +242,21 @@ class Trainer:
         n = 1 if temperature == 0 else cfg.eval_samples
         params = SamplingParams(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
                                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
-        with self.engine.reseeded(cfg.seed + 12345):
-            rollout = self.engine.generate(
-                [self.encoder.prompt_ids(r) for r in self.eval_rows], params)
-        texts = self._decode(rollout.completion_ids)
-        columns = self.encoder.columns(self.eval_rows, n)
-        prompts = [row["prompt"] for row in self.eval_rows for _ in range(n)]
-        total, per_function = self.rewards.score(prompts, texts, rollout.completion_ids, columns)
-        correct = self._correct(per_function, prompts, texts, rollout.completion_ids, columns)
-        return EvalResult(sum(correct) / len(correct), sum(total) / len(total), len(correct))
+        rows = self.parallel.share(self.eval_rows)   # all of them in one process
+        correct, total = [], []
+        with self._generating(), self.engine.reseeded(cfg.seed + 12345 + self.parallel.rank):
+            rollout = self.engine.generate([self.encoder.prompt_ids(r) for r in rows],
+                                           params) if rows else None
+        if rows:
+            texts = self._decode(rollout.completion_ids)
+            columns = self.encoder.columns(rows, n)
+            prompts = [row["prompt"] for row in rows for _ in range(n)]
+            total, per_function = self.rewards.score(prompts, texts, rollout.completion_ids,
+                                                     columns)
+            correct = self._correct(per_function, prompts, texts, rollout.completion_ids,
+                                    columns)
+        right, reward, count = self.parallel.sum([sum(correct), sum(total), len(correct)])
+        return EvalResult(right / count, reward / count, int(count))
 
     def _decode(self, ids: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -212,7 +275,8 @@ class Trainer:
         ``train_time`` the rest of the update."""
         cfg = self.config
         t0 = time.perf_counter()
-        rows = self.sampler.take(cfg.prompts_per_step)
+        # Every rank draws the step's prompts and takes its share of whole groups.
+        rows = self.parallel.prompt_share(self.sampler.take(cfg.prompts_per_step))
         batch = self.collect(rows)
         gen_time = time.perf_counter() - t0
         with self.scorer.start(batch, rows) as pending:
@@ -220,7 +284,7 @@ class Trainer:
             scoring_time = time.perf_counter() - t0 - gen_time
             update = self.update(batch, behaviour, pending)
         scored = pending.result(behaviour.scoring_logprobs)
-        self.engine.sync_weights()
+        self._sync_engine()
         self.step += 1
         middle_time = scoring_time + pending.wait_time
         tokens = batch.num_tokens
@@ -244,8 +308,14 @@ class Trainer:
         }
         if self.rewards.errors:
             metrics["reward_errors"] = sum(self.rewards.errors.values())
-        self._log_samples(rows[0]["prompt"], scored.texts[:cfg.log_samples],
-                          [float(r) for r in scored.rewards[:cfg.log_samples]])
+        # Over the global batch (the same on every rank; one process: as they are).
+        metrics = distributed.reduce_step_metrics(
+            metrics, self.parallel, sequences=batch.size, tokens=tokens,
+            advantages=scored.advantages,
+            clipped_per="sequences" if cfg.algorithm.rollout_is == "sequence" else "tokens")
+        if self.parallel.is_main:   # rank 0's first prompt is the step's first
+            self._log_samples(rows[0]["prompt"], scored.texts[:cfg.log_samples],
+                              [float(r) for r in scored.rewards[:cfg.log_samples]])
         return metrics
 
     def collect(self, rows: list[dict]) -> RolloutBatch:
@@ -255,8 +325,22 @@ class Trainer:
         params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                                 max_new_tokens=cfg.rollout.max_new_tokens)
-        rollout = self.engine.generate(prompts, params)
+        with self._generating():
+            rollout = self.engine.generate(prompts, params)
         return RolloutBatch.from_rollout(prompts, rollout, params.n, self.pad, self.device)
+
+    def _generating(self):
+        """The context generation runs in: an engine that generates with the trainer's model
+        needs its whole weights (several processes: gathered on every rank, so that a rank
+        whose responses end sooner waits for no collective)."""
+        if self.engine.generates_with_trainer_model:
+            return self.policy.full_weights()
+        return contextlib.nullcontext()
+
+    def _sync_engine(self) -> None:
+        """The engine serves the current weights (an engine of its own: pushed to it)."""
+        if not self.engine.generates_with_trainer_model:
+            self.engine.sync_weights()
 
     def score(self, batch: RolloutBatch, rows: list[dict]) -> ScoredBatch:
         """Rewards, confidence scores and advantages of ``batch`` (the responses to
@@ -270,43 +354,69 @@ class Trainer:
         parts = plan_micro_batches(lengths, rows, self.config.micro_batch_size)
         return [batch.micro_batch(part) for part in parts]
 
-    def _logprobs(self, model, micro: MicroBatch) -> tuple[Tensor, Tensor]:
-        states = self.prompt_sharing.states(self.model, micro, self.config.rollout.temperature,
-                                            self.autocast)
-        return response_logprobs(model, micro, self.config.rollout.temperature,
-                                 autocast=self.autocast, states=states)
+    def _padded_micro_batches(self, batch: RolloutBatch, rows: list[int]
+                              ) -> list[tuple[MicroBatch, float]]:
+        """(micro-batch, weight) covering ``rows``, weight 1; with several processes,
+        followed by zero-weight copies up to the largest count of any rank (every rank then
+        runs as many forwards and backwards; :func:`lambdapo.distributed.padded`)."""
+        micros = self._micro_batches(batch, rows) if rows else []
+        return distributed.padded(micros, self.parallel, lambda: batch.micro_batch([0]))
+
+    def _logprobs(self, policy, micro: MicroBatch) -> tuple[Tensor, Tensor]:
+        temperature = self.config.rollout.temperature
+        if self.prompt_sharing.shared is None:
+            # The first micro-batch decides the forward with a check of its own, run (when
+            # sharded) on the whole weights: no collective depends on how it goes.
+            with self.policy.full_weights():
+                self.prompt_sharing.states(self.model, micro, temperature, self.autocast)
+        states = self.prompt_sharing.states(self.model, micro, temperature, self.autocast)
+        return policy(lambda: response_logprobs(policy.model, micro, temperature,
+                                                autocast=self.autocast, states=states))
 
     def _policy_logprobs(self, micro: MicroBatch) -> tuple[Tensor, Tensor]:
-        return self._logprobs(self.model, micro)
+        return self._logprobs(self.policy, micro)
 
     def _reference_logprobs(self, micro: MicroBatch) -> Tensor:
         if self.peft is not None:
             with adapter_disabled(self.peft):
-                return self._logprobs(self.model, micro)[0]
-        return self._logprobs(self.ref_model, micro)[0]
+                return self._logprobs(self.policy, micro)[0]
+        return self._logprobs(self.reference, micro)[0]
 
     def update(self, batch: RolloutBatch, behaviour: StepBehaviour,
                pending: PendingScores) -> dict:
         """PPO-clip passes over ``batch``: ``ppo_epochs`` x ``mini_batches`` optimizer steps,
         each accumulated over micro-batches. The advantages are taken from ``pending`` after
         the first micro-batch's forward (the rewards finish meanwhile), pi_old from
-        ``behaviour``. Returns the update's metrics."""
+        ``behaviour``. Returns the update's metrics.
+
+        With several processes ``batch`` is this rank's part of the global batch (rank r
+        holds its rows r*B .. r*B+B-1): the mini-batches are drawn from the global batch as
+        one process draws them, each rank computes its rows of each, its loss shares divided
+        by the mini-batch's global totals, and the sharded gradient is their sum: the
+        one-process update of the global batch."""
         cfg, algo = self.config, self.config.algorithm
         sums = {"clipped": 0.0, "ratio": 0.0, "tokens": 0.0, "kl": 0.0}
         losses, grad_norms = [], []
-        count = batch.size
+        lengths = self.parallel.all_gather_ints([batch.response_length(r)
+                                                 for r in range(batch.size)])
+        count, offset = len(lengths), self.parallel.rank * batch.size
         for _ in range(algo.ppo_epochs):
             order = torch.randperm(count, generator=self.shuffle).tolist()
             for part in range(algo.mini_batches):
-                mini = order[part * count // algo.mini_batches:(part + 1) * count // algo.mini_batches]
-                if not mini:
+                chosen = order[part * count // algo.mini_batches:
+                               (part + 1) * count // algo.mini_batches]
+                if not chosen:
                     continue
-                totals = BatchTotals(tokens=sum(batch.response_length(r) for r in mini),
-                                     sequences=len(mini),
+                totals = BatchTotals(tokens=sum(lengths[r] for r in chosen),
+                                     sequences=len(chosen),
                                      max_new_tokens=cfg.rollout.max_new_tokens)
+                mini = [r - offset for r in chosen if offset <= r < offset + batch.size]
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_loss = 0.0
-                for micro in self._micro_batches(batch, mini):
+                micros = self._padded_micro_batches(batch, mini)
+                for index, (micro, weight) in enumerate(micros):
+                    # One gradient reduction per optimizer step, after its last micro-batch.
+                    self.policy.gradient_sync(index == len(micros) - 1)
                     lp, h = self._policy_logprobs(micro)
                     need = behaviour.for_micro(micro, lp, h)
                     advantages = pending.result(behaviour.scoring_logprobs).advantages
@@ -316,20 +426,18 @@ class Trainer:
                         agg_mode=algo.loss_agg_mode, totals=totals,
                         ref_logprobs=need.ref_logprobs, kl_coef=algo.kl_coef,
                         is_weights=need.is_weights)
-                    loss.backward()
+                    if not weight:   # a padding copy: the same collectives, no gradient
+                        self.policy.backward(loss * 0.0)
+                        continue
+                    self.policy.backward(loss)
                     mini_loss += float(loss.detach())
                     for k, v in m.items():
                         sums[k] += v
-                if cfg.optim.max_grad_norm > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                          cfg.optim.max_grad_norm)
-                else:
-                    norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in
-                                          self.model.parameters() if p.grad is not None))
+                norm = self.policy.clip_grad_norm_(cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 losses.append(mini_loss)
-                grad_norms.append(float(norm))
+                grad_norms.append(norm)
         tokens = max(sums["tokens"], 1.0)
         out = {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
                "clip_frac": sums["clipped"] / tokens, "ratio": sums["ratio"] / tokens}
@@ -353,31 +461,44 @@ class Trainer:
                  "elapsed": self.elapsed_before + self._elapsed()}
         rng = {"engine": self.engine.generator_state(), "shuffle": self.shuffle.get_state(),
                "torch": torch.get_rng_state()}
-        folder = ckpt.save_checkpoint(self.run_dir, self.step,
-                                      model=self.model if self.peft is None else self.peft,
-                                      tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                      scheduler=self.scheduler, rng=rng, state=state,
-                                      keep_last=self.config.checkpoint.keep_last)
+        # Several processes: the model's whole weights gathered on every rank, rank 0 saves.
+        with self.policy.full_weights():
+            folder = ckpt.save_checkpoint(self.run_dir, self.step,
+                                          model=self.model if self.peft is None else self.peft,
+                                          tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                          scheduler=self.scheduler, rng=rng, state=state,
+                                          keep_last=self.config.checkpoint.keep_last,
+                                          parallel=self.parallel)
         self._saved_step = self.step
         return folder
 
-    def _resume(self, where: str, allow_config_change: bool = False) -> None:
+    def _resume_checks(self, where: str, allow_config_change: bool) -> tuple[Path, dict]:
+        """The checkpoint to resume (verified) and its state, before anything loads.
+
+        Raises:
+            ValueError: the config differs in a field that changes the experiment (unless
+                allowed), or the checkpoint was saved by another number of processes.
+        """
         folder = ckpt.find_checkpoint(self.run_dir if where == "auto" else where)
         ckpt.verify_checkpoint(folder)
-        state, rng = ckpt.load_checkpoint(folder, optimizer=self.optimizer,
-                                          scheduler=self.scheduler, device=self.device)
+        state = ckpt.read_state(folder)
+        ckpt.check_world_size(folder, state, self.parallel)
         breaking, harmless = config_changes(state.get("config", {}), to_dict(self.config))
         if breaking and not allow_config_change:
             raise ValueError(f"--resume {folder}: the config differs from the checkpoint's "
                              f"in {'; '.join(breaking)}. Undo the change, start a new run "
                              f"(another output_dir), or allow it (--allow-config-change)")
-        if breaking or harmless:
+        if (breaking or harmless) and self.parallel.is_main:
             warnings.warn(f"resuming {folder} with a changed config: "
                           f"{'; '.join(breaking + harmless)}", LambdapoWarning, stacklevel=3)
-        if self.peft is not None:
-            load_adapter_weights(self.peft, folder)
-        else:
-            ckpt.load_weights_into(self.model, folder)
+        return folder, state
+
+    def _resume(self, folder: Path, state: dict) -> None:
+        """Restores the optimizer, scheduler, sampler, history and random states of
+        ``folder`` (the weights were loaded before the policy was sharded)."""
+        state, rng = ckpt.load_checkpoint(folder, optimizer=self.optimizer,
+                                          scheduler=self.scheduler, device=self.device,
+                                          parallel=self.parallel)
         self.step = int(state["step"])
         self._saved_step = self.step
         log.info("resuming %s from step %d of %d (checkpoint %s)", self.run_dir, self.step,
@@ -399,19 +520,30 @@ class Trainer:
         ``stop``: while it holds a requested signal (:mod:`lambdapo.stopping`) no further
         step starts; the run then saves a checkpoint of its last finished step (unless it
         has one), writes its plot and returns early with ``summary["stopped"]`` set to the
-        signal's name and ``summary["checkpoint"]`` to the checkpoint folder."""
+        signal's name and ``summary["checkpoint"]`` to the checkpoint folder. With several
+        processes a signal to any of them stops all after the same step."""
         from tqdm.auto import tqdm
 
-        from .metrics import MetricsWriter, truncate_jsonl
+        from .metrics import MetricsWriter, NullWriter, truncate_jsonl
 
         cfg = self.config
+        main = self.parallel.is_main
         self._start = time.perf_counter()
-        writer = MetricsWriter(self.run_dir, last_step=self.step)
-        truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
-        stopped = lambda: stop is not None and stop.requested is not None  # noqa: E731
+        if main:
+            writer = MetricsWriter(self.run_dir, last_step=self.step)
+            truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
+        else:
+            writer = NullWriter()
+        requested = 0   # the stop signal's number, agreed by every rank (0: none)
+
+        def stopped() -> bool:
+            nonlocal requested
+            own = stop.requested if stop is not None and stop.requested is not None else 0
+            requested = self.parallel.max_int(own)
+            return requested != 0
         if not self.eval_history:
             self._evaluate_into(writer)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or not main,
                    desc="lambdapo", unit="step", dynamic_ncols=True)
         while self.step < cfg.steps and not stopped():
             metrics = self.train_step()
@@ -428,9 +560,9 @@ class Trainer:
                 writer.flush()   # the events up to a checkpoint survive a kill after it
                 self.save()
         bar.close()
-        if stopped():
+        if requested:
             writer.close()
-            return self._stopped_summary(stop.name)
+            return self._stopped_summary(signal.Signals(requested).name)
         after = self._evaluate_into(writer)
         self.save()
         elapsed = self.elapsed_before + self._elapsed()
@@ -439,10 +571,16 @@ class Trainer:
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
                    "eval_samples": after.samples, "eval_history": self.eval_history}
         if self.peft is not None:   # the adapter merged: a plain transformers folder
-            summary["merged_model"] = str(save_merged(self.model, self.tokenizer,
-                                                      self.run_dir / "merged"))
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        self._plot()
+            merged = self.run_dir / "merged"
+            with self.policy.full_weights():
+                if main:
+                    save_merged(self.model, self.tokenizer, merged)
+            summary["merged_model"] = str(merged)
+        if self.parallel.enabled:
+            summary["processes"] = self.parallel.world_size
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self._plot()
         writer.close()
         return summary
 
@@ -471,7 +609,8 @@ class Trainer:
             checkpoint = (self.run_dir / "checkpoints" / f"step-{self.step}")
             if self._saved_step != self.step:
                 checkpoint = self.save()
-        self._plot()
+        if self.parallel.is_main:
+            self._plot()
         if checkpoint is None:
             log.info("stopped by %s before the first step; nothing to save", signal_name)
         else:
@@ -492,7 +631,8 @@ class Trainer:
             self.accuracy_reward.close()
         finally:
             self._detach_log()
-            self._lock.close()
+            if self._lock is not None:
+                self._lock.close()
 
     def _detach_log(self) -> None:
         if self._log_file is not None:

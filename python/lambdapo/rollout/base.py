@@ -50,6 +50,9 @@ class RolloutEngine:
 
     name: str
     generator: torch.Generator   # draws the samples
+    # Whether generate() runs the trainer's model itself (which must then hold its whole
+    # weights while it generates, when it is sharded over several processes).
+    generates_with_trainer_model: bool = False
 
     def __init__(self, seed: int, device: torch.device | str = "cpu"):
         self.generator = torch.Generator(device=device).manual_seed(seed)

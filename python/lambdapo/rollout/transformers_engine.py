@@ -80,6 +80,7 @@ class TransformersEngine(RolloutEngine):
     """
 
     name = "transformers"
+    generates_with_trainer_model = True
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, *, seed: int = 0,
                  batch_size: int = 256, autocast_dtype: torch.dtype | None = None,

@@ -22,6 +22,7 @@ from a checkpoint draws the same samples.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -110,6 +111,12 @@ class VLLMEngine(RolloutEngine):
         sleep_level: 0 (stay resident), 1 or 2 (see the module docstring); GPU only.
         bucket_mb: size of one weight push.
         trust_remote_code: let vLLM run code from the model folder.
+        gather_weights: fn(prefixes) -> a context in which the parameters under those
+            prefixes of a sharded ``model`` are whole; each bucket is pushed inside one (so
+            that a rank gathers a few layers at a time). None: the weights are whole.
+        external_launcher: this process is one rank of several started by torchrun, each
+            with an engine of its own (tensor parallel 1): vLLM joins the existing process
+            group (its ``external_launcher`` executor) and leaves it in place on close.
 
     Raises:
         RolloutEngineError: vLLM is not installed, cannot serve the model, fails to start,
@@ -122,7 +129,8 @@ class VLLMEngine(RolloutEngine):
                  dtype: str = "float32", gpu_memory_utilization: float = 0.3,
                  kv_cache_bytes: int = 0,
                  max_model_len: int = 1024, sleep_level: int = 0, bucket_mb: int = 256,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, gather_weights=None,
+                 external_launcher: bool = False):
         error = vllm_import_error()
         if error is not None:
             raise RolloutEngineError(f"rollout.engine=vllm: {error}; {INSTALL_HINT}")
@@ -133,12 +141,16 @@ class VLLMEngine(RolloutEngine):
         self.dtype = dtype
         self.device = next(model.parameters()).device
         self.sleep_level = sleep_level if self.device.type == "cuda" else 0
+        self.gather_weights = gather_weights or (lambda prefixes: contextlib.nullcontext())
+        self.external_launcher = external_launcher
         super().__init__(seed)   # request seeds are drawn on the CPU
         # Names only: the tensors are taken afresh at every push (merged LoRA layers change).
         self._buckets = [[name for name, _ in bucket]
                          for bucket in layer_buckets(model, bucket_mb << 20)]
         self._asleep = False
         self._stale = False
+        several = {"distributed_executor_backend": "external_launcher"} if external_launcher \
+            else {}
         try:
             self.llm = vllm.LLM(
                 model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -146,9 +158,9 @@ class VLLMEngine(RolloutEngine):
                 kv_cache_memory_bytes=kv_cache_bytes or None,
                 logprobs_mode="processed_logprobs",
                 enable_prefix_caching=True, enable_sleep_mode=self.sleep_level > 0,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, **several)
         except Exception as exc:
-            _release_vllm_process_state()   # so that a later engine can start
+            _release_vllm_process_state(external_launcher)   # so that a later engine can start
             raise RolloutEngineError(
                 f"vLLM could not start an engine for the model at {model_path}: "
                 f"{type(exc).__name__}: {exc}") from exc
@@ -173,10 +185,12 @@ class VLLMEngine(RolloutEngine):
         engine_dtype = getattr(torch, self.dtype)
         for bucket in buckets:
             groups = tuple(sorted({f"{_group_of(name)}." for name in bucket}))
-            current = dict(served_parameters(self.model, within=groups))
-            current.update(replace or {})
-            weights = ((name, current[name].detach().to(engine_dtype)) for name in bucket)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            with self.gather_weights(groups):
+                current = dict(served_parameters(self.model, within=groups))
+                current.update(replace or {})
+                weights = ((name, current[name].detach().to(engine_dtype)) for name in bucket)
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         self._stale = False
 
@@ -268,14 +282,22 @@ class VLLMEngine(RolloutEngine):
         self.llm = None
         llm.llm_engine.engine_core.shutdown()
         del llm
-        _release_vllm_process_state()
+        _release_vllm_process_state(self.external_launcher)
 
 
-def _release_vllm_process_state() -> None:
-    """Tears down the process group and model-parallel state an in-process engine set up."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+def _release_vllm_process_state(keep_process_group: bool = False) -> None:
+    """Tears down the process group and model-parallel state an in-process engine set up;
+    ``keep_process_group``: only vLLM's own groups, not the run's process group that it
+    joined (several processes under torchrun)."""
+    from vllm.distributed import parallel_state
 
-    cleanup_dist_env_and_memory()
+    if keep_process_group:
+        parallel_state.destroy_model_parallel()
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+            parallel_state._WORLD = None
+    else:
+        parallel_state.cleanup_dist_env_and_memory()
     gc.collect()
 
 
