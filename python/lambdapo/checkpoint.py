@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LambdapoWarning
-from .distributed import SINGLE, Parallel, like_parameter, local_tensor
+from .distributed import (SINGLE, Parallel, like_parameter, local_tensor,
+                          whole_state_dict)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -255,16 +256,18 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer,
     """Writes checkpoint ``step`` (with its manifest) atomically, points ``latest`` at it,
     then keeps only the ``keep_last`` newest checkpoints (0: all). Returns its folder.
 
-    With several processes (``parallel``) every rank calls it: rank 0 saves ``model`` (whose
-    whole weights the caller has gathered), the tokenizer, the state and the manifest, each
-    rank its optimizer shard and random states."""
+    With several processes (``parallel``) every rank calls it: the sharded ``model``'s
+    weights are gathered whole, rank 0 saves them (the files of one process), the tokenizer,
+    the state and the manifest, each rank its optimizer shard and random states."""
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
+    weights = whole_state_dict(model, keep=parallel.is_main) if parallel.enabled else None
     if parallel.is_main:
         root.mkdir(parents=True, exist_ok=True)
         _recover(root)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        del weights
         tokenizer.save_pretrained(tmp)
     parallel.barrier()   # the folder exists
     tensors, meta = _optimizer_tensors(optimizer)

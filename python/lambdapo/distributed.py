@@ -331,8 +331,11 @@ class ShardedModel:
         else:
             self.loss_scale = float(parallel.world_size)
         # The root's first forward makes it FSDP's root (before any layer runs on its own,
-        # as in generation); the same collective on every rank.
+        # as in generation); the same collective on every rank. A root keeps its parameters
+        # unsharded after a forward: resharded here, so that the modules hold the sharded
+        # parameters, the ones the optimizer (built next) must step.
         self.root(lambda: None)
+        self.root.reshard()
         if not layers:
             log.info("FSDP: no decoder layers found; the whole model is one shard unit")
 
@@ -414,6 +417,22 @@ def _local(tensor: Tensor) -> Tensor:
 def local_tensor(tensor: Tensor) -> Tensor:
     """This rank's shard of a sharded tensor (a DTensor), or ``tensor`` itself."""
     return _local(tensor)
+
+
+@torch.no_grad()
+def whole_state_dict(module: nn.Module, keep: bool) -> dict[str, Tensor]:
+    """``module.state_dict()`` with every sharded tensor gathered whole (a collective: every
+    rank calls it, in the same order). ``keep``: whether this rank keeps the gathered tensors
+    (the rank that saves them); the others drop each as soon as it is gathered and get an
+    empty dict."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, value in module.state_dict().items():
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        if keep:
+            out[name] = whole
+    return out
 
 
 def like_parameter(value: Tensor, param: Tensor) -> Tensor:

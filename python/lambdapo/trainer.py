@@ -461,14 +461,12 @@ class Trainer:
                  "elapsed": self.elapsed_before + self._elapsed()}
         rng = {"engine": self.engine.generator_state(), "shuffle": self.shuffle.get_state(),
                "torch": torch.get_rng_state()}
-        # Several processes: the model's whole weights gathered on every rank, rank 0 saves.
-        with self.policy.full_weights():
-            folder = ckpt.save_checkpoint(self.run_dir, self.step,
-                                          model=self.model if self.peft is None else self.peft,
-                                          tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                          scheduler=self.scheduler, rng=rng, state=state,
-                                          keep_last=self.config.checkpoint.keep_last,
-                                          parallel=self.parallel)
+        folder = ckpt.save_checkpoint(self.run_dir, self.step,
+                                      model=self.model if self.peft is None else self.peft,
+                                      tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, rng=rng, state=state,
+                                      keep_last=self.config.checkpoint.keep_last,
+                                      parallel=self.parallel)
         self._saved_step = self.step
         return folder
 
