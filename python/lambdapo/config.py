@@ -191,6 +191,10 @@ class TrainConfig:
     log_samples: int = _f(2, "completions written to samples.jsonl per step")
     dist_timeout_s: float = _f(1800.0, "several processes (torchrun): seconds a collective "
                                        "waits for the other processes before the run fails")
+    data_parallel: str = _f("auto", "several processes (torchrun): fsdp (FSDP2: parameters, "
+                                    "gradients and optimizer states sharded over the "
+                                    "processes) | ddp (a whole copy per process) | auto "
+                                    "(fsdp where it runs on the device, else ddp)")
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -401,6 +405,9 @@ def validate(config: TrainConfig) -> None:
                 "reward.workers"):
         if get(config, key) < 0:
             raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
+    if config.data_parallel not in ("auto", "fsdp", "ddp"):
+        raise ValueError(f"config data_parallel: must be auto, fsdp or ddp, got "
+                         f"{config.data_parallel!r}")
     if config.dist_timeout_s <= 0:
         raise ValueError(f"config dist_timeout_s: must be > 0, got {config.dist_timeout_s}")
     if config.model.lora_rank < 0:
@@ -439,7 +446,8 @@ RESUMABLE_CHANGES = (
     "data.eval_split", "data.num_eval", "data.max_prompt_tokens", "rollout.engine",
     "rollout.gpu_memory_utilization", "rollout.kv_cache_gb", "rollout.max_model_len",
     "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error",
-    "reward.workers", "dist_timeout_s", "model.kernels", "model.attn_implementation", "rollout.static_decode",
+    "reward.workers", "dist_timeout_s", "model.kernels", "model.attn_implementation",
+    "rollout.static_decode",
     "algorithm.share_prompt_forward")
 
 

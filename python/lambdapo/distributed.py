@@ -11,7 +11,8 @@ What the trainer takes from here:
 * :class:`Parallel` (:func:`current`): rank, world size and the few collectives the loop
   needs (sums, maxima, agreement, objects).
 * :func:`shard_policy`: the policy sharded with FSDP2 (``fully_shard``) behind
-  :class:`ShardedModel`, or :class:`LocalModel` for one process (same interface). Shard
+  :class:`ShardedModel`, replicated with DDP (:class:`ReplicatedModel`), or
+  :class:`LocalModel` for one process (same interface). Shard
   units: every decoder layer is one; lambdapo's own root module (:class:`PolicyRoot`) holds
   the rest (embeddings, final norm, output head, tied or not) and every log-prob
   computation runs inside its forward (``policy(fn)``), so each parameter the computation
@@ -30,9 +31,10 @@ What the trainer takes from here:
   (:meth:`ShardedModel.clip_grad_norm_`).
 * :func:`reduce_step_metrics`: the step's metrics over the global batch.
 
-No DDP path: FSDP2 runs on CUDA (NCCL) and on the CPU (gloo) in the torch lambdapo
-supports, for full fine-tuning and LoRA alike; with one unit per layer it also keeps only a
-1/N share of parameters, gradients and optimizer states per rank, which DDP cannot.
+FSDP2 keeps a 1/N share of parameters, gradients and optimizer states per rank, for full
+fine-tuning and LoRA alike. Where it does not run (a torch or a process-group backend without
+its collectives, :func:`fsdp_runs`), or with ``data_parallel=ddp``, the policy is replicated
+instead (:class:`ReplicatedModel`, DDP): the same interface, the same one-process update.
 """
 
 from __future__ import annotations
@@ -400,12 +402,89 @@ class ShardedModel:
         return self.model.parameters()
 
 
-def shard_policy(model: nn.Module, parallel: Parallel) -> LocalModel | ShardedModel:
-    """``model`` sharded over ``parallel``'s processes (FSDP2), or as it is in one process.
-    Call it before the optimizer is built (sharding replaces the parameters)."""
+class ReplicatedModel(LocalModel):
+    """The policy of several processes where FSDP2 does not run (:func:`fsdp_runs`), or when
+    asked for (``data_parallel=ddp``): a whole copy on every rank, its gradient all-reduced by
+    DDP (``DistributedDataParallel``) around :class:`PolicyRoot`. DDP averages over the
+    ranks, so each rank's loss share (divided by the global batch's totals) is scaled by the
+    world size before its backward; the gradient is then the one-process gradient on every
+    rank, and so are its norm and the optimizer's steps."""
+
+    sharded = False
+
+    def __init__(self, model: nn.Module, parallel: Parallel):
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().__init__(model)
+        device = next(model.parameters()).device
+        self.root = DistributedDataParallel(
+            PolicyRoot(model), device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+        self.loss_scale = float(parallel.world_size)
+
+    def __call__(self, fn: Callable[[], T]) -> T:
+        return self.root(fn)
+
+    def backward(self, loss: Tensor) -> None:
+        """The backward of this rank's share of the loss, scaled against DDP's averaging."""
+        (loss * self.loss_scale).backward()
+
+    def gradient_sync(self, enabled: bool) -> None:
+        """Whether the next backward all-reduces the accumulated gradient (the last
+        micro-batch of an optimizer step; DDP's ``no_sync`` for the others)."""
+        self.root.require_backward_grad_sync = enabled
+
+
+DATA_PARALLEL_MODES = ("auto", "fsdp", "ddp")
+
+
+def fsdp_runs(parallel: Parallel) -> bool:
+    """Whether FSDP2 runs over ``parallel``'s process group: ``fully_shard`` is in this torch
+    and the group's backend has the two collectives it is made of (all-gather and
+    reduce-scatter into one tensor; gloo has them on the CPU in recent torch, NCCL on
+    GPUs). Tried once on a one-element tensor per rank (every rank gets the same answer)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    device = parallel.collective_device
+    try:
+        gathered = torch.empty(parallel.world_size, device=device)
+        dist.all_gather_into_tensor(gathered, torch.ones(1, device=device))
+        reduced = torch.empty(1, device=device)
+        dist.reduce_scatter_tensor(reduced, torch.ones(parallel.world_size, device=device))
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        log.info("FSDP2 does not run on this process group (%s: %s)", type(exc).__name__, exc)
+        return False
+    return bool(reduced.item() == parallel.world_size)
+
+
+def shard_policy(model: nn.Module, parallel: Parallel, mode: str = "auto"
+                 ) -> LocalModel | ShardedModel | ReplicatedModel:
+    """``model`` over ``parallel``'s processes, or as it is in one process. ``mode``
+    (``data_parallel``): ``fsdp`` shards it with FSDP2 (:class:`ShardedModel`), ``ddp``
+    keeps a copy per rank (:class:`ReplicatedModel`), ``auto`` takes FSDP2 where it runs
+    (:func:`fsdp_runs`), else DDP. Call it before the optimizer is built (sharding replaces
+    the parameters).
+
+    Raises:
+        ValueError: an unknown ``mode``, or ``fsdp`` where FSDP2 does not run.
+    """
+    if mode not in DATA_PARALLEL_MODES:
+        raise ValueError(f"config data_parallel: {mode!r} is not one of {DATA_PARALLEL_MODES}")
     if not parallel.enabled:
         return LocalModel(model)
-    return ShardedModel(model, parallel)
+    if mode == "ddp":
+        return ReplicatedModel(model, parallel)
+    if fsdp_runs(parallel):
+        return ShardedModel(model, parallel)
+    if mode == "fsdp":
+        raise ValueError(f"config data_parallel: fsdp, but FSDP2 does not run with torch "
+                         f"{torch.__version__} on the {parallel.backend} process group "
+                         f"(see the log); use data_parallel=ddp or auto")
+    log.info("data_parallel=auto: FSDP2 does not run here; DDP instead (a whole copy of the "
+             "policy per process)")
+    return ReplicatedModel(model, parallel)
 
 
 def _local(tensor: Tensor) -> Tensor:

@@ -156,18 +156,21 @@ class Trainer:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         # Every forward of the policy runs through self.policy (sharded over the processes
-        # with FSDP2, or direct in one process; lambdapo.distributed).
-        self.policy = distributed.shard_policy(self.model, parallel)
+        # with FSDP2, replicated with DDP, or direct in one process; lambdapo.distributed).
+        self.policy = distributed.shard_policy(self.model, parallel, config.data_parallel)
         self.ref_model = self.reference = None
         if algo.kl_coef > 0 and self.peft is None:   # with LoRA: the base, adapter off
             self.ref_model, _ = load_policy(config.model, self.device)
             self.ref_model.eval().requires_grad_(False)
-            self.reference = distributed.shard_policy(self.ref_model, parallel)
+            # Sharded as the policy is; with DDP a frozen copy per rank needs no collective.
+            self.reference = (distributed.shard_policy(self.ref_model, parallel, "fsdp")
+                              if self.policy.sharded else distributed.LocalModel(self.ref_model))
         if parallel.enabled:
-            log.info("%d processes (%s): the policy is sharded with FSDP2 over them, each "
-                     "takes %d of the %d prompts of a step", parallel.world_size,
-                     parallel.backend, config.prompts_per_step // parallel.world_size,
-                     config.prompts_per_step)
+            log.info("%d processes (%s): the policy is %s, each takes %d of the %d prompts "
+                     "of a step", parallel.world_size, parallel.backend,
+                     "sharded over them with FSDP2" if self.policy.sharded else
+                     "replicated on each with DDP",
+                     config.prompts_per_step // parallel.world_size, config.prompts_per_step)
         self.pad = self.tokenizer.pad_token_id
         self.encoder = PromptEncoder(self.tokenizer, config.data)
         self.prompt_sharing = PromptSharing(

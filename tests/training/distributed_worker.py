@@ -1,18 +1,19 @@
-"""The worker of tests/training/test_distributed.py: run alone (one process) or under
-``python -m torch.distributed.run --nproc-per-node=2`` (two gloo processes on the CPU).
+"""The worker of tests/training/test_distributed.py, run under
+``python -m torch.distributed.run --nproc-per-node=2`` (two gloo processes on the CPU); the
+test runs :func:`run_update` itself for the one-process side.
 
-    distributed_worker.py update OUT CASE [CASE ...]
-        For each case (CASES below): a Trainer on the built-in model whose engine returns
-        canned responses (a function of the prompt alone, so one process and two sample the
-        same global batch), STEPS training steps; then rank 0 writes OUT/CASE.json (the step
-        metrics and every rank's micro-batch counts per optimizer step) and
-        OUT/CASE.safetensors (the whole gradient left by the last step and the whole
-        parameters after it).
-    distributed_worker.py early-finish OUT
-        Two steps of real sampling in which rank 0's responses end after one token and rank
-        1's run to max_new_tokens; writes OUT/early-finish.json.
-    distributed_worker.py rank-fails OUT
-        Rank 1 raises before the first step: rank 0 must fail soon after (never wait).
+    distributed_worker.py OUT JOB [JOB ...]
+        Each JOB in turn, in the same two processes:
+        CASE (a name in CASES): a Trainer on the built-in model whose engine returns canned
+            responses (a function of the prompt alone, so one process and two sample the same
+            global batch), the case's steps; then rank 0 writes OUT/CASE.json (the step
+            metrics and every rank's row counts per optimizer step) and OUT/CASE.safetensors
+            (the whole gradient left by the last optimizer step and the whole trained
+            parameters after it).
+        early-finish: two steps of real sampling in which rank 0's responses end after one
+            token and rank 1's run to max_new_tokens; writes OUT/early-finish.json.
+        rank-fails: rank 1 raises before the first step: rank 0 must fail soon after (never
+            wait).
 """
 
 from __future__ import annotations
@@ -36,27 +37,27 @@ BASE = {"prompts_per_step": 4, "rollout.group_size": 4, "rollout.max_new_tokens"
         "dist_timeout_s": 60, "seed": 3}
 # name -> (overrides, steps). lr 0 keeps the weights, so the last step's gradient is
 # compared; the cases with a learning rate compare the parameters after several optimizer
-# steps (the sharded AdamW state).
+# steps (the sharded AdamW state, the parameters of every shard unit).
 CASES = {
-    "token-mean": ({}, 1),
-    "seq-mean-token-mean": ({"algorithm.loss_agg_mode": "seq-mean-token-mean"}, 1),
-    "seq-mean-token-sum-norm": ({"algorithm.loss_agg_mode": "seq-mean-token-sum-norm"}, 1),
-    "grpo-kl-no-clip": ({"algorithm.adv_estimator": "grpo", "algorithm.kl_coef": 0.1,
-                         "optim.max_grad_norm": 0.0}, 1),
     # Several optimizer steps per batch: the separate behaviour forward, global mini-batches
     # shared unevenly by the ranks (micro_batch_size 1: a count per row).
-    "mini-batches": ({"algorithm.mini_batches": 2, "algorithm.ppo_epochs": 2,
-                      "micro_batch_size": 1, "optim.lr": 0.01,
-                      "algorithm.loss_agg_mode": "seq-mean-token-mean"}, 2),
-    # One response per mini-batch: in each, one rank has no rows (padding copies only).
-    "empty-share": ({"prompts_per_step": 2, "rollout.group_size": 2,
-                     "algorithm.mini_batches": 4, "optim.lr": 0.01}, 2),
+    "token-mean": ({"algorithm.mini_batches": 2, "algorithm.ppo_epochs": 2,
+                    "micro_batch_size": 1, "optim.lr": 1e-3}, 2),
+    # The KL reference (a second sharded model) without clipping.
+    "seq-mean-token-mean": ({"algorithm.loss_agg_mode": "seq-mean-token-mean",
+                             "algorithm.adv_estimator": "grpo", "algorithm.kl_coef": 0.1,
+                             "optim.max_grad_norm": 0.0}, 1),
+    # One response per mini-batch: in each, one rank has no rows (padding copies only);
+    # gradient checkpointing.
+    "seq-mean-token-sum-norm": ({"algorithm.loss_agg_mode": "seq-mean-token-sum-norm",
+                                 "model.enable_gradient_checkpointing": True,
+                                 "prompts_per_step": 2, "rollout.group_size": 2,
+                                 "algorithm.mini_batches": 4, "optim.lr": 1e-3}, 2),
     "lora": ({"model.lora_rank": 4, "model.lora_alpha": 16, "algorithm.kl_coef": 0.05,
-              "optim.lr": 0.02}, 2),
-    "gradient-checkpointing": ({"model.enable_gradient_checkpointing": True,
-                                "algorithm.loss_agg_mode": "seq-mean-token-sum-norm"}, 1),
-    "lora-checkpointing": ({"model.lora_rank": 4, "model.enable_gradient_checkpointing": True},
-                           1),
+              "optim.lr": 1e-3}, 2),
+    # A whole copy per process (DDP), several optimizer steps per batch.
+    "ddp": ({"data_parallel": "ddp", "algorithm.mini_batches": 2, "micro_batch_size": 2,
+             "optim.lr": 1e-3}, 2),
 }
 
 
@@ -155,17 +156,18 @@ def run_rank_fails(out: Path) -> None:
 
 
 def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    out, jobs = Path(sys.argv[1]), sys.argv[2:]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        if mode == "update":
-            run_update(out, sys.argv[3:])
-        elif mode == "early-finish":
-            run_early_finish(out)
-        elif mode == "rank-fails":
-            run_rank_fails(out)
-        else:
-            raise SystemExit(f"unknown mode {mode}")
+        for job in jobs:
+            if job in CASES:
+                run_update(out, [job])
+            elif job == "early-finish":
+                run_early_finish(out)
+            elif job == "rank-fails":
+                run_rank_fails(out)
+            else:
+                raise SystemExit(f"unknown job {job}")
     finally:
         distributed.shutdown()
 

@@ -3,17 +3,19 @@
 * the update of two processes on fixed rollouts equals the one-process update of the same
   global batch (float32, tight tolerance), for every loss aggregation, with the KL
   reference, several optimizer steps per batch (ranks holding different numbers of rows,
-  or none, of a mini-batch), LoRA and gradient checkpointing;
-* ranks with different micro-batch counts, or whose responses end at different steps, do
-  not hang, and a rank that fails makes the others fail soon, not wait;
-* ``torchrun --nproc-per-node=2 -m lambdapo train`` (and torchrun with the ``lambdapo``
-  script) trains the built-in default, writes its outputs once, resumes exactly with two
-  processes and refuses to resume with one; a SIGTERM to one of the processes stops both
-  after the same step with a checkpoint.
+  or none, of a mini-batch), LoRA, gradient checkpointing, and with DDP instead of FSDP2;
+* ``torchrun --nproc-per-node=2 -m lambdapo train`` trains the built-in default, writes its
+  outputs once, and a SIGTERM to one of its processes stops both after the same step with a
+  checkpoint; torchrun with the ``lambdapo`` script resumes it exactly with two processes,
+  and one process refuses to resume it;
+* (slow) ranks whose responses end at different steps do not wait for each other, and a
+  rank that fails makes the others fail soon.
 
 The processes run ``tests/training/distributed_worker.py`` or the command line through
 ``python -m torch.distributed.run``, with collective timeouts (``dist_timeout_s``) and a
-timeout on every subprocess, so that a hang fails the test instead of stalling it.
+timeout on every subprocess, so that a hang fails the test instead of stalling it. Starting
+processes is most of the time here (each imports torch and transformers), so each test
+starts as few as it can: one launch runs every update case.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from distributed_worker import CASES  # noqa: E402
 
-# One process against two: the same float32 sums in another order.
+# One process against two: the same float32 sums in another order. Parameters after several
+# AdamW steps differ a little more (AdamW's step is sensitive to a gradient near its eps, as
+# LoRA's A gradient is while B is near zero): within 5% of one step of the learning rate, far
+# below what a parameter left untrained or a wrong optimizer state would give.
 RTOL, ATOL = 2e-5, 2e-6
+PARAM_ATOL_PER_LR = 0.05
 
 
 def env() -> dict:
@@ -52,14 +58,6 @@ def torchrun(*args, nproc: int = 2, timeout: float = 600, check: bool = True,
                "--standalone", *map(str, args)]
     result = subprocess.run(command, env=env(), capture_output=True, text=True,
                             timeout=timeout, cwd=cwd)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
-
-def alone(*args, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *map(str, args)], env=env(), capture_output=True,
-                            text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -105,6 +103,13 @@ def test_step_metrics_of_the_global_batch_from_the_ranks():
     assert out["advantage/std"] == pytest.approx(float(every.std()))
 
 
+def test_prompts_that_do_not_split_over_the_processes_are_a_config_error():
+    with pytest.raises(ValueError, match="prompts_per_step: 3 prompts cannot be split by "
+                                         "whole groups over 2 processes"):
+        Parallel(rank=1, world_size=2).prompt_share([{}, {}, {}])
+    assert Parallel(rank=1, world_size=2).prompt_share([1, 2, 3, 4]) == [3, 4]
+
+
 def test_one_process_keeps_no_process_group(tmp_path, monkeypatch):
     from lambdapo import distributed
     from lambdapo.config import load_config
@@ -127,11 +132,17 @@ def test_one_process_keeps_no_process_group(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- two processes
 @pytest.fixture(scope="module")
 def updates(tmp_path_factory):
-    """Every case of the worker, run by one process and by two."""
+    """Every case of the worker, run by this process alone (no process group) and by two
+    processes (one launch for all)."""
+    from distributed_worker import run_update
+
     root = tmp_path_factory.mktemp("updates")
-    names = list(CASES)
-    alone(WORKER, "update", root / "one", *names, timeout=900)
-    torchrun(WORKER, "update", root / "two", *names, timeout=900)
+    threads = torch.get_num_threads()
+    try:
+        run_update(root / "one", list(CASES))
+    finally:
+        torch.set_num_threads(threads)   # the cases set threads=1
+    torchrun(WORKER, root / "two", *CASES, timeout=600)
     return root
 
 
@@ -150,7 +161,9 @@ def test_two_processes_make_the_one_process_update(updates, name):
     assert sorted(one_tensors) == sorted(two_tensors)
     assert any(k.startswith("grad.") for k in one_tensors)
     for key, expected in one_tensors.items():
-        torch.testing.assert_close(two_tensors[key], expected, rtol=RTOL, atol=ATOL,
+        lr = CASES[name][0].get("optim.lr", 0.0)
+        atol = PARAM_ATOL_PER_LR * lr if key.startswith("param.") and lr else ATOL
+        torch.testing.assert_close(two_tensors[key], expected, rtol=RTOL, atol=atol,
                                    msg=lambda m: f"{name} {key}: {m}")
     for step_one, step_two in zip(one["metrics"], two["metrics"], strict=True):
         for key in ("loss", "grad_norm", "reward", "accuracy", "advantage/mean",
@@ -165,38 +178,34 @@ def test_two_processes_make_the_one_process_update(updates, name):
         assert all("lora_" in k for k in one_tensors if k.startswith("grad."))
 
 
-@pytest.mark.parametrize("name", ["mini-batches", "empty-share"])
+@pytest.mark.parametrize("name", ["token-mean", "seq-mean-token-sum-norm"])
 def test_ranks_with_different_micro_batch_counts_finish(updates, name):
     two, _ = load(updates / "two", name)
     rank0, rank1 = two["rows_per_rank"]
     assert len(rank0) == len(rank1)   # the same calls on both
     assert any(a != b for a, b in zip(rank0, rank1)), two["rows_per_rank"]
-    if name == "empty-share":
+    if name == "seq-mean-token-sum-norm":
         assert 0 in rank0 and 0 in rank1   # each rank sat one mini-batch out
 
 
-def test_a_rank_whose_responses_end_first_does_not_wait(tmp_path):
+@pytest.mark.slow
+def test_ranks_that_end_apart_do_not_wait_and_a_failing_rank_ends_the_run(tmp_path):
     start = time.perf_counter()
-    torchrun(WORKER, "early-finish", tmp_path, timeout=600)
-    result = json.loads((tmp_path / "early-finish.json").read_text())
-    rank0, rank1 = result["longest_per_rank"]
-    assert max(rank0) == 1 and max(rank1) > 1, result["longest_per_rank"]
-    assert len(result["metrics"]) == 2
-    assert time.perf_counter() - start < 600
-
-
-def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path):
-    start = time.perf_counter()
-    result = torchrun(WORKER, "rank-fails", tmp_path, timeout=300, check=False)
+    result = torchrun(WORKER, tmp_path, "early-finish", "rank-fails", timeout=300,
+                      check=False)
+    early = json.loads((tmp_path / "early-finish.json").read_text())
+    rank0, rank1 = early["longest_per_rank"]
+    assert max(rank0) == 1 and max(rank1) > 1, early["longest_per_rank"]
+    assert len(early["metrics"]) == 2
     assert result.returncode != 0
     assert "rank 1 fails on purpose" in result.stderr
     assert time.perf_counter() - start < 300
 
 
 # ---------------------------------------------------------------------- the command line
-CLI = ["steps=4", "prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
-       "micro_batch_size=6", "data.num_train=64", "data.num_eval=9", "eval_samples=1",
-       "eval_every=2", "save_every=2", "device=cpu", "threads=1", "dist_timeout_s=120",
+CLI = ["steps=4", "prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=16",
+       "micro_batch_size=6", "data.num_train=64", "data.num_eval=3", "eval_samples=1",
+       "eval_every=0", "save_every=1", "device=cpu", "threads=1", "dist_timeout_s=120",
        "log_samples=2"]
 
 
@@ -211,59 +220,6 @@ def console_script(folder: Path) -> Path:
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-@pytest.mark.slow
-def test_torchrun_trains_writes_once_and_resumes_exactly(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    result = torchrun("-m", "lambdapo", "train", "--quiet", *CLI, f"output_dir={full}")
-    assert result.stdout.count("held-out accuracy") == 1, result.stdout   # rank 0 prints
-    metrics = rows(full / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert all(m["response_length"] > 0 and m["loss"] == m["loss"] for m in metrics)
-    assert len(rows(full / "samples.jsonl")) == 4 * 2
-    summary = json.loads((full / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 4
-    assert summary["eval_samples"] == 9   # the held-out prompts, split over the ranks
-    assert [e["step"] for e in summary["eval_history"]] == [0, 2, 4]
-    log = (full / "train.log").read_text()
-    assert log.count("behaviour log-probs (pi_old)") == 1   # one writer
-    assert "2 processes (gloo)" in log
-    for step in (2, 4):
-        files = {p.name for p in (full / "checkpoints" / f"step-{step}").iterdir()}
-        assert {"model.safetensors", "optimizer.rank0.safetensors",
-                "optimizer.rank1.safetensors", "rng.rank0.safetensors",
-                "rng.rank1.safetensors", "manifest.json"} <= files
-    assert (full / "curves.png").exists() and (full / "tensorboard").is_dir()
-    # The saved model is the whole model in transformers' format.
-    from transformers import AutoModelForCausalLM
-
-    saved = AutoModelForCausalLM.from_pretrained(full / "checkpoints" / "step-4")
-    assert sum(p.numel() for p in saved.parameters()) > 600_000
-
-    # Two steps, then resumed to four, with torchrun and the lambdapo script.
-    script = console_script(tmp_path)
-    torchrun(script, "train", "--quiet", *CLI, "steps=2", f"output_dir={part}")
-    torchrun(script, "train", "--quiet", "--resume", "steps=4", f"output_dir={part}")
-    resumed = rows(part / "metrics.jsonl")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for a, b in zip(metrics, resumed):
-        for key in ("reward", "loss", "grad_norm", "entropy", "response_length"):
-            assert a[key] == b[key], (a["step"], key)
-    # Another number of processes cannot continue a sharded optimizer state.
-    one = alone("-m", "lambdapo", "train", "--resume", "steps=6", f"output_dir={part}",
-                check=False)
-    assert one.returncode == 2
-    assert "saved by 2 processes and this run has 1" in one.stderr
-    assert "--nproc-per-node=2" in one.stderr
-
-
-def test_prompts_that_do_not_split_over_the_processes_are_a_config_error(tmp_path):
-    result = torchrun("-m", "lambdapo", "train", *CLI, "prompts_per_step=3",
-                      f"output_dir={tmp_path}", check=False, timeout=300)
-    assert result.returncode != 0
-    assert "prompts_per_step: 3 prompts cannot be split by whole groups over 2 processes" \
-        in result.stderr
 
 
 def _workers(parent: int) -> dict[int, int]:
@@ -285,32 +241,74 @@ def _workers(parent: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.slow
-def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
-    run = tmp_path / "run"
+def stopped_run(run: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """``torchrun -m lambdapo train`` of CLI in ``run``, its rank 1 sent SIGTERM once step 2
+    is written: (the finished launch, the last step it trained)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-               "--standalone", "-m", "lambdapo", "train", "--quiet", *CLI, "steps=200",
-               "save_every=0", "eval_every=0", f"output_dir={run}"]
+               "--standalone", "-m", "lambdapo", "train", "--quiet", *CLI, f"output_dir={run}"]
     proc = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 240
         metrics = run / "metrics.jsonl"
-        while time.monotonic() < deadline and not (metrics.exists() and rows(metrics)):
+        while time.monotonic() < deadline and not (metrics.exists() and len(rows(metrics)) >= 2):
             assert proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
+            time.sleep(0.1)
         workers = _workers(proc.pid)
         assert set(workers) == {0, 1}, workers
         os.kill(workers[1], signal.SIGTERM)   # rank 1 alone is told to stop
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
-    steps = [m["step"] for m in rows(run / "metrics.jsonl")]
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step-{steps[-1]}", (latest, steps, err[-3000:])
-    assert steps[-1] < 200
+    result = subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return result, rows(run / "metrics.jsonl")[-1]["step"]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_stops_on_a_signal_to_one_process_and_resumes_exactly(tmp_path,
+                                                                                capsys):
+    run = tmp_path / "run"
+    result, last = stopped_run(run)
+    # Both processes stopped after the same step, with a checkpoint of it (each exits with
+    # 128 + SIGTERM; torchrun then reports a failure).
+    assert result.returncode != 0 and "exitcode: 143" in result.stderr, result.stderr[-3000:]
+    assert last in (2, 3), last
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{last}"
     log = (run / "train.log").read_text()
-    assert f"stopped by SIGTERM after step {steps[-1]} of 200" in log, err[-3000:]
-    files = {p.name for p in (run / "checkpoints" / latest).iterdir()}
-    assert {"optimizer.rank0.safetensors", "optimizer.rank1.safetensors"} <= files
+    assert f"stopped by SIGTERM after step {last} of 4" in log, result.stderr[-3000:]
+    assert "2 processes (gloo): the policy is sharded over them with FSDP2" in log
+    assert log.count("behaviour log-probs (pi_old)") == 1   # one writer
+    first = rows(run / "metrics.jsonl")
+    assert [m["step"] for m in first] == list(range(1, last + 1))
+    assert all(m["response_length"] > 0 and m["loss"] == m["loss"] for m in first)
+    assert len(rows(run / "samples.jsonl")) == last * 2
+    files = {p.name for p in (run / "checkpoints" / "step-1").iterdir()}
+    assert {"model.safetensors", "optimizer.rank0.safetensors", "optimizer.rank1.safetensors",
+            "rng.rank0.safetensors", "rng.rank1.safetensors", "manifest.json"} <= files
+    # The saved model is the whole model in transformers' format.
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-1")
+    assert sum(p.numel() for p in saved.parameters()) > 600_000
+
+    # Resumed from step 1 to the end by torchrun with the lambdapo script: its steps 2..last
+    # are those of the first launch.
+    torchrun(console_script(tmp_path), "train", "--quiet", "--resume",
+             run / "checkpoints" / "step-1")
+    resumed = rows(run / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(first[1:], resumed[1:last]):
+        for key in ("reward", "loss", "grad_norm", "entropy", "response_length"):
+            assert a[key] == b[key], (a["step"], key)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    assert summary["eval_samples"] == 3   # the held-out prompts, split over the ranks
+
+    # One process cannot continue a sharded optimizer state (checked before a model loads).
+    from lambdapo.cli import main
+
+    assert main(["train", "--resume", str(run), "steps=6"]) == 2
+    error = capsys.readouterr().err
+    assert "saved by 2 processes and this run has 1" in error
+    assert "--nproc-per-node=2" in error
