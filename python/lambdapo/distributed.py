@@ -448,11 +448,14 @@ def fsdp_runs(parallel: Parallel) -> bool:
     except ImportError:
         return False
     device = parallel.collective_device
+    # Their names from torch 2.13 on (the older ones are deprecated there).
+    all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+    reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
     try:
         gathered = torch.empty(parallel.world_size, device=device)
-        dist.all_gather_into_tensor(gathered, torch.ones(1, device=device))
+        all_gather(gathered, torch.ones(1, device=device))
         reduced = torch.empty(1, device=device)
-        dist.reduce_scatter_tensor(reduced, torch.ones(parallel.world_size, device=device))
+        reduce_scatter(reduced, torch.ones(parallel.world_size, device=device))
     except (RuntimeError, NotImplementedError, ValueError) as exc:
         log.info("FSDP2 does not run on this process group (%s: %s)", type(exc).__name__, exc)
         return False
