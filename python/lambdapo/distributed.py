@@ -77,6 +77,7 @@ class Parallel:
 
     @property
     def collective_device(self) -> torch.device:
+        """Where this rank's collective tensors live: its GPU with NCCL, else the CPU."""
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else \
             torch.device("cpu")
 
@@ -134,6 +135,7 @@ class Parallel:
         return box[0]
 
     def barrier(self) -> None:
+        """Waits until every rank has come here (nothing in one process)."""
         if self.enabled:
             dist.barrier()
 
@@ -159,6 +161,7 @@ class Parallel:
 
 
 def prompts_error(prompts: int, world_size: int) -> str:
+    """The error for ``prompts_per_step`` = ``prompts`` that ``world_size`` does not divide."""
     return (f"config prompts_per_step: {prompts} prompts cannot be split by whole groups "
             f"over {world_size} processes; use a multiple of {world_size} (or another "
             f"torchrun --nproc-per-node)")
@@ -245,6 +248,7 @@ class PolicyRoot(nn.Module):
         self.model = model
 
     def forward(self, fn: Callable[[], T]) -> T:
+        """``fn()``, with the root's parameters unsharded around it."""
         return fn()
 
 
@@ -270,12 +274,16 @@ class LocalModel:
         self.model = model
 
     def __call__(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (a log-prob computation on :attr:`model`)."""
         return fn()
 
     def backward(self, loss: Tensor) -> None:
+        """``loss.backward()``."""
         loss.backward()
 
-    def full_weights(self, within: tuple[str, ...] | None = None):
+    def full_weights(self, within: tuple[str, ...] | None = None
+                     ) -> contextlib.AbstractContextManager[None]:
+        """Nothing to gather: the weights are whole."""
         return contextlib.nullcontext()
 
     def gradient_sync(self, enabled: bool) -> None:
@@ -397,9 +405,6 @@ class ShardedModel:
             for grad in grads:
                 grad.mul_(scale)
         return norm
-
-    def parameters(self):
-        return self.model.parameters()
 
 
 class ReplicatedModel(LocalModel):
