@@ -25,6 +25,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -119,9 +120,7 @@ class ConsoleTracker(Tracker):
         self.file_only = info.progress_bar
         self.clock = clock
         self.last_line: float | None = None
-        self.last_step = info.last_step
-        self.step_times: list[float] = []
-        self.started = clock()
+        self.step_times: list[float] = []   # of the steps since the last line
 
     def _due(self, step: int) -> bool:
         if self.every:
@@ -286,12 +285,17 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
+        metrics = [Metric(_MLFLOW_KEY.sub("_", key), float(value), now, step)
+                   for key, value in values.items()]
         for start in range(0, len(metrics), self.BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + self.BATCH])
 
     def finish(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+# What MLflow accepts in a metric name (a reward function's name may hold other characters).
+_MLFLOW_KEY = re.compile(r"[^/\w.\- :]")
 
 
 def _param_text(value: Any) -> str:
@@ -413,9 +417,8 @@ class Trackers:
         self._each("flushing", lambda tracker: tracker.flush())
 
     def finish(self, failed: bool = False) -> None:
-        active = list(self.active)
         self._each("finishing", lambda tracker: tracker.finish(failed))
-        self.active = [] if active else self.active
+        self.active = []
 
 
 __all__ = ["BACKENDS", "RunInfo", "Tracker", "Trackers", "TrackerError", "check_installed",
