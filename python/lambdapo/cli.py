@@ -30,6 +30,7 @@ from .checkpoint import RunDirectoryLocked
 from .compare import DEFAULT_BASELINE, DEFAULT_METHODS, METHODS
 from .rewards import RewardError
 from .rollout import RolloutEngineError
+from .trackers import FILE_ONLY, TrackerError
 
 # ``section.field=value``: what --resume's optional argument is taken for when it looks so.
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
@@ -129,9 +130,11 @@ def run_folder(path: Path) -> Path:
 def cmd_train(args) -> int:
     from .process import configure_process
     from .stopping import GracefulStop, StopNow
+    from .trackers import check_installed
     from .trainer import Trainer
 
     config, resume = train_config(args)
+    check_installed(config.logger)   # before the model loads
     configure_process(config)
     try:
         with GracefulStop() as stop:
@@ -269,6 +272,9 @@ class _ConsoleLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm.auto import tqdm
 
+        if getattr(record, FILE_ONLY, False):   # a line the progress bar already shows
+            return
+
         level = "warning: " if record.levelno >= logging.WARNING else ""
         try:
             tqdm.write(f"lambdapo: {level}{record.getMessage()}", file=sys.stderr)
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except (ValueError, FileNotFoundError, RewardError, RolloutEngineError,
-            RunDirectoryLocked) as exc:
+            RunDirectoryLocked, TrackerError) as exc:
         print(f"lambdapo {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -406,7 +406,8 @@ class Trainer:
 
         cfg = self.config
         self._start = time.perf_counter()
-        writer = MetricsWriter(self.run_dir, last_step=self.step)
+        writer = self._writer = MetricsWriter(self.run_dir, last_step=self.step, config=cfg,
+                                              progress_bar=self.progress)
         truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         stopped = lambda: stop is not None and stop.requested is not None  # noqa: E731
         if not self.eval_history:
@@ -483,10 +484,14 @@ class Trainer:
                 "eval_history": self.eval_history}
 
     def close(self) -> None:
-        """Shuts the rollout engine down (a vLLM engine holds memory until then), stops the
-        reward worker processes, detaches the run's log file and releases the lock on
+        """Finishes the trackers' runs if :meth:`train` ended by an exception, shuts the
+        rollout engine down (a vLLM engine holds memory until then), stops the reward
+        worker processes, detaches the run's log file and releases the lock on
         ``output_dir``."""
         try:
+            writer = getattr(self, "_writer", None)
+            if writer is not None:   # train() closed it unless it ended by an exception
+                writer.close(failed=True)
             self.engine.close()
             self.rewards.close()
             self.accuracy_reward.close()
