@@ -34,6 +34,7 @@ from .checkpoint import RunDirectoryLocked
 from .compare import DEFAULT_BASELINE, DEFAULT_METHODS, METHODS
 from .rewards import RewardError
 from .rollout import RolloutEngineError
+from .trackers import FILE_ONLY, TrackerError
 
 # ``section.field=value``: what --resume's optional argument is taken for when it looks so.
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
@@ -134,9 +135,11 @@ def cmd_train(args) -> int:
     from .distributed import current, prompts_error
     from .process import configure_process
     from .stopping import GracefulStop, StopNow
+    from .trackers import check_installed
     from .trainer import Trainer
 
     config, resume = train_config(args)
+    check_installed(config.logger)   # before the model loads
     configure_process(config)
     parallel = current()
     if config.prompts_per_step % parallel.world_size:
@@ -285,6 +288,9 @@ class _ConsoleLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm.auto import tqdm
 
+        if getattr(record, FILE_ONLY, False):   # a line the progress bar already shows
+            return
+
         level = "warning: " if record.levelno >= logging.WARNING else ""
         try:
             tqdm.write(f"{self.prefix}{level}{record.getMessage()}", file=sys.stderr)
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except (ValueError, FileNotFoundError, RewardError, RolloutEngineError,
-            RunDirectoryLocked) as exc:
+            RunDirectoryLocked, TrackerError) as exc:
         print(f"lambdapo {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

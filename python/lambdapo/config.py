@@ -195,6 +195,15 @@ class TrainConfig:
                                     "gradients and optimizer states sharded over the "
                                     "processes) | ddp (a whole copy per process) | auto "
                                     "(fsdp where it runs on the device, else ddp)")
+    logger: list = _f(["console", "tensorboard"],
+                      "experiment trackers, a list of console | tensorboard | wandb | "
+                      "mlflow | trackio, e.g. [console,wandb] (verl's trainer.logger); "
+                      "metrics.jsonl is always written")
+    project_name: str = _f("lambdapo", "tracker project (W&B project, MLflow experiment, "
+                                       "Trackio project)")
+    experiment_name: str = _f("", "tracker run name (empty: output_dir as given)")
+    console_every: int = _f(0, "console logger: a line of key metrics every N steps (0: "
+                               "the first and last steps and one per 30 s between)")
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -402,6 +411,7 @@ def validate(config: TrainConfig) -> None:
                 "optim.weight_decay", "optim.max_grad_norm", "optim.lr",
                 "optim.warmup_steps", "rollout.max_model_len", "rollout.kv_cache_gb",
                 "eval_every", "save_every", "threads", "log_samples", "checkpoint.keep_last",
+                "console_every",
                 "reward.workers"):
         if get(config, key) < 0:
             raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
@@ -415,9 +425,19 @@ def validate(config: TrainConfig) -> None:
                          f"{config.model.lora_rank}")
     if config.model.lora_alpha <= 0:
         raise ValueError(f"config model.lora_alpha: must be > 0, got {config.model.lora_alpha}")
+    _check_loggers(config.logger)
     if len(config.optim.betas) != 2:
         raise ValueError(f"config optim.betas: expected two numbers, got {config.optim.betas}")
     _check_model_path(config.model.path)
+
+
+def _check_loggers(names: list) -> None:
+    from .trackers import BACKENDS
+
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"config logger: {name!r} is not one of {tuple(BACKENDS)}; give "
+                             f"a list, e.g. logger=[console,wandb]")
 
 
 def _check_model_path(path: str) -> None:
@@ -447,8 +467,8 @@ RESUMABLE_CHANGES = (
     "rollout.gpu_memory_utilization", "rollout.kv_cache_gb", "rollout.max_model_len",
     "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error",
     "reward.workers", "dist_timeout_s", "model.kernels", "model.attn_implementation",
-    "rollout.static_decode",
-    "algorithm.share_prompt_forward")
+    "rollout.static_decode", "algorithm.share_prompt_forward", "logger", "project_name",
+    "experiment_name", "console_every")
 
 
 def _flatten(tree: dict) -> dict:

@@ -1,5 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (one object per step), TensorBoard events and the PNG of
-the curves."""
+"""Run outputs: ``metrics.jsonl`` (one object per step), the experiment trackers
+(:mod:`lambdapo.trackers`: TensorBoard events, W&B, MLflow ...) and the PNG of the curves."""
 
 from __future__ import annotations
 
@@ -29,22 +29,37 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 class MetricsWriter:
-    """Appends step metrics to ``metrics.jsonl`` and TensorBoard (``tensorboard/``).
-    A run that starts at ``last_step`` (0: a fresh run) first drops the rows and events of
-    later steps (those of a run it resumes, or of an earlier run in the same folder), so
-    each step appears once."""
+    """Appends step metrics to ``metrics.jsonl`` and hands them, with the held-out
+    evaluations, to the run's trackers (:mod:`lambdapo.trackers`; ``config.logger``,
+    TensorBoard alone without a config). A run that starts at ``last_step`` (0: a fresh
+    run) first drops the rows of later steps (those of a run it resumes, or of an earlier
+    run in the same folder), so each step appears once; the trackers continue the resumed
+    run's own runs where they can.
 
-    def __init__(self, run_dir: Path, *, last_step: int = 0):
+    Raises:
+        ValueError: a selected tracker's package is not installed.
+        lambdapo.trackers.TrackerError: a selected tracker could not start.
+    """
+
+    def __init__(self, run_dir: Path, *, last_step: int = 0, config=None,
+                 progress_bar: bool = False):
+        from .trackers import RunInfo, Trackers
+
         self.path = run_dir / "metrics.jsonl"
         truncate_jsonl(self.path, last_step)
-        from torch.utils.tensorboard import SummaryWriter
+        if config is None:
+            names, info = ["tensorboard"], RunInfo(run_dir, "lambdapo", run_dir.name, {},
+                                                   last_step=last_step)
+        else:
+            from .config import to_dict
 
-        events = run_dir / "tensorboard"
-        if last_step == 0:
-            for old in events.glob("events.out.tfevents.*"):
-                old.unlink()
-        # purge_step: TensorBoard discards the earlier files' events from this step on.
-        self.tb = SummaryWriter(str(events), purge_step=last_step + 1 if last_step else None)
+            names = config.logger
+            info = RunInfo(run_dir, config.project_name,
+                           config.experiment_name or run_name(config.output_dir),
+                           to_dict(config), last_step=last_step, total_steps=config.steps,
+                           console_every=config.console_every, progress_bar=progress_bar)
+        self.trackers = Trackers(names, info)
+        self._closed = False
 
     def write(self, metrics: dict) -> None:
         with self.path.open("a") as f:
@@ -52,14 +67,23 @@ class MetricsWriter:
         self.scalars({k: v for k, v in metrics.items() if k != "step"}, metrics["step"])
 
     def scalars(self, values: dict, step: int) -> None:
-        for key, value in values.items():
-            self.tb.add_scalar(key, value, step)
+        self.trackers.log(values, step)
 
     def flush(self) -> None:
-        self.tb.flush()
+        self.trackers.flush()
 
-    def close(self) -> None:
-        self.tb.close()
+    def close(self, failed: bool = False) -> None:
+        """Finishes each tracker's run (``failed``: the run ended by an error); once."""
+        if not self._closed:
+            self._closed = True
+            self.trackers.finish(failed=failed)
+
+
+def run_name(output_dir: str) -> str:
+    """A run's default tracker name: its ``output_dir`` as given (as TRL names a run),
+    ``runs/compare/lambdapo/seed0`` say, the folder's absolute path when that is ``.``."""
+    text = str(output_dir).rstrip("/")
+    return text if text not in ("", ".") else str(Path(output_dir).resolve())
 
 
 class NullWriter:
@@ -75,7 +99,7 @@ class NullWriter:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 

@@ -530,11 +530,14 @@ class Trainer:
         cfg = self.config
         main = self.parallel.is_main
         self._start = time.perf_counter()
+        # Rank 0 writes the metrics and hands them to the trackers; the others, nothing.
         if main:
-            writer = MetricsWriter(self.run_dir, last_step=self.step)
+            writer = MetricsWriter(self.run_dir, last_step=self.step, config=cfg,
+                                   progress_bar=self.progress)
             truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         else:
             writer = NullWriter()
+        self._writer = writer
         requested = 0   # the stop signal's number, agreed by every rank (0: none)
 
         def stopped() -> bool:
@@ -623,10 +626,14 @@ class Trainer:
                 "eval_history": self.eval_history}
 
     def close(self) -> None:
-        """Shuts the rollout engine down (a vLLM engine holds memory until then), stops the
-        reward worker processes, detaches the run's log file and releases the lock on
+        """Finishes the trackers' runs if :meth:`train` ended by an exception, shuts the
+        rollout engine down (a vLLM engine holds memory until then), stops the reward
+        worker processes, detaches the run's log file and releases the lock on
         ``output_dir``."""
         try:
+            writer = getattr(self, "_writer", None)
+            if writer is not None:   # train() closed it unless it ended by an exception
+                writer.close(failed=True)
             self.engine.close()
             self.rewards.close()
             self.accuracy_reward.close()

@@ -114,6 +114,22 @@ def test_eval_of_a_lora_run_and_of_its_checkpoint(workspace, capsys):
         assert result["prompts"] == 8 and 0 <= result["pass@1_greedy"] <= 1
 
 
+def test_lora_in_bfloat16_keeps_the_frozen_base_in_bfloat16(workspace):
+    """model.dtype=bfloat16 with LoRA: the frozen base stays in bfloat16 (no float32 master
+    copy of weights that never train), the adapter trains in float32."""
+    root, model_dir = workspace
+    config = load_config(None, overrides(root, model_dir, "lora-bf16", steps=1,
+                                         **{**LORA, "model.dtype": "bfloat16"}))
+    with Trainer(config, progress=False) as trainer:
+        params = dict(trainer.model.named_parameters())
+        assert {p.dtype for p in params.values() if not p.requires_grad} == {torch.bfloat16}
+        assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}
+        before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+        metrics = trainer.train_step()
+        assert any(not torch.equal(p, before[n]) for n, p in params.items() if n in before)
+    assert metrics["loss"] == metrics["loss"] and metrics["grad_norm"] == metrics["grad_norm"]
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(workspace, caplog):
     root, model_dir = workspace
     config = load_config(None, [f"model.path={model_dir}"])
