@@ -266,8 +266,11 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer,
     if parallel.is_main:
         root.mkdir(parents=True, exist_ok=True)
         _recover(root)
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        del weights
+        if weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:   # the gathered whole weights, not the modules' shards
+            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            del weights
         tokenizer.save_pretrained(tmp)
     parallel.barrier()   # the folder exists
     tensors, meta = _optimizer_tensors(optimizer)
