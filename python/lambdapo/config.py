@@ -38,10 +38,11 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or "
-                                  "builtin:tiny-arithmetic | builtin:tiny-chain")
+    path: str = _f(BUILTIN_MODEL, "model directory (transformers format), a Hugging Face Hub "
+                                  "name (org/name) or builtin:tiny-arithmetic | "
+                                  "builtin:tiny-chain")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (autocast over fp32 master "
-                               "weights)")
+                               "weights; with LoRA the frozen base itself is bfloat16)")
     attn_implementation: str = _f(
         "auto", "auto (flash_attention_2 on a GPU with flash-attn for a model that supports "
                 "it, else transformers' choice: sdpa where the model has it, else eager) | "

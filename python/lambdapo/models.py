@@ -63,7 +63,7 @@ def attention_implementation(config: ModelConfig, model_class: type,
 
 
 def load_policy(config: ModelConfig, device: torch.device):
-    """(model in float32 on ``device``, tokenizer). Weights load from safetensors only
+    """(model on ``device`` in :func:`weights_dtype`, tokenizer). Weights load from safetensors only
     (``use_safetensors=True``: no pickle), remote code only with ``trust_remote_code``;
     ``model.kernels`` is applied (:func:`lambdapo.kernels.apply_kernels`).
 
@@ -76,10 +76,15 @@ def load_policy(config: ModelConfig, device: torch.device):
 
     hf_logging.disable_progress_bar()
     path = resolve_model_path(config.path)
-    if not Path(path).exists():
+    if not Path(path).exists() and not is_hub_name(path):
         raise FileNotFoundError(f"model.path {path!r} does not exist (a local model folder "
-                                f"in transformers format, or {BUILTIN_MODEL})")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+                                f"in transformers format, a Hugging Face Hub name such as "
+                                f"Qwen/Qwen3-1.7B, or {BUILTIN_MODEL})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path,
+                                                  trust_remote_code=config.trust_remote_code)
+    except OSError as exc:   # a Hub name that cannot be fetched (offline, private, a typo)
+        raise FileNotFoundError(f"model.path {path!r}: {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = path
@@ -92,8 +97,8 @@ def load_policy(config: ModelConfig, device: torch.device):
     attention = attention_implementation(config, model_class, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, attn_implementation=attention,
-            trust_remote_code=config.trust_remote_code)
+            path, dtype=weights_dtype(config), use_safetensors=True,
+            attn_implementation=attention, trust_remote_code=config.trust_remote_code)
     except ValueError as exc:
         if attention is None:
             raise
@@ -110,6 +115,14 @@ def load_policy(config: ModelConfig, device: torch.device):
     model = model.to(device)
     apply_kernels(model, config.kernels)
     return model, tokenizer
+
+
+def is_hub_name(path: str) -> bool:
+    """Whether ``path`` reads as a Hugging Face Hub model name (``org/name``) rather than a
+    local folder: transformers then fetches it, or takes it from its cache."""
+    parts = path.split("/")
+    return (len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+            and not Path(parts[0]).exists())
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -142,6 +155,15 @@ def _causal_lm_class(model_config, trust_remote_code: bool) -> type:
         return AutoModelForCausalLM._model_mapping[type(model_config)]
     except KeyError:
         return object
+
+
+def weights_dtype(config: ModelConfig) -> torch.dtype:
+    """The dtype the model's weights are loaded in: float32 master weights, except that a
+    LoRA run in bfloat16 keeps its frozen base in bfloat16 (half the memory; peft keeps the
+    trained adapter in float32)."""
+    if config.dtype == "bfloat16" and config.lora_rank > 0:
+        return torch.bfloat16
+    return torch.float32
 
 
 def autocast_dtype(config: ModelConfig) -> torch.dtype | None:
