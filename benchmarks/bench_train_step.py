@@ -8,11 +8,11 @@ semantic_density, lambdapo's reward functions, which have TRL's signature).
 Real shapes (issue 39), randomly initialised from the published config.json with a
 synthetic word-level tokenizer of the same 151936-token vocabulary:
 
-* ``model=qwen2.5-0.5b``: Qwen2.5-0.5B's shape, bf16 autocast over fp32 weights. On the CPU
-  4 prompts x 4 samples x 64 new tokens (small: 16), on CUDA 16 x 8 x 256 (small: 32); full
-  fine-tuning, or LoRA with ``lora_rank=16`` (alpha 32, every linear layer but the head,
-  dropout 0; TRL gets the same ``peft.LoraConfig``). Targets: lambdapo's peak resident
-  memory and step time at most TRL's.
+* ``model=qwen2.5-0.5b``: Qwen2.5-0.5B's shape. On the CPU float32, 4 prompts x 4 samples x
+  64 new tokens (small: 16); on CUDA bf16 autocast over fp32 weights, 16 x 8 x 256 (small:
+  32); full fine-tuning, or LoRA with ``lora_rank=16`` (alpha 32, every linear layer but
+  the head, dropout 0; TRL gets the same ``peft.LoraConfig``). Targets: lambdapo's peak
+  resident memory and step time at most TRL's.
 * ``model=qwen3-4b``: Qwen3-4B's shape with bf16 weights, LoRA rank 16, gradient
   checkpointing, the KL reference as the base with the adapter off (``kl_coef`` 0.04),
   2 prompts x 4 samples x 32 new tokens, lambdapo only. Target: peak resident memory within
@@ -95,7 +95,11 @@ BATCHES = {
     "qwen2.5-0.5b@cpu": {"small": (4, 4, 16), "full": (4, 4, 64)},
     "qwen3-4b": {"small": (2, 4, 8), "full": (2, 4, 32)},
 }
-DTYPES = {"builtin": "float32", "qwen2.5-0.5b": "bfloat16", "qwen3-4b": "bfloat16"}
+# dtype by model (and device): on the CPU the Qwen2.5-0.5B case is float32, since CPUs
+# without bf16 matrix units (AVX2 only, like the project machine's) multiply bf16 about
+# 10x slower than float32.
+DTYPES = {"builtin": "float32", "qwen2.5-0.5b": "bfloat16", "qwen2.5-0.5b@cpu": "float32",
+          "qwen3-4b": "bfloat16"}
 MODEL_DEFAULTS = {"qwen3-4b": {"lora_rank": 16, "checkpointing": True, "kl_coef": 0.04}}
 # Cases TRL does not run, with the reason.
 LAMBDAPO_ONLY = {"qwen3-4b": "a lambdapo-only memory case (issue 39)"}
@@ -166,10 +170,11 @@ def make_setup(model: str, size: str, device: str, *, seed: int = 0, lora_rank: 
         raise pytest.UsageError(f"--bench-set model={model}: one of {MODELS}")
     if layers and model == "builtin":
         raise pytest.UsageError("--bench-set layers=N: only for the real shapes")
-    key = f"{model}@{device}" if f"{model}@{device}" in BATCHES else model
-    prompts, group, max_new = BATCHES[key][size]
+    def on_device(table: dict) -> Any:
+        return table.get(f"{model}@{device}", table[model])
+    prompts, group, max_new = on_device(BATCHES)[size]
     own = MODEL_DEFAULTS.get(model, {})
-    return Setup(model, prompts, group, max_new, DTYPES[model],
+    return Setup(model, prompts, group, max_new, on_device(DTYPES),
                  lora_rank=own.get("lora_rank", 0) if lora_rank < 0 else lora_rank,
                  lora_alpha=lora_alpha,
                  checkpointing=own.get("checkpointing", False) if checkpointing < 0

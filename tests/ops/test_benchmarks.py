@@ -362,14 +362,15 @@ def test_train_step_real_shape_cases():
 
     bench, cases, setup = _train_step_setup([("model", "qwen2.5-0.5b")])
     assert {c.impl for c in cases} == {"lambdapo", "trl"}
-    assert (setup.prompts, setup.group, setup.max_new, setup.dtype) == (4, 4, 64, "bfloat16")
+    assert (setup.prompts, setup.group, setup.max_new, setup.dtype) == (4, 4, 64, "float32")
     assert setup.lora_rank == 0 and setup.micro_batch == 16
-    assert cases[0].size == "4x4,max64,qwen2.5-0.5b,bfloat16,1threads"
-    assert _train_step_setup([("model", "qwen2.5-0.5b")], device="cuda")[2].prompts == 16
+    assert cases[0].size == "4x4,max64,qwen2.5-0.5b,float32,1threads"
+    on_cuda = _train_step_setup([("model", "qwen2.5-0.5b")], device="cuda")[2]
+    assert (on_cuda.prompts, on_cuda.dtype) == (16, "bfloat16")
 
     bench, cases, setup = _train_step_setup([("model", "qwen2.5-0.5b"), ("lora_rank", "16")])
     assert (setup.lora_rank, setup.lora_alpha, setup.checkpointing) == (16, 32.0, False)
-    assert cases[0].size == "4x4,max64,qwen2.5-0.5b,bfloat16,lora16,1threads"
+    assert cases[0].size == "4x4,max64,qwen2.5-0.5b,float32,lora16,1threads"
 
     bench, cases, setup = _train_step_setup([("model", "qwen3-4b")])
     assert (setup.prompts, setup.group, setup.max_new, setup.dtype) == (2, 4, 32, "bfloat16")
@@ -410,8 +411,8 @@ def test_train_step_targets():
     """Real shapes: lambdapo's step time and peak resident memory against TRL's (<= 1x);
     Qwen3-4B's shape: its peak resident memory within 20 GiB; lines say met / not met."""
     bench = importlib.import_module("bench_train_step")
-    full, lora = "4x4,max64,qwen2.5-0.5b,bfloat16,1threads", \
-        "4x4,max64,qwen2.5-0.5b,bfloat16,lora16,1threads"
+    full, lora = "4x4,max64,qwen2.5-0.5b,float32,1threads", \
+        "4x4,max64,qwen2.5-0.5b,float32,lora16,1threads"
     big = "2x4,max32,qwen3-4b,bfloat16,lora16,gc,kl0.04,1threads"
 
     def row(impl, size, ms, rss):
@@ -451,3 +452,35 @@ def test_train_step_lora_runs_on_the_builtin_model(tmp_path):
     row = json.loads((tmp_path / "train_step.jsonl").read_text().splitlines()[-1])
     assert row["status"] == "ok" and row["size"] == size and row["median_ms"] > 0
     assert row["extra"]["peak_rss_mib"] > 100 and row["extra"]["steps"] == 1
+
+
+def test_train_step_table_shows_peak_resident_memory(tmp_path):
+    """RESULTS.md's train_step table sets lambdapo's peak resident set beside TRL's, with
+    their ratio; a lambdapo-only case shows its own peak and no ratio; rows recorded before
+    the peak was measured leave the cells empty."""
+    import summarize
+
+    run = {"date": "2026-12-07T00:00:00Z", "commit": "ccccccc", "op": "train_step"}
+    old = {"date": "2026-12-01T00:00:00Z", "commit": "aaaaaaa", "op": "train_step"}
+
+    def extra(step, peak=None):
+        return {"gen_s": 1.0, "middle_s": 0.1, "train_s": step - 1.1, "step_s": step,
+                **({"peak_rss_mib": peak} if peak else {})}
+    _jsonl(tmp_path / "train_step.jsonl", [
+        {**run, "impl": "lambdapo", "size": "a", "median_ms": 9000.0,
+         "extra": extra(9.0, 6 * 1024.0)},
+        {**run, "impl": "trl", "size": "a", "median_ms": 10000.0,
+         "extra": extra(10.0, 8 * 1024.0)},
+        {**run, "impl": "lambdapo", "size": "b", "median_ms": 9000.0,
+         "extra": extra(9.0, 15 * 1024.0)},
+        {**run, "impl": "trl", "size": "b", "status": "not run: lambdapo only",
+         "median_ms": None},
+        {**old, "impl": "lambdapo", "size": "c", "median_ms": 900.0, "extra": extra(0.9)},
+        {**old, "impl": "trl", "size": "c", "median_ms": 1800.0, "extra": extra(1.8)}])
+    lines = [line for line in summarize.markdown(tmp_path).splitlines()
+             if line.startswith("| ") and "ms" not in line]
+    assert "peak RSS GiB (ours / TRL) | peak / TRL |" in lines[0]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[1:]}
+    assert cells["a"][7:9] == ["6.00 / 8.00", "0.75x"] and cells["a"][3] == "0.90x"
+    assert cells["b"][7:9] == ["15.00 / -", "-"]
+    assert cells["c"][7:9] == ["", ""] and cells["c"][3] == "0.50x"
