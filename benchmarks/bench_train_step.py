@@ -249,12 +249,6 @@ def write_shaped_model(folder: Path, shape: dict, dtype: str = "float32") -> Pat
     return folder
 
 
-def write_qwen_shaped_model(folder: Path) -> Path:
-    """A randomly initialised model of Qwen2.5-0.5B's shape (float32) and a synthetic
-    tokenizer of its vocabulary (:func:`write_shaped_model`)."""
-    return write_shaped_model(folder, QWEN_05B)
-
-
 def shaped_model_folder(setup: Setup) -> Path:
     layers = f"-{setup.layers}layers" if setup.layers else ""
     return Path(tempfile.gettempdir()) / f"lambdapo-{setup.model}{layers}-shape"

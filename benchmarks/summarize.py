@@ -92,6 +92,11 @@ NOTES = [
     ("train_step", "cpu", ("a730ef0",),
      "Measured with the rms_norm, swiglu and decode_attention kernels and FusedLayer in the "
      "step (issue 36 removed them); the machine's speed drifted by up to 25% that session."),
+    ("train_step", "cpu", ("ca1dc4c",),
+     "The Qwen2.5-0.5B rows of 2026-12-07 are one step per trainer (no warm-up step, so the "
+     "first optimizer step's state allocation is in it), measured while other work kept the "
+     "load average at about 6 on the 2 cores: their step times carry more than the usual "
+     "noise (each row's cpu_s, its process's CPU time a step, is in the history)."),
 ]
 DEVICES = ("cuda", "cpu")
 WIDTH = 100   # of the prose lines

@@ -435,17 +435,19 @@ def test_train_step_targets():
     assert memory["peak_rss_mib"] > 0 and memory["workers"] >= 0
 
 
-def test_train_step_lora_runs_on_the_builtin_model(tmp_path):
-    """A tiny run of the LoRA mode (lora_rank=16) on the built-in model through the bench's
-    pytest case: one step, its row with the peak resident memory."""
+def test_train_step_memory_case_path_runs_on_the_builtin_model(tmp_path):
+    """A tiny run of the Qwen3-4B case's code path (LoRA rank 16, gradient checkpointing,
+    the KL reference as the base with the adapter off) on the built-in model through the
+    bench's pytest case: one step, its row with the peak resident memory."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
     bench = ROOT / "benchmarks/bench_train_step.py"
-    size = "16x8,max16,builtin,float32,lora16,1threads"
+    size = "16x8,max16,builtin,float32,lora16,gc,kl0.04,1threads"
     command = [sys.executable, "-m", "pytest", f"{bench}::test_train_step[cpu-{size}-lambdapo]",
                "--benchmark-only", "-p", "no:cacheprovider", "-q", "--bench-size=small",
                "--bench-device=cpu", "--bench-warmup=0", "--benchmark-min-rounds=1",
-               "--bench-set=lora_rank=16", f"--bench-results={tmp_path}"]
+               "--bench-set=lora_rank=16", "--bench-set=checkpointing=1",
+               "--bench-set=kl_coef=0.04", f"--bench-results={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
