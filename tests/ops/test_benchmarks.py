@@ -341,3 +341,148 @@ def test_markdown_takes_each_size_from_its_newest_run(tmp_path):
     assert rows == ["| s1 | 4 | 1.0 | - | Intel Xeon | 2026-02-01 | `bbbbbbb` |",
                     "| s2 | 1 | 1.0 | 5.00x | AMD EPYC (2 threads) | 2026-01-01 | `aaaaaaa` |"]
     assert "`-`: not run (peer at s1: CUDA only)." in text
+
+
+# ------------------------------------------------------------------------------ train step
+def _train_step_setup(settings=(), size="full", device="cpu"):
+    bench = importlib.import_module("bench_train_step")
+    options = harness.BenchOptions(size=size, settings=tuple(settings))
+    cases = bench.cases(options, device)
+    return bench, cases, cases[0].spec[0]
+
+
+def test_train_step_real_shape_cases():
+    """Issue 39's cases: Qwen2.5-0.5B's shape on the CPU at 4 prompts x 4 samples x 64 new
+    tokens, full fine-tuning or LoRA, against TRL; Qwen3-4B's shape with LoRA rank 16,
+    gradient checkpointing and a KL reference, 2 x 4 x 32, lambdapo only. The built-in
+    setting keeps its label (the history's rows stay comparable)."""
+    bench, cases, setup = _train_step_setup()
+    assert [c.size for c in cases] == ["16x8,max48,builtin,float32,1threads"] * 2
+    assert (setup.lora_rank, setup.checkpointing, setup.kl_coef) == (0, False, 0.0)
+
+    bench, cases, setup = _train_step_setup([("model", "qwen2.5-0.5b")])
+    assert {c.impl for c in cases} == {"lambdapo", "trl"}
+    assert (setup.prompts, setup.group, setup.max_new, setup.dtype) == (4, 4, 64, "float32")
+    assert setup.lora_rank == 0 and setup.micro_batch == 16
+    assert cases[0].size == "4x4,max64,qwen2.5-0.5b,float32,1threads"
+    on_cuda = _train_step_setup([("model", "qwen2.5-0.5b")], device="cuda")[2]
+    assert (on_cuda.prompts, on_cuda.dtype) == (16, "bfloat16")
+
+    bench, cases, setup = _train_step_setup([("model", "qwen2.5-0.5b"), ("lora_rank", "16")])
+    assert (setup.lora_rank, setup.lora_alpha, setup.checkpointing) == (16, 32.0, False)
+    assert cases[0].size == "4x4,max64,qwen2.5-0.5b,float32,lora16,1threads"
+
+    bench, cases, setup = _train_step_setup([("model", "qwen3-4b")])
+    assert (setup.prompts, setup.group, setup.max_new, setup.dtype) == (2, 4, 32, "bfloat16")
+    assert setup.lora_rank == 16 and setup.checkpointing and setup.kl_coef > 0
+    assert cases[0].size == "2x4,max32,qwen3-4b,bfloat16,lora16,gc,kl0.04,1threads"
+    shape, dtype = bench.SHAPES["qwen3-4b"]
+    assert dtype == "bfloat16" and shape["vocab_size"] == 151936 and shape["tie_word_embeddings"]
+    assert (shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"],
+            shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]) == (
+        2560, 9728, 36, 32, 8, 128)
+    trl_case = next(c for c in cases if c.impl == "trl")
+    with pytest.raises(pytest.skip.Exception, match="lambdapo-only"):
+        bench.trl_step(trl_case, 1, "unused", None)
+    layers = _train_step_setup([("model", "qwen3-4b"), ("layers", "2")])[1][0].size
+    assert layers.startswith("2x4,max32,qwen3-4b-2layers,") and bench.model_of(layers) == "qwen3-4b"
+
+
+def test_train_step_driver_runs_the_cases_it_names():
+    """The driver's cases (--modes full,lora) are the ones its pytest processes build from
+    the --bench-set options it passes them, so that the node ids it runs exist."""
+    bench = importlib.import_module("bench_train_step")
+    for model, modes in (("qwen2.5-0.5b", "full,lora"), ("qwen3-4b", ""), ("builtin", "lora")):
+        args = harness.argparse.Namespace(
+            model_config=model, modes=modes, lora_rank=16, lora_alpha=32.0, checkpointing=-1,
+            kl_coef=-1.0, layers=0, seed=0, device="cpu")
+        setups = bench.driver_setups(args)
+        assert len(setups) == max(1, len(modes.split(",")))
+        for setup in setups:
+            settings = [tuple(o.removeprefix("--bench-set=").split("=", 1))
+                        for o in bench.bench_sets(setup)]
+            built = bench.cases(harness.BenchOptions(size="full", settings=tuple(settings)),
+                                "cpu")[0]
+            assert built.spec[0] == setup
+            assert built.size == bench.size_label(setup, 1)
+
+
+def test_train_step_targets():
+    """Real shapes: lambdapo's step time and peak resident memory against TRL's (<= 1x);
+    Qwen3-4B's shape: its peak resident memory within 20 GiB; lines say met / not met."""
+    bench = importlib.import_module("bench_train_step")
+    full, lora = "4x4,max64,qwen2.5-0.5b,float32,1threads", \
+        "4x4,max64,qwen2.5-0.5b,float32,lora16,1threads"
+    big = "2x4,max32,qwen3-4b,bfloat16,lora16,gc,kl0.04,1threads"
+
+    def row(impl, size, ms, rss):
+        return harness.Result("train_step", impl, size, "cpu", median_ms=ms,
+                              extra={"peak_rss_mib": rss, "middle_s": 0.01})
+    rows = [row("lambdapo", full, 900.0, 9000.0), row("trl", full, 1000.0, 10000.0),
+            row("lambdapo", lora, 1100.0, 5000.0), row("trl", lora, 1000.0, 4000.0),
+            row("lambdapo", big, 1e5, 21 * 1024.0)]
+    found = {(t.size, t.label): t for t in bench.targets(rows, "cpu")}
+    assert found[(full, "step time / TRL's")].value == pytest.approx(0.9)
+    assert found[(full, "peak resident memory / TRL's")].met
+    assert not found[(lora, "step time / TRL's")].met
+    assert not found[(lora, "peak resident memory / TRL's")].met
+    assert found[(big, "peak resident memory")].value == pytest.approx(21.0)
+    assert bench.verdict(found[(big, "peak resident memory")]).endswith(
+        "21.000 GiB (bound <= 20 GiB) not met")
+    assert bench.verdict(found[(full, "step time / TRL's")]).endswith("met")
+    assert not any(t.label == "middle part" for t in found.values())
+    memory = bench.peak_rss()
+    assert memory["peak_rss_mib"] > 0 and memory["workers"] >= 0
+
+
+def test_train_step_memory_case_path_runs_on_the_builtin_model(tmp_path):
+    """A tiny run of the Qwen3-4B case's code path (LoRA rank 16, gradient checkpointing,
+    the KL reference as the base with the adapter off) on the built-in model through the
+    bench's pytest case: one step, its row with the peak resident memory."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    bench = ROOT / "benchmarks/bench_train_step.py"
+    size = "16x8,max16,builtin,float32,lora16,gc,kl0.04,1threads"
+    command = [sys.executable, "-m", "pytest", f"{bench}::test_train_step[cpu-{size}-lambdapo]",
+               "--benchmark-only", "-p", "no:cacheprovider", "-q", "--bench-size=small",
+               "--bench-device=cpu", "--bench-warmup=0", "--benchmark-min-rounds=1",
+               "--bench-set=lora_rank=16", "--bench-set=checkpointing=1",
+               "--bench-set=kl_coef=0.04", f"--bench-results={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = json.loads((tmp_path / "train_step.jsonl").read_text().splitlines()[-1])
+    assert row["status"] == "ok" and row["size"] == size and row["median_ms"] > 0
+    assert row["extra"]["peak_rss_mib"] > 100 and row["extra"]["steps"] == 1
+
+
+def test_train_step_table_shows_peak_resident_memory(tmp_path):
+    """RESULTS.md's train_step table sets lambdapo's peak resident set beside TRL's, with
+    their ratio; a lambdapo-only case shows its own peak and no ratio; rows recorded before
+    the peak was measured leave the cells empty."""
+    import summarize
+
+    run = {"date": "2026-12-07T00:00:00Z", "commit": "ccccccc", "op": "train_step"}
+    old = {"date": "2026-12-01T00:00:00Z", "commit": "aaaaaaa", "op": "train_step"}
+
+    def extra(step, peak=None):
+        return {"gen_s": 1.0, "middle_s": 0.1, "train_s": step - 1.1, "step_s": step,
+                **({"peak_rss_mib": peak} if peak else {})}
+    _jsonl(tmp_path / "train_step.jsonl", [
+        {**run, "impl": "lambdapo", "size": "a", "median_ms": 9000.0,
+         "extra": extra(9.0, 6 * 1024.0)},
+        {**run, "impl": "trl", "size": "a", "median_ms": 10000.0,
+         "extra": extra(10.0, 8 * 1024.0)},
+        {**run, "impl": "lambdapo", "size": "b", "median_ms": 9000.0,
+         "extra": extra(9.0, 15 * 1024.0)},
+        {**run, "impl": "trl", "size": "b", "status": "not run: lambdapo only",
+         "median_ms": None},
+        {**old, "impl": "lambdapo", "size": "c", "median_ms": 900.0, "extra": extra(0.9)},
+        {**old, "impl": "trl", "size": "c", "median_ms": 1800.0, "extra": extra(1.8)}])
+    lines = [line for line in summarize.markdown(tmp_path).splitlines()
+             if line.startswith("| ") and "ms" not in line]
+    assert "peak RSS GiB (ours / TRL) | peak / TRL |" in lines[0]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[1:]}
+    assert cells["a"][7:9] == ["6.00 / 8.00", "0.75x"] and cells["a"][3] == "0.90x"
+    assert cells["b"][7:9] == ["15.00 / -", "-"]
+    assert cells["c"][7:9] == ["", ""] and cells["c"][3] == "0.50x"
