@@ -4,8 +4,9 @@
 # small cases of every kernel, measure the card's ceilings and run the benchmarks. Logs and results go to $OUT; a short summary is
 # printed last. From the repository root:
 #
-#   benchmarks/gpu_check.sh                       # all stages: build badinputs tests differential sanitizer bench
+#   benchmarks/gpu_check.sh                       # all stages: build badinputs tests differential sanitizer bench loop
 #   benchmarks/gpu_check.sh tests bench:token_logprobs,lambda_advantages
+#   benchmarks/gpu_check.sh loop                  # the training loop: default run fp32+bf16, train step vs TRL
 #
 # The benchmark rows of this run go to $OUT/results/<op>.jsonl and, recorded (--record), to
 # the history benchmarks/results/<op>.jsonl, which is tarred to $OUT/results.tar.
@@ -25,7 +26,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
-STAGES=${*:-build badinputs tests differential sanitizer bench}
+STAGES=${*:-build badinputs tests differential sanitizer bench loop}
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 seconds_left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -150,6 +151,29 @@ elif has_stage bench; then
   $PY benchmarks/summarize.py --results "$OUT/results" --device cuda --since "$START" $benches \
     | tee -a "$SUMMARY"
   tail -n "+$first_line" "$OUT/bench.log" | grep -E '^(targets of |target )' | tee -a "$SUMMARY"
+fi
+if has_stage loop; then
+  # The loop on the GPU (issue 41): the built-in default in float32 and bfloat16 (its summary
+  # line: accuracy before -> after, seconds), then one step at Qwen2.5-0.5B's shape against
+  # TRL's GRPOTrainer (full fine-tuning and LoRA; TRL from .whl/ or .gpu/site, else its case
+  # says why it did not run) and Qwen3-4B's shape with LoRA (peak memory). The training
+  # package's dependencies (transformers, peft, math-verify, ...) travel in .whl/ as the
+  # peers do.
+  export PYTHONPATH=$PWD/python:$PYTHONPATH
+  for dtype in float32 bfloat16; do
+    run_stage "lambdapo train ($dtype)" 240 "$OUT/loop.log" \
+      $PY -m lambdapo train --quiet device=cuda model.dtype=$dtype output_dir="$OUT/run-$dtype" \
+      && $PY -c "import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[2], \
+'held-out accuracy %.3f -> %.3f in %.0f s' % (s['accuracy_before'], s['accuracy_after'], \
+s['seconds']))" "$OUT/run-$dtype/summary.json" "train $dtype:" | tee -a "$SUMMARY"
+  done
+  run_stage "train step qwen2.5-0.5b vs TRL" 300 "$OUT/loop.log" \
+    $PY benchmarks/bench_train_step.py --device cuda --model-config qwen2.5-0.5b \
+      --modes full,lora --runs 1 --warmup 1 --steps 2 --record --out "$OUT/results"
+  run_stage "train step qwen3-4b (LoRA)" 240 "$OUT/loop.log" \
+    $PY benchmarks/bench_train_step.py --device cuda --model-config qwen3-4b --runs 1 \
+      --warmup 0 --steps 1 --record --out "$OUT/results"
+  grep -E '^(target |peak |step )' "$OUT/loop.log" | tee -a "$SUMMARY"
 fi
 echo
 echo "=== summary ($(( $(date +%s) - START )) s)"
