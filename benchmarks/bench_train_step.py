@@ -24,7 +24,9 @@ its case is not run, with the reason.
 
 The script runs each trainer in a fresh pytest process per run, alternating run by run
 (so that a change of machine load hits both), and prints medians over all runs' timed
-steps; rows go to benchmarks/results/train_step.jsonl.
+steps; each run prints a line as it starts and ends. Rows go to benchmarks/out/train_step.jsonl
+(untracked; ``--out DIR``, ``--no-save``), and with ``--record`` also to the tracked history
+benchmarks/results/train_step.jsonl.
 """
 
 from __future__ import annotations
@@ -369,17 +371,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps per run")
     parser.add_argument("--trainers", default="lambdapo,trl")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-save", action="store_true")
+    harness.add_save_arguments(parser)
     args = parser.parse_args()
     sides = [s.strip() for s in args.trainers.split(",") if s.strip()]
     size = size_label("full", args.model_config, args.threads)
     steps: dict[str, list[dict]] = {side: [] for side in sides}
     last: dict[str, dict] = {}
-    for _ in range(args.runs):
+    start = time.perf_counter()
+    for run in range(1, args.runs + 1):
         for side in sides:
             if side in last and last[side]["status"] != "ok":
                 continue   # not run (trl missing) or failed: the same next time
+            begun = time.perf_counter()
+            head = f"[run {run}/{args.runs} {int(begun - start)} s] {OP} {size} {side}"
+            print(f"{head}: {args.warmup} + {args.steps} steps...", flush=True)
             row = run_in_fresh_process(args, side, size)
+            took = time.perf_counter() - begun
+            outcome = ("failed" if row is None else f"{row['median_ms'] / 1e3:.3f} s a step"
+                       if row.get("median_ms") else row["status"])
+            print(f"{head}: {outcome}, {took:.0f} s", flush=True)
             if row is not None:
                 last[side] = row
                 steps[side] += row.get("extra", {}).get("per_step", [])
@@ -409,11 +419,12 @@ def main() -> None:
         ratio = f"{e['step_s'] / base['extra']['step_s']:.2f}x" if base else "-"
         print(f"{row['impl']:<10}{e['step_s']:>9.3f}{e['gen_s']:>9.3f}{e['middle_s']:>10.3f}"
               f"{e['train_s']:>9.3f}{e['cpu_s']:>8.3f}{e['tokens_per_s']:>11.0f}{ratio:>8}")
-    if not args.no_save:
-        harness.RESULTS_DIR.mkdir(exist_ok=True)
-        with open(harness.RESULTS_DIR / f"{OP}.jsonl", "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    folders = [] if args.no_save else [args.out]
+    if args.record and not any(harness.same_path(f, harness.RESULTS_DIR) for f in folders):
+        folders.append(harness.RESULTS_DIR)
+    paths = [harness.append_rows(folder, OP, rows) for folder in folders]
+    for line in harness.saved_lines(paths) or ["rows not saved (--no-save)"]:
+        print(line)
 
 
 if __name__ == "__main__":

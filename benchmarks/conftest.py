@@ -12,8 +12,12 @@ of one size side by side. Options (all also settable as LAMBDAPO_BENCH_<NAME>):
   --bench-threads N         torch CPU threads for every case (default: each case's)
   --bench-warmup N          untimed calls before timing (default: each case's, mostly 1)
   --bench-set NAME=VALUE    a bench module's setting (bench_rollout: kv_cache_gb, ...)
-  --bench-results DIR       append the rows to DIR/<op>.jsonl (the scripts use
-                            benchmarks/results)
+  --bench-results DIR|none  append the rows to DIR/<op>.jsonl (default benchmarks/out,
+                            git-ignored; none: nowhere)
+  --bench-record            also append them to the tracked history
+                            benchmarks/results/<op>.jsonl, which RESULTS.md is made from
+
+Each case prints a line as it starts and as it ends (case, impl, result, seconds).
 
 The timed rounds per case are pytest-benchmark's ``--benchmark-min-rounds`` (default 5).
 """
@@ -48,10 +52,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="untimed calls of each case before timing")
     group.addoption("--bench-set", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting of a bench module (repeatable)")
-    group.addoption("--bench-results", type=Path, default=_env("RESULTS", None),
-                    metavar="DIR", help="append one JSON line per case to DIR/<op>.jsonl")
+    group.addoption("--bench-results", default=_env("RESULTS", str(harness.OUT_DIR)),
+                    metavar="DIR", help="append one JSON line per case to DIR/<op>.jsonl "
+                    "(default benchmarks/out, git-ignored; none: nowhere)")
+    group.addoption("--bench-record", action="store_true",
+                    default=_env("RECORD", "") not in ("", "0"),
+                    help="also append the rows to the tracked history benchmarks/results/")
 
 
+@pytest.hookimpl(trylast=True)   # after pytest-benchmark's, whose table it narrows
 def pytest_configure(config: pytest.Config) -> None:
     try:
         import pytest_benchmark  # noqa: F401
@@ -73,10 +82,35 @@ def pytest_configure(config: pytest.Config) -> None:
         warmup=None if warmup is None else int(warmup),
         rounds=config.getoption("benchmark_min_rounds"),
         settings=tuple(settings),
-        results_dir=config.getoption("bench_results"))
+        results_dir=_folder(config.getoption("bench_results")),
+        record=config.getoption("bench_record"))
     results = harness.Results(options)
     config.stash[RESULTS] = results
     config.pluginmanager.register(results, "lambdapo-bench-results")
+    _narrow_benchmark_table(config)
+
+
+def _narrow_benchmark_table(config: pytest.Config) -> None:
+    """pytest-benchmark's own table in about 120 columns unless told otherwise: the columns
+    min, median, IQR and rounds (--benchmark-columns), and, as its default groups name the
+    op, device and size already, each row named by its implementation (--benchmark-name)."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None:
+        return
+    if config.getoption("benchmark_columns") is None:
+        session.columns = ["min", "median", "iqr", "rounds"]
+    given = {arg.split("=")[0] for arg in config.invocation_params.args}
+    if "--benchmark-name" not in given and config.getoption("benchmark_group_by") == "group":
+        named = session.name_format
+
+        def impl_name(bench: dict) -> str:
+            impl = (bench.get("params") or {}).get("impl")
+            return named({**bench, "name": impl} if impl and bench.get("name") else bench)
+        session.name_format = impl_name
+
+
+def _folder(value: str | None) -> Path | None:
+    return None if value is None or value.lower() in ("", "none") else Path(value)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # GPU validation in one call: build the extension against the torch at hand, run the CUDA
-# tests, compute-sanitizer (memcheck, racecheck) on small cases of every kernel, measure the
-# card's ceilings and run the benchmarks. Logs and results go to $OUT; a short summary is
+# tests and the CPU-vs-CUDA differential tests, compute-sanitizer (memcheck, racecheck) on
+# small cases of every kernel, measure the card's ceilings and run the benchmarks. Logs and results go to $OUT; a short summary is
 # printed last. From the repository root:
 #
-#   benchmarks/gpu_check.sh                       # all stages: build badinputs tests sanitizer bench
+#   benchmarks/gpu_check.sh                       # all stages: build badinputs tests differential sanitizer bench
 #   benchmarks/gpu_check.sh tests bench:token_logprobs,lambda_advantages
+#
+# The benchmark rows of this run go to $OUT/results/<op>.jsonl and, recorded (--record), to
+# the history benchmarks/results/<op>.jsonl, which is tarred to $OUT/results.tar.
 #
 # GPU_CHECK_BUDGET (seconds, default 1800) bounds the whole script: each stage is cut short
 # so that the summary still prints. Peer packages (liger-kernel, cut-cross-entropy,
@@ -22,7 +25,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
-STAGES=${*:-build badinputs tests sanitizer bench}
+STAGES=${*:-build badinputs tests differential sanitizer bench}
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 seconds_left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -97,8 +100,18 @@ fi
 if has_stage tests; then
   run_stage "pytest (CUDA cases)" 300 "$OUT/pytest.log" \
     $PY -m pytest -q -rfEs -p no:cacheprovider --timeout 240 tests -k "cuda or loader or build" \
-      --ignore tests/ops/test_bad_inputs.py
+      --ignore tests/ops/test_bad_inputs.py --ignore tests/ops/test_cuda_differential.py
   grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
+fi
+
+if has_stage differential; then
+  # Every op on CPU and CUDA over hypothesis-drawn shapes, dtypes, strides and special values
+  # at the kernels' position classes (LAMBDAPO_DIFFERENTIAL_EXAMPLES per op, default 60); a
+  # failure prints the falsifying case and a @reproduce_failure blob.
+  run_stage "differential (cpu vs cuda)" 300 "$OUT/differential.log" \
+    $PY -m pytest -q -rfEs -p no:cacheprovider --timeout 280 tests/ops/test_cuda_differential.py \
+      -k cuda_matches_cpu
+  grep -E "passed|failed" "$OUT/differential.log" | tail -1 | tee -a "$SUMMARY"
 fi
 
 if has_stage sanitizer; then
@@ -125,15 +138,18 @@ elif has_stage bench; then
   run_stage "ceilings" 60 "$OUT/bench.log" $PY benchmarks/gpu_ceilings.py
   grep '"copy_TB_per_s"' "$OUT/bench.log" | tail -1 | tee -a "$SUMMARY"
   first_line=$(( $(wc -l < "$OUT/bench.log") + 1 ))
-  # Each script runs its cases through pytest-benchmark: the ratio table and target lines
-  # go to bench.log, pytest-benchmark's JSON (every round, extra_info) to $OUT.
+  # Each script runs its cases through pytest-benchmark: progress lines, the ratio table and
+  # target lines go to bench.log, pytest-benchmark's JSON (every round, extra_info) to $OUT,
+  # the rows to $OUT/results/ and (--record) the history benchmarks/results/.
   for bench in $benches; do
     run_stage "bench $bench" 240 "$OUT/bench.log" \
-      $PY "benchmarks/bench_$bench.py" --device cuda --benchmark-json "$OUT/bench_$bench.json"
+      $PY "benchmarks/bench_$bench.py" --device cuda --record --out "$OUT/results" \
+        --benchmark-json "$OUT/bench_$bench.json"
   done
   tar -cf "$OUT/results.tar" benchmarks/results
-  $PY benchmarks/summarize.py --device cuda --since "$START" $benches | tee -a "$SUMMARY"
-  tail -n "+$first_line" "$OUT/bench.log" | grep -E '^target ' | tee -a "$SUMMARY"
+  $PY benchmarks/summarize.py --results "$OUT/results" --device cuda --since "$START" $benches \
+    | tee -a "$SUMMARY"
+  tail -n "+$first_line" "$OUT/bench.log" | grep -E '^(targets of |target )' | tee -a "$SUMMARY"
 fi
 echo
 echo "=== summary ($(( $(date +%s) - START )) s)"

@@ -11,9 +11,12 @@ This module adds what it lacks:
   case reports the device time between two events around the call;
 * :func:`peak_mib`: the peak memory one call needs beyond its inputs;
 * :class:`Results`: a pytest plugin that keeps one row per case (measured, not run with
-  its reason, or failed), adds the ratios against the op's baselines and the op's targets
-  to ``extra_info``, prints the ratio tables and the target lines last, and appends the
-  rows to ``benchmarks/results/<op>.jsonl`` when asked (``--bench-results``);
+  its reason, or failed), prints a short progress line as each case starts and ends, adds
+  the ratios against the op's baselines and the op's targets to ``extra_info``, prints the
+  ratio tables (at most 120 columns) and the target lines last, and appends the rows to
+  ``<dir>/<op>.jsonl``: by default the untracked ``benchmarks/out/`` (``--bench-results
+  DIR``, ``none`` for nowhere), and to the tracked history ``benchmarks/results/`` only
+  when asked (``--bench-record``);
 * :func:`main`: the ``python benchmarks/bench_<op>.py`` command line, which runs the same
   cases through pytest.
 
@@ -48,7 +51,12 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
+# The tracked history: rows go there only when asked (--record, --bench-record);
+# benchmarks/summarize.py --markdown makes benchmarks/RESULTS.md from it.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where a run's rows go by default: git-ignored, never committed.
+OUT_DIR = Path(__file__).resolve().parent / "out"
+TABLE_WIDTH = 120
 SIZES = ("small", "full")
 MIB = 2**20
 
@@ -86,8 +94,11 @@ class Target:
             return None
         return self.value >= self.bound if self.at_least else self.value <= self.bound
 
-    def line(self, op: str, device: str) -> str:
-        head = f"target {op} {device} {self.size}: {self.label}"
+    def line(self, op: str | None = None, device: str | None = None) -> str:
+        """``target <op> <device> <size>: <label>: <value> (bound ...) met|MISSED``; without
+        ``op`` and ``device`` (under a heading that names them) ``target <size>: ...``."""
+        where = " ".join(x for x in (op, device, short_size(self.size)) if x)
+        head = f"target {where}: {self.label}"
         if self.value is None:
             return f"{head}: not measured"
         if self.bound is None:
@@ -312,7 +323,8 @@ class BenchOptions:
     warmup: int | None = None         # untimed calls before timing (None: each case's)
     rounds: int = 5                   # timed rounds (--benchmark-min-rounds)
     settings: tuple[tuple[str, str], ...] = ()
-    results_dir: Path | None = None   # append rows to <dir>/<op>.jsonl
+    results_dir: Path | None = None   # append rows to <dir>/<op>.jsonl (None: nowhere)
+    record: bool = False              # also append them to RESULTS_DIR (the tracked history)
 
     def sizes(self, presets: dict[str, dict[str, list]], device: str) -> list:
         """The sizes of ``presets[self.size][device]``."""
@@ -451,9 +463,10 @@ def bandwidth(bytes_moved: int, seconds: float) -> dict:
 # ------------------------------------------------------------------------------ the plugin
 class Results:
     """pytest plugin (registered by benchmarks/conftest.py) that keeps one row per case and
-    reports them: ratio tables and target lines in the terminal summary, ratios and
-    targets in pytest-benchmark's JSON ``extra_info``, rows appended to
-    ``<results_dir>/<op>.jsonl``."""
+    reports them: a progress line as each case starts and ends, ratio tables and target
+    lines in the terminal summary, ratios and targets in pytest-benchmark's JSON
+    ``extra_info``, rows appended to ``<results_dir>/<op>.jsonl`` (and to the tracked
+    history with ``record``)."""
 
     def __init__(self, options: BenchOptions) -> None:
         self.options = options
@@ -464,6 +477,13 @@ class Results:
         self._nodeids: dict[str, tuple[str, str, str, str]] = {}
         self._targets: dict[tuple[str, str], list[Target]] = {}
         self._final = False
+        # progress: the collected cases by node id (in run order), the start of the run
+        # and of the current case
+        self._items: dict[str, tuple[str, str, str, str]] = {}
+        self._positions: dict[str, int] = {}
+        self._reporter: Any = None
+        self._run_start = self._case_start = time.perf_counter()
+        self._outcome: dict[str, str] = {}
 
     # -- collection
     def add_cases(self, module: ModuleType) -> list:
@@ -515,6 +535,76 @@ class Results:
                 case.op, case.impl, case.size, case.device,
                 status=f"failed: {call.excinfo.exconly().splitlines()[0][:160]}"))
         return report
+
+    # -- progress
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._items = {item.nodeid: key for item in session.items
+                       if (key := self._key_of(item)) is not None}
+        self._positions = {nodeid: i for i, nodeid in enumerate(self._items, 1)}
+        self._reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        self._run_start = time.perf_counter()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
+                                 ) -> tuple[str, str, str] | None:
+        """No pass/skip letter for a case (its progress line says it); verbose words stay."""
+        if report.nodeid not in self._items or config.get_verbosity() > 0:
+            return None
+        if report.when == "call" and report.passed:
+            return "passed", "", "PASSED"
+        if report.skipped:
+            return "skipped", "", "SKIPPED"
+        return None
+
+    @pytest.hookimpl(trylast=True)   # after the reporter's own (the file name, once)
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple) -> None:
+        if nodeid in self._items:
+            self._case_start = time.perf_counter()
+            self._outcome.pop(nodeid, None)
+            if self._reporter is not None and self._reporter.verbosity <= 0:
+                self._progress(nodeid, "...")   # (-v: pytest names the case itself)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.nodeid not in self._items:
+            return
+        if report.failed:
+            self._outcome[report.nodeid] = f"FAILED ({report.when})"
+        elif report.skipped and report.nodeid not in self._outcome:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+            self._outcome[report.nodeid] = (
+                "not run: " + str(reason).removeprefix("Skipped: ")).rstrip(": ")
+
+    def pytest_runtest_logfinish(self, nodeid: str, location: tuple) -> None:
+        if nodeid not in self._items:
+            return
+        row = self.rows.get(self._items[nodeid])
+        outcome = self._outcome.get(nodeid)
+        if outcome is None and row is not None:
+            outcome = f"{_ms(row.median_ms)} ms" if row.median_ms is not None else row.status
+        seconds = time.perf_counter() - self._case_start
+        self._progress(nodeid, f"{outcome or 'done'}, {seconds:.1f} s")
+
+    def _progress(self, nodeid: str, tail: str) -> None:
+        """``[ 3/12 0:01:05] lambda_advantages cpu P=64,G=16 torch_compile: <tail>``"""
+        if self._reporter is None:
+            return
+        op, device, size, impl = self._items[nodeid]
+        index, total = self._positions[nodeid], len(self._items)
+        elapsed = int(time.perf_counter() - self._run_start)
+        clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+        line = (f"[{index:>{len(str(total))}}/{total} {clock}] {op} {device} "
+                f"{short_size(size)} {impl}: {tail}")
+        # On pytest's terminal writer, past the reporter's own bookkeeping, so that the
+        # file name it prints once per file (at default verbosity) is not printed again.
+        writer = getattr(self._reporter, "_tw", None)
+        if writer is None:
+            self._reporter.write_line(clip(line, TABLE_WIDTH))
+            return
+        if writer.width_of_current_line:
+            writer.line()
+        writer.line(clip(line, TABLE_WIDTH))
+        writer.flush()
 
     def _key_of(self, item: pytest.Item) -> tuple[str, str, str, str] | None:
         callspec = getattr(item, "callspec", None)
@@ -575,31 +665,74 @@ class Results:
         self.finalize()
         write = terminalreporter.write_line
         lines: list[str] = []
-        saved = []
+        saved: dict[Path, None] = {}
         for op, module in self.modules.items():
             for device in self.options.devices:
                 rows = self.rows_of(op, device)
                 if not rows:
                     continue
+                env = environment(device)   # one date for the run's rows everywhere
                 if any(r.median_ms for r in rows):
                     terminalreporter.section(f"{op} on {device}", sep="-")
-                    env = environment(device)
                     for line in table_lines(rows, ratio_bases(module, device)[0], env):
                         write(line)
-                    lines += [t.line(op, device) for t in self._targets.get((op, device), [])]
+                    targets = self._targets.get((op, device), [])
+                    if targets:
+                        lines += [f"targets of {op} on {device}:"] + [t.line() for t in targets]
                 else:
                     reasons = sorted({r.status for r in rows})
-                    write(f"# {op} on {device}: nothing timed ({'; '.join(reasons)[:200]})")
+                    write(clip(f"# {op} on {device}: nothing timed ({'; '.join(reasons)})",
+                               TABLE_WIDTH))
                     if device == "cuda" and cuda_missing(getattr(module, "KERNELS", ())):
                         continue   # no GPU here: no rows worth keeping
-                if self.options.results_dir is not None:
-                    saved.append(append_results(self.options.results_dir, op, device, rows))
+                for folder in destinations(self.options):
+                    saved[append_results(folder, op, rows, env)] = None
         if lines:
             terminalreporter.section("targets", sep="-")
             for line in lines:
-                write(line)
-        for path in dict.fromkeys(saved):
-            write(f"appended to {path}")
+                write(clip(line, TABLE_WIDTH))
+        if not destinations(self.options):
+            write("rows not saved (--no-save / --bench-results none)")
+        for line in saved_lines(list(saved)):
+            write(line)
+
+
+def destinations(options: BenchOptions) -> list[Path]:
+    """The folders a session's rows are appended to: ``results_dir`` (the untracked
+    benchmarks/out/ unless told otherwise) and, when recording, the tracked history."""
+    out = [options.results_dir] if options.results_dir is not None else []
+    if options.record and not any(same_path(d, RESULTS_DIR) for d in out):
+        out.append(RESULTS_DIR)
+    return out
+
+
+def same_path(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def saved_lines(paths: list[Path]) -> list[str]:
+    """What the end of a run says about where its rows went."""
+    if not paths:
+        return []
+    lines = []
+    for path in paths:
+        shown = _relative(path)
+        if same_path(path.parent, RESULTS_DIR):
+            lines.append(f"recorded in {shown} (tracked history; then regenerate RESULTS.md: "
+                         "python benchmarks/summarize.py --markdown --write)")
+        else:
+            lines.append(f"rows appended to {shown}")
+    if not any(same_path(p.parent, RESULTS_DIR) for p in paths):
+        lines.append("(not in the tracked history benchmarks/results/: --record, or "
+                     "--bench-record under pytest, adds them there)")
+    return lines
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def ratio_bases(module: ModuleType, device: str) -> tuple[str, ...]:
@@ -627,43 +760,100 @@ def _significant(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def table_lines(rows: list[Result], baseline: str, env: dict) -> list[str]:
-    """A heading from ``env`` (:func:`environment`), then one line per row: time, peak
-    memory, and ``baseline``'s time and memory over the row's (> 1: faster / leaner), then
-    the status and the other extras."""
-    header = (f"{'size':<34} {'impl':<20} {'time ms':>11} {'peak MiB':>10} {'speedup':>9} "
-              f"{'mem ratio':>9}  status / extra")
-    lines = [f"# {rows[0].device_name or env['device_name']} | torch {env['torch']} | commit "
-             f"{env['commit']} | {env['date']} | ratios against {baseline}",
-             header, "-" * len(header)]
-    shown = {f"speedup_vs_{baseline}", f"mem_ratio_vs_{baseline}", "targets"}
+# Short names of the extras a table shows in its notes column (others: the JSON rows).
+NOTE_KEYS = {"GB/s": "GB/s", "roofline": "roof", "TFLOP/s": "TFLOP/s",
+             "over_grads_MiB": "over_grads_MiB", "tokens_per_s": "tok/s",
+             "threads": "thr", "tokenize_ms": "tokenize_ms", "push_ms": "push_ms",
+             "start_s": "start_s", "middle_s": "middle_s", "scaled_from_pairs": "scaled"}
+SHORT_IMPLS = {"torch_eager": "eager", "torch_compile": "compile",
+               "torch_reference": "reference"}
+SHORT_DTYPES = (("bfloat16", "bf16"), ("float32", "fp32"), ("float16", "fp16"))
+
+
+def short_size(size: str) -> str:
+    """A size label with its dtype abbreviated (``bfloat16`` -> ``bf16``)."""
+    for long, short in SHORT_DTYPES:
+        size = size.replace(long, short)
+    return size
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, the cut marked with "~"."""
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return (f"{value:.0f}" if value >= 1000 else f"{value:.1f}" if value >= 100
+            else f"{value:.3f}" if value >= 1 else f"{value:.4f}")
+
+
+def table_lines(rows: list[Result], baseline: str, env: dict,
+                width: int = TABLE_WIDTH) -> list[str]:
+    """A heading from ``env`` (:func:`environment`), then one line per row, at most
+    ``width`` characters: size, implementation, median ms, peak extra MiB, ``baseline``'s
+    time and peak memory over the row's (> 1: faster / leaner), and a notes column (the
+    status of a case that did not run, else a few extras). Everything else is in the
+    JSON rows."""
+    device = rows[0].device_name or env["device_name"] if rows else env["device_name"]
+    # Peers that cannot run on this device at all: one line under the table, not a row each.
+    elsewhere: dict[str, list[str]] = {}
+    for r in rows:
+        if re.fullmatch(r"not run: \w+ only", r.status):
+            elsewhere.setdefault(r.status.removeprefix("not run: "), []).append(r.impl)
+    rows = [r for r in rows if not re.fullmatch(r"not run: \w+ only", r.status)]
+    footer = [clip(f"not run ({where}): {', '.join(dict.fromkeys(impls))}", width)
+              for where, impls in elsewhere.items()]
+    base = SHORT_IMPLS.get(baseline, baseline)
+    size_w = min(36, max([4] + [len(short_size(r.size)) for r in rows]))
+    impl_w = min(18, max([4] + [len(r.impl) for r in rows]))
+    speed_w = max(7, len(base) + 3)
+    header = (f"{'size':<{size_w}} {'impl':<{impl_w}} {'ms':>10} {'peak MiB':>8} "
+              f"{'vs ' + base:>{speed_w}} {'mem vs':>6}  notes")
+    rule = "-" * min(width, len(header) + 20)
+    lines = [clip(f"# {device} | torch {env['torch']} | commit {env['commit']} | {env['date']}",
+                  width), header, rule]
     for r in rows:
         speed = r.extra.get(f"speedup_vs_{baseline}")
         mem_key = f"mem_ratio_vs_{baseline}"
         mem = "" if mem_key not in r.extra else (
-            "(~0 MiB)" if r.extra[mem_key] is None else f"{r.extra[mem_key]:.2f}x")
-        t = f"{r.median_ms:.3f}" if r.median_ms is not None else "-"
+            "(~0)" if r.extra[mem_key] is None else f"{r.extra[mem_key]:.2f}x")
         m = f"{r.peak_mib:.1f}" if r.peak_mib is not None else "-"
-        # Other bases' memory ratios and per-round lists are in the JSON only.
-        extra = " ".join(f"{k}={v}" for k, v in r.extra.items()
-                         if k not in shown and not k.startswith("mem_ratio_vs_")
-                         and not isinstance(v, (list, dict)))
+        if r.status != "ok":
+            notes = r.status
+        else:
+            notes = " ".join(f"{NOTE_KEYS[k]}={v}" for k, v in r.extra.items()
+                             if k in NOTE_KEYS and not isinstance(v, (list, dict)))
         speed_s = f"{speed:.2f}x" if speed else ""
-        lines.append(f"{r.size:<34} {r.impl:<20} {t:>11} {m:>10} {speed_s:>9} {mem:>9}  "
-                     f"{r.status} {extra}".rstrip())
-    return lines
+        line = f"{clip(short_size(r.size), size_w):<{size_w}} {clip(r.impl, impl_w):<{impl_w}} "
+        if r.median_ms is None and r.peak_mib is None:   # not run: the reason has the room
+            line += f"   {notes}"
+        else:
+            line += f"{_ms(r.median_ms):>10} {m:>8} {speed_s:>{speed_w}} {mem:>6}  {notes}"
+        lines.append(clip(line.rstrip(), width))
+    return lines + [rule, clip(f"vs {base}, mem vs: {baseline}'s median time and peak memory "
+                               "over the row's (> 1: faster, leaner)", width)] + footer
 
 
-def append_results(folder: Path, op: str, device: str, rows: list[Result]) -> Path:
-    """Appends one JSON line per row (with date, torch and commit) to ``folder/<op>.jsonl``."""
+def append_results(folder: Path, op: str, rows: list[Result], env: dict) -> Path:
+    """Appends one JSON line per row, with ``env`` (:func:`environment`: date, device name,
+    torch, commit), to ``folder/<op>.jsonl``."""
+    records = []
+    for r in rows:
+        row = asdict(r)
+        row["device_name"] = row["device_name"] or env["device_name"]
+        records.append({**env, **row})
+    return append_rows(folder, op, records)
+
+
+def append_rows(folder: Path, op: str, records: list[dict]) -> Path:
+    """Appends ``records`` as JSON lines to ``folder/<op>.jsonl``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{op}.jsonl"
-    env = environment(device)
     with path.open("a") as f:
-        for r in rows:
-            row = asdict(r)
-            row["device_name"] = row["device_name"] or env["device_name"]
-            f.write(json.dumps({**env, **row}) + "\n")
+        for record in records:
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -671,18 +861,21 @@ def append_results(folder: Path, op: str, device: str, rows: list[Result]) -> Pa
 def main(bench_file: str, description: str, *, settings: dict[str, Any] | None = None,
          default_device: str = "all") -> int:
     """``python benchmarks/bench_<op>.py``: runs the file's cases through pytest
-    (``--benchmark-only``) and prints the ratio table and the targets.
+    (``--benchmark-only``), with a progress line per case, and prints the ratio table and
+    the targets.
 
-    --device cpu|cuda|all, --quick (the small sizes), --repeats N (timed rounds),
-    --no-save (do not append to benchmarks/results/), one flag per entry of ``settings``;
-    any other argument goes to pytest (``--benchmark-json out.json``, ``-k lambdapo``...).
+    --device cpu|cuda|all, --quick (the small sizes), --repeats N (timed rounds), one flag
+    per entry of ``settings``; the rows go to benchmarks/out/<op>.jsonl (untracked), or to
+    ``--out DIR``, or nowhere (``--no-save``), and with ``--record`` also to the tracked
+    history benchmarks/results/<op>.jsonl. Any other argument goes to pytest
+    (``--benchmark-json out.json``, ``-k lambdapo``...).
     """
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0],
                                      epilog="Other arguments are passed to pytest.")
     parser.add_argument("--device", default=default_device, choices=["cpu", "cuda", "all"])
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case")
-    parser.add_argument("--no-save", action="store_true", help="do not append to results/")
+    add_save_arguments(parser)
     for name, default in (settings or {}).items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(default),
                             default=default, help=f"(default {default})")
@@ -692,11 +885,31 @@ def main(bench_file: str, description: str, *, settings: dict[str, Any] | None =
         raise SystemExit("--device cuda: no GPU is visible to torch")
     if device == "all" and not torch.cuda.is_available():
         device = "cpu"
+    # -q: the progress lines replace pytest's per-test lines; --benchmark-quiet: the ratio
+    # table replaces pytest-benchmark's (every round is in --benchmark-json).
     argv = [str(Path(bench_file).resolve()), "--benchmark-only", "--benchmark-quiet",
-            "-p", "no:cacheprovider", "-v", "-rfE",
+            "-p", "no:cacheprovider", "-q", "-rfE", "-o", "console_output_style=classic",
+            "--disable-warnings",
             f"--bench-device={device}", f"--bench-size={'small' if args.quick else 'full'}",
             f"--benchmark-min-rounds={args.repeats}"]
     argv += [f"--bench-set={name}={getattr(args, name)}" for name in settings or {}]
-    if not args.no_save:
-        argv.append(f"--bench-results={RESULTS_DIR}")
+    argv += save_options(args)
     return int(pytest.main(argv + pytest_args))
+
+
+def add_save_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scripts' flags for where rows go: --record, --out DIR, --no-save."""
+    saving = parser.add_mutually_exclusive_group()
+    saving.add_argument("--record", action="store_true",
+                        help="also append the rows to the tracked history "
+                             "benchmarks/results/<op>.jsonl (RESULTS.md is made from it)")
+    saving.add_argument("--no-save", action="store_true", help="write no rows anywhere")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, metavar="DIR",
+                        help="append the rows to DIR/<op>.jsonl (default: benchmarks/out, "
+                             "git-ignored)")
+
+
+def save_options(args: argparse.Namespace) -> list[str]:
+    """The conftest options (--bench-results, --bench-record) for the parsed save flags."""
+    out = [f"--bench-results={'none' if args.no_save else args.out}"]
+    return out + (["--bench-record"] if args.record else [])

@@ -174,14 +174,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 }
 
 // Backward: (grad_hidden, grad_weight, grad_bias); a gradient not in output_mask (or the
-// bias gradient without a bias) is an empty tensor and costs nothing.
+// bias gradient without a bias) is an empty tensor and costs nothing. grad_hidden is in
+// hidden's dtype, or with unrounded_grad_hidden in the result dtype (float32; float64 for
+// float64 inputs), as accumulated: the vocabulary-parallel path sums the ranks' shares
+// before its one rounding.
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
     double temperature, int64_t ignore_index, int64_t chunk_size, int64_t vocab_chunk_size,
-    std::array<bool, 3> output_mask, bool validate) {
+    std::array<bool, 3> output_mask, bool validate, bool unrounded_grad_hidden) {
   check_args(hidden, weight, bias, targets, temperature, chunk_size, vocab_chunk_size);
   const auto lead = hidden.sizes().slice(0, hidden.dim() - 1);
   TORCH_CHECK(grad_logprobs.sizes() == lead && lse.sizes() == lead, kOp,
@@ -205,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto shape = [](bool needed, std::vector<int64_t> sizes) {
     return needed ? sizes : std::vector<int64_t>{0};
   };
-  at::Tensor grad_hidden = at::empty(shape(need_hidden, {rows, width}), hidden.options());
+  at::Tensor grad_hidden = at::empty(shape(need_hidden, {rows, width}),
+                                     hidden.options().dtype(unrounded_grad_hidden ? acc : dtype));
   at::Tensor grad_weight = at::empty(shape(need_weight, {vocab, width}), weight.options());
   at::Tensor grad_bias = at::empty({need_bias ? vocab : 0}, weight.options());
   const auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
@@ -231,9 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t vocab_blocks = (vocab + vocab_chunk_size - 1) / vocab_chunk_size;
   const int64_t row_chunks = (rows + chunk_size - 1) / chunk_size;
   // Where the hidden gradient accumulates over vocabulary blocks: in place, or in fp32 for
-  // 16-bit inputs when there is more than one block.
+  // a 16-bit grad_hidden when there is more than one block.
   at::Tensor hidden_acc = grad_hidden;
-  if (need_hidden && vocab_blocks > 1 && is_16_bit(dtype)) {
+  if (need_hidden && vocab_blocks > 1 && is_16_bit(grad_hidden.scalar_type())) {
     hidden_acc = at::empty({rows, width}, hidden.options().dtype(acc));
   }
   // Where a block's weight gradient accumulates over row chunks (16-bit, > 1 chunk only).

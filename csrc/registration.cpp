@@ -37,7 +37,8 @@ TORCH_LIBRARY(lambdapo, m) {
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, "
       "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, "
       "float temperature, int ignore_index, int chunk_size, int vocab_chunk_size, "
-      "bool[3] output_mask, bool validate=True) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask, bool validate=True, bool unrounded_grad_hidden=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // The policy loss of the lm-head's logits with its gradient made in the forward, over
   // row chunks of chunk_size rows (csrc/linear_policy_loss.h): returns (loss, logprobs,
   // entropy, grad_hidden, grad_weight, grad_bias) for an upstream gradient of 1; a gradient

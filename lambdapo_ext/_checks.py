@@ -23,3 +23,16 @@ def check_same_device(op: str, first: tuple[str, Tensor], *others: tuple[str, Te
             torch._check(other.device == tensor.device,
                          lambda: f"{op}: {other_name} is on {other.device} but {name} is on "
                                  f"{tensor.device}")
+
+
+def check_tensors(op: str, **arguments: object) -> None:
+    """Eager check that each named argument is a tensor (or None, for optional ones), so
+    that a Python list gets an error naming it rather than an attribute error.
+
+    Raises:
+        TypeError: ``"{op}: {name} must be a torch.Tensor, got {type}"``.
+    """
+    for name, value in arguments.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got "
+                            f"{type(value).__name__} (torch.as_tensor(...) makes one)")

@@ -4,17 +4,21 @@ vocabulary across the ranks of a process group, as Megatron-style tensor paralle
 Rank r of W holds the contiguous ids ``[r * V/W, (r + 1) * V/W)``; ``targets`` are global
 ids, the same on every rank. Each rank runs the single-device kernel on its shard with
 shard-local targets (a target on another rank maps to an id past the shard, which the
-kernels skip: no target term, no out-of-bounds read), then two all-reduces of per-row fp32
+kernels skip: no target term, no out-of-bounds read; an ignored row to the shard's own
+ignore marker, -1, which no shard-local id can equal), then two all-reduces of per-row fp32
 values combine the shards exactly:
 
 * MAX of the shard log-sum-exps ``m``;
-* SUM of ``exp(lse_r - m)``, of the target's scaled logit (only its owner has it), and of
-  ``exp(lse_r - m) * (lse_r - H_r)`` (the shard's share of ``sum p * z/T``).
+* SUM of ``exp(lse_r - m)``, of the target's scaled logit (only its owner has it), of
+  ``exp(lse_r - m) * (lse_r - H_r)`` (the shard's share of ``sum p * z/T``), and of the
+  number of ranks that own the target (0 for an unchecked target past the vocabulary: NaN).
 
 Then ``lse = m + log S``, ``logprob = z_y/T - lse`` and ``H = lse - (sum of shares) / S``.
 The backward needs no communication for the logits op (each rank's shard gradient follows
-from the global ``lse`` and ``H``), and one SUM of the hidden gradient for the linear op.
-Nothing of size ``[N, V]`` crosses ranks.
+from the global ``lse`` and ``H``), and one SUM of the hidden gradient for the linear op, in
+fp32 (float64 for float64 inputs) before the one rounding to hidden's dtype, on every rank
+whose backward runs, whether or not its loss used the outputs. Nothing of size ``[N, V]``
+crosses ranks.
 """
 
 from __future__ import annotations
@@ -35,9 +39,16 @@ def group_size(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
+# The ignore_index the kernels get on a shard. The global ignore_index may lie in [0, V/W),
+# where it would equal the local id of a valid target on another rank's shard; -1 equals no
+# shard-local target (owned ones lie in [0, V/W), the others map to V/W).
+SHARD_IGNORE_INDEX = -1
+
+
 def _shard_targets(targets: Tensor, shard: int, process_group, ignore_index: int,
                    validate: bool, op: str, shard_name: str) -> tuple[Tensor, Tensor]:
-    """(shard-local targets, mask of the rows whose target this rank owns)."""
+    """(shard-local targets: SHARD_IGNORE_INDEX for ignored rows, the local id of a target
+    this rank owns, ``shard`` for one it does not; mask of the rows whose target it owns)."""
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if validate:
         sizes = torch.tensor([shard, -shard], dtype=torch.int64, device=targets.device)
@@ -56,12 +67,11 @@ def _shard_targets(targets: Tensor, shard: int, process_group, ignore_index: int
             raise ValueError(f"{op}: targets must lie in [0, {vocab}) (the global vocabulary "
                              f"of {world} shards of {shard}) or equal ignore_index "
                              f"({ignore_index})")
-    owned = (t >= start) & (t < start + shard)
-    # Past the shard and not ignore_index: the kernels skip it (with validate=False).
-    elsewhere = shard if ignore_index != shard else shard + 1
-    local = torch.where(t == ignore_index, t,
-                        torch.where(owned, t - start, torch.full_like(t, elsewhere)))
-    return local, owned
+    ignored = t == ignore_index
+    owned = ~ignored & (t >= start) & (t < start + shard)
+    # Owned elsewhere: past the shard, which the kernels skip (they run with validate=False).
+    local = torch.where(owned, t - start, torch.full_like(t, shard))
+    return local.masked_fill_(ignored, SHARD_IGNORE_INDEX), owned
 
 
 def _combine(lp_l: Tensor, lse_l: Tensor, h_l: Tensor | None, owned: Tensor, kept: Tensor,
@@ -71,15 +81,17 @@ def _combine(lp_l: Tensor, lse_l: Tensor, h_l: Tensor | None, owned: Tensor, kep
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
     scale = torch.exp(lse_l - m)
     target_logit = torch.where(owned, lp_l + lse_l, torch.zeros_like(lse_l))
-    parts = [scale, target_logit]
+    parts = [scale, target_logit, owned.to(scale.dtype)]
     if h_l is not None:  # a shard whose every logit is -inf has scale 0 and NaN entropy
         parts.append(torch.where(scale > 0, scale * (lse_l - h_l), torch.zeros_like(scale)))
     sums = torch.stack(parts)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
     lse = m + torch.log(sums[0])
     zero = torch.zeros_like(lse)
-    logprobs = torch.where(kept, (sums[1] - lse).clamp_max(0.0), zero)
-    entropy = None if h_l is None else torch.where(kept, lse - sums[2] / sums[0], zero)
+    # No rank owns an unchecked target past the vocabulary: NaN, as on one device.
+    target_logit = torch.where(sums[2] > 0, sums[1], torch.nan)
+    logprobs = torch.where(kept, (target_logit - lse).clamp_max(0.0), zero)
+    entropy = None if h_l is None else torch.where(kept, lse - sums[3] / sums[0], zero)
     return logprobs, torch.where(kept, lse, zero), entropy
 
 
@@ -91,14 +103,14 @@ class _TokenLogprobs(torch.autograd.Function):
                                          ignore_index, validate, "token_logprobs", "logits")
         local = local.view(targets.shape)
         lp_l, h_l, lse_l = torch.ops.lambdapo.token_logprobs_forward.default(
-            logits, local, temperature, ignore_index, return_entropy, False, False)
+            logits, local, temperature, SHARD_IGNORE_INDEX, return_entropy, False, False)
         kept = (targets != ignore_index).reshape(lse_l.shape)
         logprobs, lse, entropy = _combine(lp_l, lse_l, h_l if return_entropy else None,
                                           owned.reshape(lse_l.shape), kept, process_group)
         if entropy is None:
             entropy = h_l  # the kernel's empty placeholder
         ctx.save_for_backward(logits, local, lse, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.temperature = temperature
         ctx.return_entropy, ctx.inplace_backward = return_entropy, inplace_backward
         ctx.set_materialize_grads(False)
         return logprobs, entropy
@@ -114,7 +126,7 @@ class _TokenLogprobs(torch.autograd.Function):
             grad_logprobs = torch.zeros_like(lse)
         args = (grad_logprobs.contiguous(),
                 None if grad_entropy is None else grad_entropy.contiguous())
-        rest = (local, lse, entropy, ctx.temperature, ctx.ignore_index, False)
+        rest = (local, lse, entropy, ctx.temperature, SHARD_IGNORE_INDEX, False)
         if ctx.inplace_backward:
             torch.ops.lambdapo.token_logprobs_backward_inplace.default(*args, logits, *rest)
             grad_logits = logits
@@ -131,15 +143,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                                          validate, "linear_token_logprobs", "weight")
         local = local.view(targets.shape)
         lp_l, h_l, lse_l = torch.ops.lambdapo.linear_token_logprobs_forward.default(
-            hidden, weight, bias, local, temperature, ignore_index, return_entropy, chunk_size,
-            vocab_chunk_size, False)
+            hidden, weight, bias, local, temperature, SHARD_IGNORE_INDEX, return_entropy,
+            chunk_size, vocab_chunk_size, False)
         kept = (targets != ignore_index).reshape(lse_l.shape)
         logprobs, lse, entropy = _combine(lp_l, lse_l, h_l if return_entropy else None,
                                           owned.reshape(lse_l.shape), kept, process_group)
         if entropy is None:
             entropy = h_l
         ctx.save_for_backward(hidden, weight, bias, local, lse, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.temperature = temperature
         ctx.chunk_size, ctx.vocab_chunk_size = chunk_size, vocab_chunk_size
         ctx.return_entropy, ctx.process_group = return_entropy, process_group
         ctx.set_materialize_grads(False)
@@ -152,18 +164,26 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                        bias is not None and ctx.needs_input_grad[2]]
         if not ctx.return_entropy:
             grad_entropy = None
-        if (grad_logprobs is None and grad_entropy is None) or not any(output_mask):
-            return (None,) * 11
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
-        grad_hidden, grad_weight, grad_bias = (
-            torch.ops.lambdapo.linear_token_logprobs_backward.default(
-                grad_logprobs.contiguous(),
-                None if grad_entropy is None else grad_entropy.contiguous(), hidden, weight,
-                bias, local, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.chunk_size,
-                ctx.vocab_chunk_size, output_mask, False))
-        if output_mask[0]:  # each rank holds its shard's share of the hidden gradient
+        if grad_logprobs is None and grad_entropy is None:
+            # This rank's loss did not use the outputs: its share of the hidden gradient is
+            # zero, but the other ranks wait for it in the all-reduce below.
+            grad_hidden = (hidden.new_zeros(hidden.shape, dtype=lse.dtype) if output_mask[0]
+                           else None)
+            grad_weight = grad_bias = None
+        else:
+            if grad_logprobs is None:
+                grad_logprobs = torch.zeros_like(lse)
+            grad_hidden, grad_weight, grad_bias = (
+                torch.ops.lambdapo.linear_token_logprobs_backward.default(
+                    grad_logprobs.contiguous(),
+                    None if grad_entropy is None else grad_entropy.contiguous(), hidden,
+                    weight, bias, local, lse, entropy, ctx.temperature, SHARD_IGNORE_INDEX,
+                    ctx.chunk_size, ctx.vocab_chunk_size, output_mask, False, True))
+        if output_mask[0]:
+            # Each rank holds its shard's share, unrounded (lse's dtype: float32, or float64
+            # for float64 inputs): summed before the one rounding to hidden's dtype.
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.process_group)
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return (grad_hidden if output_mask[0] else None,
                 grad_weight if output_mask[1] else None,
                 grad_bias if output_mask[2] else None) + (None,) * 8

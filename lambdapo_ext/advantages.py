@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lambdapo_ext._checks import check_same_device
+from lambdapo_ext._checks import check_same_device, check_tensors
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 # lambda_advantages' normalize modes: the one Python list (configs and adapters import it).
@@ -43,7 +43,10 @@ def lambda_advantages(
         mask: optional bool tensor of the same shape; False members get 0 and are left out
             of every sum (they may hold non-finite padding).
         group_ids: optional int tensor ``[N]`` of non-negative group ids for 1-D inputs.
-        beta: sharpness of the confidence weighting (finite).
+        beta: sharpness of the confidence weighting (finite). ``beta < 0`` is defined and
+            inverts the weighting (the pairs the policy already ranks right weigh most):
+            the opposite of LambdaPO, which the method's settings (the training config, the
+            TRL and verl adapters) refuse; the op computes it for studies that want it.
         normalize: ``"mean"`` (divide by n-1), ``"none"``, or ``"std"`` (``"mean"``, then
             divide by the population std of the group's valid rewards + ``eps``).
         eps: added to the std under ``normalize="std"`` (>= 0).
@@ -58,9 +61,12 @@ def lambda_advantages(
     Raises:
         ValueError: unknown ``normalize``, non-finite beta/eps, and (with ``validate``)
             non-finite valid values or negative ``group_ids``.
+        TypeError: an input that is not a tensor (a Python list, say).
         RuntimeError: shape, dtype or device mismatches (the message names the argument),
             or the compiled library is unavailable.
     """
+    check_tensors("lambda_advantages", rewards=rewards, scores=scores, mask=mask,
+                  group_ids=group_ids)
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"lambda_advantages: normalize must be one of {NORMALIZE_MODES}, "
                          f"got {normalize!r}")

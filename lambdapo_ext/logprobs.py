@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lambdapo_ext import _vocab_parallel
-from lambdapo_ext._checks import check_same_device
+from lambdapo_ext._checks import check_same_device, check_tensors
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 # Logits memory of one linear_token_logprobs tile when the chunk sizes are not given, and
@@ -36,11 +36,16 @@ def _check_logprob_args(op: str, inputs: tuple[str, Tensor], targets: Tensor) ->
     check_same_device(op, inputs, ("targets", targets))
 
 
+def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' output dtype for inputs of ``dtype``: float32 (float64 for float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fake_logprob_outputs(like: Tensor, return_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(logprobs, entropy, lse) of the leading shape of ``like`` [..., last], float32 (float64
     for float64 input) as the kernels give them."""
     lead = like.shape[:-1]
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = _result_dtype(like.dtype)
     entropy_shape = lead if return_entropy else (0,)
     return (like.new_empty(lead, dtype=dtype), like.new_empty(entropy_shape, dtype=dtype),
             like.new_empty(lead, dtype=dtype))
@@ -93,10 +98,12 @@ def token_logprobs(
         ValueError: a target outside ``[0, V)`` that is not ``ignore_index`` (with
             ``validate``), a temperature <= 0, or (with ``validate`` and a process group)
             shards of unequal size (messages name the argument).
+        TypeError: ``logits`` or ``targets`` is not a tensor.
         RuntimeError: wrong dtype, shape, device or layout of ``logits``/``targets``, the
             compiled library is unavailable, or a process group without an initialized
             ``torch.distributed``.
     """
+    check_tensors("token_logprobs", logits=logits, targets=targets)
     require_library()
     if process_group is not None and _vocab_parallel.group_size(process_group) > 1:
         return _vocab_parallel.token_logprobs(
@@ -236,9 +243,12 @@ def linear_token_logprobs(
     Raises:
         ValueError: bad targets, temperature, chunk sizes, or a ``weight`` with no rows
             (messages name the argument).
+        TypeError: an input that is not a tensor.
         RuntimeError: dtype, shape or device mismatches, or the compiled library is
             unavailable.
     """
+    check_tensors("linear_token_logprobs", hidden=hidden, weight=weight, targets=targets,
+                  bias=bias)
     require_library()
     if weight.dim() == 2 and weight.shape[0] == 0:
         raise ValueError(f"linear_token_logprobs: weight must have at least one row (a "
@@ -283,9 +293,10 @@ if _LOAD_ERROR is None:
     def _linear_token_logprobs_backward_fake(grad_logprobs, grad_entropy, hidden, weight, bias,
                                              targets, lse, entropy, temperature, ignore_index,
                                              chunk_size, vocab_chunk_size, output_mask,
-                                             validate=True):
+                                             validate=True, unrounded_grad_hidden=False):
         need_hidden, need_weight, need_bias = output_mask
-        return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+        hidden_grad_dtype = _result_dtype(hidden.dtype) if unrounded_grad_hidden else hidden.dtype
+        return (hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=hidden_grad_dtype),
                 weight.new_empty(weight.shape if need_weight else (0,)),
                 weight.new_empty(weight.shape[:1] if need_bias and bias is not None else (0,)))
 

@@ -3,7 +3,9 @@ them (DESIGN.md section 2), with their sequence-input handling and fake kernels.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -156,6 +158,23 @@ if _LOAD_ERROR is None:
                      for _ in range(3))
 
 
+_INNER_OPS = ("ngram_overlap:", "lcs_length:", "rouge_n:", "rouge_l:")
+
+
+@contextlib.contextmanager
+def _errors_named(op: str) -> Iterator[None]:
+    """Errors of the ops ``op`` is built on name ``op``, the function the caller called."""
+    try:
+        yield
+    except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+        message = str(exc)
+        inner = next((name for name in _INNER_OPS if message.startswith(name)), None)
+        if inner is None or inner == f"{op}:" or type(exc) not in (
+                ValueError, TypeError, RuntimeError, IndexError):
+            raise
+        raise type(exc)(f"{op}:{message[len(inner):]}") from None
+
+
 def _f_measure(p: Tensor, r: Tensor, beta: float) -> Tensor:
     # Same operation order as rouge-score's 2 * p * r / (p + r) when beta = 1.
     b2 = beta * beta
@@ -173,8 +192,9 @@ def rouge_n(cand, ref, *, max_n: int = 2, beta: float = 1.0, ref_index: Tensor |
     in :func:`ngram_overlap`."""
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"rouge_n: beta must be finite and > 0, got {beta}")
-    matches, cand_counts, ref_counts = ngram_overlap(cand, ref, max_n=max_n, ref_index=ref_index,
-                                                     validate=validate)
+    with _errors_named("rouge_n"):
+        matches, cand_counts, ref_counts = ngram_overlap(cand, ref, max_n=max_n,
+                                                         ref_index=ref_index, validate=validate)
     m = matches.double()
     p = m / cand_counts.clamp_min(1).double()
     r = m / ref_counts.clamp_min(1).double()
@@ -191,8 +211,9 @@ def rouge_l(cand, ref, *, beta: float = 1.0, ref_index: Tensor | None = None,
     require_library()
     # The op returns the lengths it compared (with validate=False, those of the clipped
     # sequences): no index with an unchecked ref_index here.
-    lcs, cand_len, ref_len = (t.double() for t in torch.ops.lambdapo.lcs_length.default(
-        *_overlap_inputs(cand, ref, ref_index, validate), bool(validate)))
+    with _errors_named("rouge_l"):
+        lcs, cand_len, ref_len = (t.double() for t in torch.ops.lambdapo.lcs_length.default(
+            *_overlap_inputs(cand, ref, ref_index, validate), bool(validate)))
     p = torch.where(cand_len > 0, lcs / cand_len.clamp_min(1), 0.0)
     r = torch.where(ref_len > 0, lcs / ref_len.clamp_min(1), 0.0)
     return p.float(), r.float(), _f_measure(p, r, beta).float()
@@ -205,10 +226,12 @@ def semantic_density(cand, ref, *, metric: str = "rouge_n", max_n: int = 2, beta
     F-measure (``metric="rouge_l"``) between each candidate and its reference. Inputs and
     ``validate`` as in :func:`ngram_overlap`."""
     if metric == "rouge_n":
-        return rouge_n(cand, ref, max_n=max_n, beta=beta, ref_index=ref_index,
-                       validate=validate)[2].mean(-1)
+        with _errors_named("semantic_density"):
+            return rouge_n(cand, ref, max_n=max_n, beta=beta, ref_index=ref_index,
+                           validate=validate)[2].mean(-1)
     if metric == "rouge_l":
-        return rouge_l(cand, ref, beta=beta, ref_index=ref_index, validate=validate)[2]
+        with _errors_named("semantic_density"):
+            return rouge_l(cand, ref, beta=beta, ref_index=ref_index, validate=validate)[2]
     raise ValueError(f"semantic_density: metric must be one of {SEMANTIC_METRICS}, got "
                      f"{metric!r}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lambdapo_ext._checks import check_same_device
+from lambdapo_ext._checks import check_same_device, check_tensors
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
 OP = "linear_policy_loss"
@@ -148,10 +148,14 @@ def linear_policy_loss(
         ValueError: bad targets (with ``validate``), temperature, clip range, coefficients,
             chunk size, ``kl_coef != 0`` without ``ref_logprobs``, or a ``weight`` with no
             rows (messages name the argument).
+        TypeError: a tensor input that is not a tensor (a Python list, say).
         RuntimeError: dtype, shape or device mismatches, or the compiled library is
             unavailable.
         NotImplementedError: a ``process_group`` of more than one rank.
     """
+    check_tensors(OP, hidden=hidden, weight=weight, targets=targets, advantages=advantages,
+                  token_weights=token_weights, old_logprobs=old_logprobs,
+                  ref_logprobs=ref_logprobs, bias=bias)
     require_library()
     if process_group is not None:
         _reject_process_group(process_group)

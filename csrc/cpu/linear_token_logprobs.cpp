@@ -66,7 +66,10 @@ void forward_rows(const linear::Tile& tile, at::Tensor& state, bool first) {
         const int64_t n = std::min(kBlock, cols - b0);
         load_scaled(row + b0, buf.data(), n, inv_t);
         const acc_t bm = block_max(buf.data(), n);
-        if (bm == -std::numeric_limits<acc_t>::infinity()) continue;  // all -inf
+        if (bm == -std::numeric_limits<acc_t>::infinity()) {  // all -inf (or NaN)
+          if (block_has_nan(buf.data(), n)) s = std::numeric_limits<double>::quiet_NaN();
+          continue;
+        }
         acc_t bs, bt;
         block_exp_sums(buf.data(), n, bm, &bs, &bt);
         merge_state(m, s, t, bm, bs, bt);
@@ -160,10 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
     double temperature, int64_t ignore_index, int64_t chunk_size, int64_t vocab_chunk_size,
-    std::array<bool, 3> output_mask, bool validate) {
+    std::array<bool, 3> output_mask, bool validate, bool unrounded_grad_hidden) {
   return linear::backward<CpuKernels>(grad_logprobs, grad_entropy, hidden, weight, bias, targets,
                                       lse, entropy, temperature, ignore_index, chunk_size,
-                                      vocab_chunk_size, output_mask, validate);
+                                      vocab_chunk_size, output_mask, validate,
+                                      unrounded_grad_hidden);
 }
 
 }  // namespace

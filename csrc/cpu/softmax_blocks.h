@@ -50,6 +50,17 @@ double block_max(const double* __restrict x, int64_t n) {
   return m;
 }
 
+// Whether a block holds a NaN: a block whose other values are all -inf (the max ignores NaN)
+// adds nothing to the sums, but its NaN must still reach the row's result. Only such blocks
+// are scanned, so this need not vectorize.
+template <typename acc_t>
+bool block_has_nan(const acc_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return true;
+  }
+  return false;
+}
+
 // sum exp(x - m) and sum exp(x - m) (x - m). exp of a shift below kExpNormalMin (under
 // float's normal range, e.g. a -inf logit) is 0, and the clamped shift avoids 0 * inf; NaN passes.
 LAMBDAPO_ISA_CLONES

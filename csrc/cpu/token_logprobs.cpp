@@ -60,7 +60,10 @@ void forward_rows(const TokenLogprobsRows& rows, at::Tensor& logprobs, const at:
           }
           m = bm;
         }
-        if (m == -std::numeric_limits<acc_t>::infinity()) continue;  // all -inf so far
+        if (m == -std::numeric_limits<acc_t>::infinity()) {  // all -inf (or NaN) so far
+          if (block_has_nan(buf.data(), n)) s = std::numeric_limits<double>::quiet_NaN();
+          continue;
+        }
         acc_t bs, bt;
         block_exp_sums(buf.data(), n, m, &bs, &bt);
         s += bs;

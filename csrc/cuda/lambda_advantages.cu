@@ -1,10 +1,11 @@
 // CUDA kernels of lambda_advantages, both with O(P*G) memory and no [P, G, G] tensor.
 //
-// Small groups (G <= 64) and ragged groups met without a group table: one thread per
-// member, looping over its group (read through L1), so one launch covers any number of
-// groups with no per-group setup. Large dense (or tabled ragged) groups: a block per
-// (group, chunk of kBlock members) streams the group through shared memory, and each pair
-// costs one special-function op through per-member factors (see pair_term_factored).
+// Small dense groups (G <= 64) and all ragged groups: one thread per member, looping over
+// its group (read through L1), so one launch covers any number of groups with no per-group
+// setup and no group table. Large dense groups: a block per (group, chunk of kBlock members)
+// streams the group through shared memory, and each pair costs one special-function op
+// through per-member factors (see pair_term_factored). The kernel a group takes depends only
+// on the layout and the group's own size, never on validate or on the other groups.
 //
 // With validate, each kernel flags non-finite valid members in a device word that is read
 // once after the launch; without, nothing is read back.
@@ -181,15 +182,15 @@ __device__ GroupStats group_stats(const float* r, const float* s, const bool* va
   return stats;
 }
 
-// Grid (group, chunk of kBlock members): thread i owns member chunk * kBlock + i and
-// streams its group through shared memory as (r, a, s, valid) tiles.
+// Dense groups of dense_size members; grid (group, chunk of kBlock members): thread i owns
+// member chunk * kBlock + i and streams its group through shared memory as (r, a, s, valid)
+// tiles.
 __global__ void __launch_bounds__(kBlock)
 lambda_advantages_tiled_kernel(const float* __restrict__ rewards,
                                const float* __restrict__ scores,
-                               const bool* __restrict__ valid, int64_t dense_size,
-                               const int64_t* __restrict__ offsets,
-                               const int64_t* __restrict__ order, float beta, int normalize,
-                               double eps, int* __restrict__ flag, float* __restrict__ out) {
+                               const bool* __restrict__ valid, int64_t dense_size, float beta,
+                               int normalize, double eps, int* __restrict__ flag,
+                               float* __restrict__ out) {
   using DoubleReduce = cub::BlockReduce<double, kBlock>;
   using FloatReduce = cub::BlockReduce<float, kBlock>;
   __shared__ typename DoubleReduce::TempStorage reduce_d;
@@ -198,11 +199,8 @@ lambda_advantages_tiled_kernel(const float* __restrict__ rewards,
   __shared__ float4 tile[kTile];
 
   const int64_t group = blockIdx.x;
-  const int64_t begin = dense_size > 0 ? group * dense_size : offsets[group];
-  const int64_t size = dense_size > 0 ? dense_size : offsets[group + 1] - begin;
-  const int64_t chunk_begin = static_cast<int64_t>(blockIdx.y) * kBlock;
-  if (chunk_begin >= size) return;  // uniform across the block
-  const int64_t i = chunk_begin + threadIdx.x;
+  const int64_t begin = group * dense_size, size = dense_size;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * kBlock + threadIdx.x;
 
   const GroupStats stats = group_stats<DoubleReduce, FloatReduce>(
       rewards, scores, valid, begin, size, beta, normalize == static_cast<int>(Normalize::Std),
@@ -257,7 +255,7 @@ lambda_advantages_tiled_kernel(const float* __restrict__ rewards,
     result = static_cast<float>(
         2.0 * acc * advantage_scale(stats.count, stats.sum_sq_dev, normalize, eps));
   }
-  out[order != nullptr ? order[begin + i] : begin + i] = result;
+  out[begin + i] = result;
 }
 
 void lambda_advantages_segments_cuda(const GroupSegments& seg, float beta, Normalize norm,
@@ -271,10 +269,11 @@ void lambda_advantages_segments_cuda(const GroupSegments& seg, float beta, Norma
   const bool* valid = seg.valid.defined() ? seg.valid.data_ptr<bool>() : nullptr;
   const int64_t* order = seg.order.defined() ? seg.order.data_ptr<int64_t>() : nullptr;
   int* flag_ptr = validate ? flag.data_ptr<int>() : nullptr;
-  // Without a group table (ragged, validate=False) the largest group is unknown: the
-  // member kernel serves any size.
+  // Ragged groups take the member kernel whatever their size: the tiled kernel would need
+  // the group table (a host sync, so only with validate) and would then compute the large
+  // groups with the factored pair terms, different numbers from validate=False's.
   const bool member_path =
-      seg.max_group_size < 0 || seg.max_group_size <= kMemberKernelMaxGroup;
+      seg.dense_group_size == 0 || seg.dense_group_size <= kMemberKernelMaxGroup;
   if (member_path) {
     const int64_t blocks = (n_members + kMemberThreads - 1) / kMemberThreads;
     TORCH_CHECK(blocks <= kMaxGridX,
@@ -285,16 +284,15 @@ void lambda_advantages_segments_cuda(const GroupSegments& seg, float beta, Norma
         seg.member_end.defined() ? seg.member_end.data_ptr<int64_t>() : nullptr, order, beta,
         static_cast<int>(norm), eps, flag_ptr, out.data_ptr<float>());
   } else {
-    const int64_t chunks = (seg.max_group_size + kBlock - 1) / kBlock;
+    const int64_t chunks = (seg.dense_group_size + kBlock - 1) / kBlock;
     TORCH_CHECK(chunks <= kMaxGridY, "lambda_advantages: groups of up to ", kMaxGridY * kBlock,
-                " members are supported on CUDA, got ", seg.max_group_size);
+                " members are supported on CUDA, got ", seg.dense_group_size);
     TORCH_CHECK(seg.num_groups <= kMaxGridX,
                 "lambda_advantages: too many groups for one CUDA launch: ", seg.num_groups);
     const dim3 grid(static_cast<unsigned>(seg.num_groups), static_cast<unsigned>(chunks));
     lambda_advantages_tiled_kernel<<<grid, kBlock, 0, stream>>>(
-        rewards, scores, valid, seg.dense_group_size,
-        seg.offsets.defined() ? seg.offsets.data_ptr<int64_t>() : nullptr, order, beta,
-        static_cast<int>(norm), eps, flag_ptr, out.data_ptr<float>());
+        rewards, scores, valid, seg.dense_group_size, beta, static_cast<int>(norm), eps,
+        flag_ptr, out.data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (validate) {
@@ -307,11 +305,10 @@ at::Tensor lambda_advantages_cuda(const at::Tensor& rewards, const at::Tensor& s
                                   const std::optional<at::Tensor>& mask,
                                   const std::optional<at::Tensor>& group_ids, double beta,
                                   c10::string_view normalize, double eps, bool validate) {
-  // Ragged groups: per-member bounds always (sync-free); the group table, which reads
-  // sizes back, only when validating anyway.
+  // Ragged groups: per-member bounds (sync-free), never the group table.
   return lambda_advantages_impl(rewards, scores, mask, group_ids, beta,
                                 std::string_view(normalize.data(), normalize.size()), eps,
-                                validate, RaggedLayout{validate, true},
+                                validate, RaggedLayout{false, true},
                                 lambda_advantages_segments_cuda);
 }
 

@@ -43,6 +43,10 @@ __device__ __forceinline__ Softmax<acc_t> merge(Softmax<acc_t> a, Softmax<acc_t>
   return {m, a.s * ca + b.s * cb, ca * (a.t + da * a.s) + cb * (b.t + db * b.s)};
 }
 
+// Folds one value x = z / T into a thread's state. st.m never turns NaN (NaN > m is false),
+// but a NaN x is summed, as NaN - m: s turns NaN and stays NaN through every later fold and
+// merge. tests/ops/softmax_kernel_emulation.py mirrors fold, merge and the kernels' traversal:
+// change them together.
 template <typename acc_t>
 __device__ __forceinline__ void fold(Softmax<acc_t>& st, acc_t x) {
   if (x > st.m) {
@@ -53,7 +57,7 @@ __device__ __forceinline__ void fold(Softmax<acc_t>& st, acc_t x) {
     }
     st.m = x;
   }
-  if (x > -INFINITY) {
+  if (x != -INFINITY) {  // -inf adds nothing (and would give 0 * inf below); NaN is added
     const acc_t d = x - st.m, e = exp_acc(d);
     st.s += e;
     st.t += e * d;
@@ -167,7 +171,8 @@ backward_tile_kernel(scalar_t* __restrict__ logits, int64_t cols,
     if (ignored) return scalar_t(0);
     const acc_t log_p = static_cast<acc_t>(z) * inv_t - row_lse;
     const acc_t p = exp_acc(log_p);
-    acc_t dz = p > acc_t(0) ? -inv_t * p * (g_lp + g_h * (log_p + h)) : acc_t(0);
+    // p = 0 (a -inf logit) must not meet log p = -inf; a NaN p (NaN logit or lse) passes.
+    acc_t dz = p == acc_t(0) ? acc_t(0) : -inv_t * p * (g_lp + g_h * (log_p + h));
     if (j == y) dz += inv_t * g_lp;
     return static_cast<scalar_t>(dz);
   };
@@ -308,10 +313,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
     double temperature, int64_t ignore_index, int64_t chunk_size, int64_t vocab_chunk_size,
-    std::array<bool, 3> output_mask, bool validate) {
+    std::array<bool, 3> output_mask, bool validate, bool unrounded_grad_hidden) {
   return linear::backward<CudaKernels>(grad_logprobs, grad_entropy, hidden, weight, bias,
                                        targets, lse, entropy, temperature, ignore_index,
-                                       chunk_size, vocab_chunk_size, output_mask, validate);
+                                       chunk_size, vocab_chunk_size, output_mask, validate,
+                                       unrounded_grad_hidden);
 }
 
 }  // namespace

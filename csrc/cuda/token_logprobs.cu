@@ -58,7 +58,10 @@ __device__ __forceinline__ OnlineState<acc_t> merge(OnlineState<acc_t> a, Online
 }
 
 // Folds values x[0..n) (already in base-2 units) into a thread's state: one max for the
-// whole batch, then one ex2 per value.
+// whole batch, then one ex2 per value. st.m never turns NaN (NaN > m is false); a NaN in x
+// reaches s through the sum (NaN - m), or through the branch below while st.m is -inf, and
+// a NaN s stays NaN through every later fold and merge. tests/ops/softmax_kernel_emulation.py
+// mirrors fold, merge and the kernels' traversal: change them together.
 template <bool kEntropy, typename acc_t, int N>
 __device__ __forceinline__ void fold(OnlineState<acc_t>& st, const acc_t (&x)[N]) {
   acc_t local_max = x[0];
@@ -73,8 +76,12 @@ __device__ __forceinline__ void fold(OnlineState<acc_t>& st, const acc_t (&x)[N]
     st.m = local_max;
   }
   if (!(st.m > -INFINITY)) {
-    // Only -inf so far (or NaN): a NaN must still reach the result.
-    if (st.m != st.m) st.s = st.m;
+    // Nothing but -inf and NaN so far: the batch adds nothing to the sums, except that a NaN
+    // in it must reach the result.
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (x[k] != x[k]) st.s = x[k];
+    }
     return;
   }
 #pragma unroll
@@ -190,12 +197,13 @@ token_logprobs_forward_kernel(const scalar_t* __restrict__ logits,
 
 // dz_j = (1/T) (g_lp [j == y] - p_j (g_lp + g_H (log p_j + H))), p_j = 2^(x_j - lse / ln 2).
 // Each thread loads all its vectors of the chunk before computing any (bytes in flight),
-// and writes each dlogits element once.
+// and writes each dlogits element once, after reading it. dlogits may be logits itself (the
+// in-place backward), so neither of the two is __restrict__.
 template <typename scalar_t, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
-token_logprobs_backward_kernel(const scalar_t* __restrict__ logits,
+token_logprobs_backward_kernel(const scalar_t* logits,
                                const int64_t* __restrict__ in_offsets,
-                               scalar_t* __restrict__ dlogits,
+                               scalar_t* dlogits,
                                const int64_t* __restrict__ out_offsets,
                                const int64_t* __restrict__ targets, int64_t vocab,
                                int64_t ignore_index, acc_type<scalar_t> inv_t,
@@ -226,8 +234,8 @@ token_logprobs_backward_kernel(const scalar_t* __restrict__ logits,
     const acc_t p = fast_exp2(log2_p);
     acc_t dz;
     if (kEntropy) {
-      // p = 0 (a -inf logit) must not meet log p = -inf.
-      dz = p > acc_t(0) ? neg_inv_t * p * (g_lp + g_h * (log2_p * kLn2<acc_t> + h)) : acc_t(0);
+      // p = 0 (a -inf logit) must not meet log p = -inf; a NaN p (NaN logit or lse) passes.
+      dz = p == acc_t(0) ? acc_t(0) : neg_inv_t * p * (g_lp + g_h * (log2_p * kLn2<acc_t> + h));
     } else {
       dz = neg_inv_t * g_lp * p;
     }

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -38,15 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     fields = "\n".join(config_lib.help_lines())
     parser = argparse.ArgumentParser(prog="lambdapo", description="LambdaPO training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    common = dict(formatter_class=argparse.RawDescriptionHelpFormatter,
-                  epilog="config fields (override as section.field=value):\n" + fields)
+    raw = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+    pointer = ("section.field=value overrides take any field of the training config; "
+               "`lambdapo train --help` lists them with their defaults.")
     train = sub.add_parser("train", help="train a policy (defaults: the built-in task and "
-                                         "model)", **common)
+                                         "model)", epilog="config fields (override as "
+                           "section.field=value):\n" + fields, **raw)
     train.add_argument("--config", help="YAML file with any of the fields below")
-    train.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                       help="continue from a checkpoint (a checkpoint folder or a run "
-                            "directory; alone, or followed by section.field=value: "
-                            "output_dir's latest)")
+    train.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
+                       help="continue a run: RUN is its folder (or one of its checkpoint "
+                            "folders); alone, output_dir's run. The run's own config.yaml "
+                            "is the base, --config and overrides go on top")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume even when the config differs from the checkpoint's in "
                             "fields that change the experiment (model, data, sampling, "
@@ -54,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="section.field=value")
     ev = sub.add_parser("eval", help="held-out accuracy (pass@1 and mean@k) of a model",
-                        **common)
+                        epilog=pointer + " A training run's folder brings its own config.yaml "
+                        "(task, data, model settings), with the overrides on top.", **raw)
     ev.add_argument("--model", required=True,
                     help="model folder, checkpoint folder, training run folder (its latest "
                          "checkpoint) or builtin:tiny-arithmetic")
@@ -63,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="YAML file")
     ev.add_argument("overrides", nargs="*", metavar="section.field=value")
     cmp = sub.add_parser("compare", help="several methods at the same budget over several "
-                                         "seeds: statistics, a table and a PNG", **common)
+                                         "seeds: statistics, a table and a PNG",
+                         epilog=pointer, **raw)
     cmp.add_argument("--config", help="YAML file (the base of every method)")
     cmp.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per method; runs "
                      "already in --output are reused, so raising N extends a comparison")
@@ -88,18 +93,72 @@ def _summary_line(summary: dict) -> str:
             f"({summary['steps']} steps, {summary['eval_samples']} held-out samples)")
 
 
+def train_config(args) -> tuple[config_lib.TrainConfig, str | None]:
+    """The config of ``lambdapo train`` and what to resume (None: a new run). With
+    ``--resume [RUN]`` the run's own config.yaml is the base (``output_dir``'s run when RUN
+    is not given; RUN may be the run's folder or a checkpoint folder in it), then
+    ``--config``, then the overrides; ``output_dir`` stays the run's unless overridden."""
+    if not args.resume:
+        return config_lib.load_config(args.config, args.overrides), None
+    overrides = list(args.overrides)
+    if args.resume == "auto":
+        run = Path(config_lib.load_config(args.config, overrides).output_dir)
+    else:
+        run = run_folder(Path(args.resume))
+        if not any(item.startswith("output_dir=") for item in overrides):
+            overrides.append(f"output_dir={run}")
+    saved = run / "config.yaml"
+    config = config_lib.load_config(args.config, overrides,
+                                    base=saved if saved.is_file() else None)
+    return config, args.resume
+
+
+def run_folder(path: Path) -> Path:
+    """The training run folder that ``path`` (a run folder, its checkpoints/, a checkpoint
+    folder in it, or a LoRA run's merged/ model) belongs to; ``path`` itself when it is none
+    of these."""
+    from . import checkpoint as ckpt
+
+    if path.name in ("checkpoints", "merged") and (path.parent / "config.yaml").is_file():
+        return path.parent
+    if (path / ckpt.STATE_FILE).exists() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
+
+
 def cmd_train(args) -> int:
     from .process import configure_process
+    from .stopping import GracefulStop, StopNow
     from .trainer import Trainer
 
-    config = config_lib.load_config(args.config, args.overrides)
+    config, resume = train_config(args)
     configure_process(config)
-    with Trainer(config, resume=args.resume, progress=not args.quiet,
-                 allow_config_change=args.allow_config_change) as trainer:
-        summary = trainer.train()
+    try:
+        with GracefulStop() as stop:
+            with Trainer(config, resume=resume, progress=not args.quiet,
+                         allow_config_change=args.allow_config_change) as trainer:
+                summary = trainer.train(stop=stop)
+    except (StopNow, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, StopNow) else signal.SIGINT
+        print(f"lambdapo train: stopped by {signal.Signals(signum).name} before the step in "
+              f"progress finished; {_resume_hint(Path(config.output_dir))}", file=sys.stderr)
+        return 128 + signum
+    if summary.get("stopped"):
+        return 128 + signal.Signals[summary["stopped"]]
     print(_summary_line(summary))
     print(f"outputs: {config.output_dir}")
     return 0
+
+
+def _resume_hint(run: Path) -> str:
+    """Where a stopped run can continue from, in one clause."""
+    from . import checkpoint as ckpt
+
+    try:
+        latest = ckpt.find_checkpoint(run)
+    except (FileNotFoundError, ValueError):
+        return "it has no checkpoint to continue from"
+    return f"latest checkpoint {latest}; continue with: lambdapo train --resume {run}"
 
 
 def eval_model_folder(path: str) -> str:
@@ -124,7 +183,8 @@ def eval_model_folder(path: str) -> str:
     if folder.is_dir() and (folder / ckpt.STATE_FILE).exists():
         ckpt.verify_checkpoint(folder)
         return str(folder)
-    if folder.is_dir() and not (folder / "config.json").exists():
+    if folder.is_dir() and not (folder / "config.json").exists() and \
+            not (folder / "adapter_config.json").exists():
         raise ValueError(f"--model {path}: expected a model folder (with config.json), a "
                          f"checkpoint folder (checkpoints/step-N) or a training run folder "
                          f"(with checkpoints/latest)")
@@ -138,13 +198,21 @@ def cmd_eval(args) -> int:
     model = eval_model_folder(args.model)
     if model != args.model:
         print(f"lambdapo eval: model {model}", file=sys.stderr)
+    saved = None if args.model.startswith("builtin:") else \
+        run_folder(Path(args.model)) / "config.yaml"
+    if saved is not None and not saved.is_file():
+        saved = None
     # The trainer writes its config into output_dir: a scratch folder, not a run's.
     with tempfile.TemporaryDirectory(prefix="lambdapo-eval-") as scratch:
-        overrides = list(args.overrides) + [f"model.path={model}", "steps=1",
-                                             f"output_dir={scratch}"]
-        if args.dataset:
-            overrides.append(f"data.eval_dataset={args.dataset}")
-        config = config_lib.load_config(args.config, overrides)
+        own = list(args.overrides) + ([f"data.eval_dataset={args.dataset}"] if args.dataset
+                                      else [])
+        if saved is not None:
+            print(f"lambdapo eval: the run's settings from {saved}"
+                  + (f", then {' '.join(own)}" if own else ""), file=sys.stderr)
+        # A LoRA run's checkpoint loads as its base with the adapter merged: no new adapter.
+        overrides = own + [f"model.path={model}", "steps=1", f"output_dir={scratch}",
+                           "model.lora_rank=0"]
+        config = config_lib.load_config(args.config, overrides, base=saved)
         if args.dataset:   # the training data is not needed: point it at the eval data
             config.data.dataset = args.dataset
         configure_process(config)
@@ -201,8 +269,9 @@ class _ConsoleLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm.auto import tqdm
 
+        level = "warning: " if record.levelno >= logging.WARNING else ""
         try:
-            tqdm.write(f"lambdapo: {record.getMessage()}", file=sys.stderr)
+            tqdm.write(f"lambdapo: {level}{record.getMessage()}", file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must not end the run
             self.handleError(record)
 
@@ -227,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             RunDirectoryLocked) as exc:
         print(f"lambdapo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lambdapo {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         warnings.formatwarning = shown_as
         root.removeHandler(console)

@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,14 +207,18 @@ def _train_command(run: Run, config_path: str | None, overrides: list[str]) -> l
     if config_path:
         command += ["--config", config_path]
     if (run.directory / "checkpoints" / "latest").exists():
-        command += ["--resume", str(run.directory / "checkpoints" / "latest")]
+        command += ["--resume", str(run.directory)]
     return command + overrides + ["threads=1", f"seed={run.seed}", f"output_dir={run.directory}"]
 
 
+CONSOLE_LOG = "console.log"
+
+
 def _execute(run: Run, command: list[str]) -> str | None:
-    """Runs one training process; returns None on success, else the error to report."""
+    """Runs one training process (its output in the run's ``console.log``; the run's own
+    log is its ``train.log``); returns None on success, else the error to report."""
     run.directory.mkdir(parents=True, exist_ok=True)
-    log = run.directory / "train.log"
+    log = run.directory / CONSOLE_LOG
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with log.open("a") as out:
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -270,13 +274,18 @@ def run_comparison(config_path: str | None, overrides: list[str], *, methods: li
     todo = [run for run in runs if not run.done]
     jobs = max(1, jobs or os.cpu_count() or 1)
     if todo:
-        print(f"compare: {len(todo)} of {len(runs)} runs to train, {jobs} at a time "
-              f"(logs in <output>/<method>/seed<k>/train.log)", flush=True)
+        print(f"compare: {len(todo)} of {len(runs)} runs to train, {jobs} at a time; each "
+              f"run's folder is {output}/<method>/seed<k>", flush=True)
+    errors = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_execute, run, _train_command(run, config_path,
-                                                             list(overrides) + plan[run.method]))
-                   for run in todo]
-        errors = [e for e in (f.result() for f in futures) if e]
+        futures = {pool.submit(_execute, run, _train_command(
+            run, config_path, list(overrides) + plan[run.method])): run for run in todo}
+        for finished, future in enumerate(as_completed(futures), 1):
+            run, error = futures[future], future.result()
+            if error:
+                errors.append(error)
+            print(f"compare: [{finished}/{len(todo)}] {_progress_line(run, error)}",
+                  flush=True)
     results = {name: [json.loads(run.summary_path.read_text()) | {"seed": run.seed}
                       for run in runs if run.method == name and run.done] for name in methods}
     report = write_report(results, output, baseline=baseline)
@@ -284,6 +293,16 @@ def run_comparison(config_path: str | None, overrides: list[str], *, methods: li
     if errors:
         raise ValueError("compare: " + "; ".join(errors))
     return report
+
+
+def _progress_line(run: Run, error: str | None) -> str:
+    """One finished run: its held-out accuracy before and after, time and logs."""
+    logs = f"{run.directory / 'train.log'}, {run.directory / CONSOLE_LOG}"
+    if error:
+        return f"{run.method} seed {run.seed}: FAILED (logs: {logs})"
+    summary = json.loads(run.summary_path.read_text())
+    return (f"{run.method} seed {run.seed}: held-out accuracy {summary['accuracy_before']:.2f}"
+            f" -> {summary['accuracy_after']:.2f} in {summary['seconds']:.0f} s (logs: {logs})")
 
 
 # ------------------------------------------------------------------------------ report

@@ -38,16 +38,28 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f(BUILTIN_MODEL, "model directory (transformers format) or "
-                                  "builtin:tiny-arithmetic | builtin:tiny-chain")
+    path: str = _f(BUILTIN_MODEL, "model directory (transformers format), a Hugging Face Hub "
+                                  "name (org/name) or builtin:tiny-arithmetic | "
+                                  "builtin:tiny-chain")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (autocast over fp32 master "
-                               "weights)")
+                               "weights; with LoRA the frozen base itself is bfloat16)")
     attn_implementation: str = _f(
         "auto", "auto (flash_attention_2 on a GPU with flash-attn for a model that supports "
                 "it, else transformers' choice: sdpa where the model has it, else eager) | "
                 "sdpa | eager | flash_attention_2")
     kernels: str = _f("none", "none | liger: Liger-Kernel's own patching of the model's family "
                               "(RMSNorm, SwiGLU, RoPE; CUDA only, pip install liger-kernel)")
+    lora_rank: int = _f(0, "LoRA rank through peft (0: full fine-tuning); the KL reference is "
+                           "then the base model with the adapter off")
+    lora_alpha: float = _f(16.0, "LoRA alpha (the adapter's update is scaled by "
+                                 "alpha / rank)")
+    target_modules: list = _f(["all-linear"], "LoRA targets: all-linear (every linear layer "
+                                              "but the output head) or module names, e.g. "
+                                              "[q_proj, v_proj]")
+    enable_gradient_checkpointing: bool = _f(
+        False, "recompute each layer's activations in the backward (less memory, about a "
+               "third more compute); the training forward then runs each response with its "
+               "prompt")
     trust_remote_code: bool = _f(False, "allow model code from the model directory")
 
 
@@ -251,16 +263,19 @@ def parse_overrides(items: list[str]) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``
-    (``section.field=value``). Raises ValueError naming the key for unknown keys or values
-    of the wrong type, and for invalid choices (see :func:`validate`)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: str | Path | None = None) -> TrainConfig:
+    """Defaults, then the YAML file ``base`` (a run's saved config.yaml, if any), then the
+    YAML file at ``path`` (if any), then ``overrides`` (``section.field=value``). Raises
+    ValueError naming the key for unknown keys or values of the wrong type, and for invalid
+    choices (see :func:`validate`)."""
     config = TrainConfig()
-    if path:
-        data = _read_yaml(Path(path))
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a mapping at the top level")
-        _apply(config, data)
+    for file in (base, path):
+        if file:
+            data = _read_yaml(Path(file))
+            if not isinstance(data, dict):
+                raise ValueError(f"config file {file}: expected a mapping at the top level")
+            _apply(config, data)
     _apply(config, parse_overrides(overrides or []))
     validate(config)
     return config
@@ -384,6 +399,11 @@ def validate(config: TrainConfig) -> None:
                 "reward.workers"):
         if get(config, key) < 0:
             raise ValueError(f"config {key}: must be >= 0, got {get(config, key)}")
+    if config.model.lora_rank < 0:
+        raise ValueError(f"config model.lora_rank: must be >= 0 (0: full fine-tuning), got "
+                         f"{config.model.lora_rank}")
+    if config.model.lora_alpha <= 0:
+        raise ValueError(f"config model.lora_alpha: must be > 0, got {config.model.lora_alpha}")
     if len(config.optim.betas) != 2:
         raise ValueError(f"config optim.betas: expected two numbers, got {config.optim.betas}")
     _check_model_path(config.model.path)
@@ -397,7 +417,8 @@ def _check_model_path(path: str) -> None:
         raise ValueError(f"config model.path: {path} is a file; expected a model folder in "
                          f"transformers format (config.json, tokenizer files, *.safetensors)"
                          f" or {BUILTIN_MODEL}")
-    if folder.is_dir() and not (folder / "config.json").exists():
+    if folder.is_dir() and not (folder / "config.json").exists() and \
+            not (folder / "adapter_config.json").exists():
         hint = (" (a training run's folder: use its checkpoints/latest, e.g. "
                 "lambdapo eval --model RUN_DIR)" if (folder / "checkpoints").is_dir() else "")
         raise ValueError(f"config model.path: {path} has no config.json; expected a model "

@@ -52,14 +52,8 @@ class LambdaSettings:
         Raises:
             ValueError: naming the first invalid setting by its front-end name.
         """
-        try:
-            beta = float(beta)
-        except (TypeError, ValueError):
-            raise ValueError(f"{names['beta']}: expected a number, got {beta!r}") from None
-        if not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"{names['beta']}: must be a finite number >= 0 (0: RLOO; a "
-                             f"negative beta would favour the pairs the policy already ranks "
-                             f"right), got {beta}")
+        beta = _non_negative(beta, names["beta"], "0: RLOO; a negative beta would favour the "
+                                                  "pairs the policy already ranks right")
         if score not in SCORE_MODES:
             raise ValueError(f"{names['score']}: {score!r} is not one of {SCORE_MODES}")
         if normalize not in NORMALIZE_MODES:
@@ -86,15 +80,21 @@ class SemanticDensitySettings:
             ValueError: naming the first invalid setting by its front-end name
                 (``names`` maps ``weight``, ``metric`` and ``max_n`` to those).
         """
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise ValueError(f"{names['weight']}: expected a number, got {weight!r}") from None
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{names['weight']}: must be a finite number >= 0 (0: off), "
-                             f"got {weight}")
+        weight = _non_negative(weight, names["weight"], "0: off")
         if metric not in SEMANTIC_METRICS:
             raise ValueError(f"{names['metric']}: {metric!r} is not one of {SEMANTIC_METRICS}")
         if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
             raise ValueError(f"{names['max_n']}: must be an integer >= 1, got {max_n!r}")
         return cls(weight, metric, max_n)
+
+
+def _non_negative(value, name: str, meaning: str) -> float:
+    """``value`` as a finite float >= 0; ValueError naming ``name`` (with ``meaning`` of the
+    bound) otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name}: must be a finite number >= 0 ({meaning}), got {number}")
+    return number

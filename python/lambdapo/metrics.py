@@ -111,8 +111,12 @@ def plot_curves(history: list[dict], eval_history: list[dict], path: Path,
     eval_ax.set_xlabel("step")
     eval_ax.set_ylabel("accuracy (math_verify, mean over samples)")
     eval_ax.set_ylim(0, 1.05)
-    if steps:
-        eval_ax.set_xlim(train_ax.get_xlim())
+    shown = steps + eval_steps   # both panels over the same steps, step 0's evaluation included
+    if shown:
+        lo, hi = min(shown), max(shown)
+        pad = max(0.5, 0.03 * (hi - lo))
+        for ax in (train_ax, eval_ax):
+            ax.set_xlim(lo - pad, hi + pad)
     eval_ax.grid(alpha=0.3)
     eval_ax.legend(loc="lower right")
     if title:

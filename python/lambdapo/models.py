@@ -63,7 +63,7 @@ def attention_implementation(config: ModelConfig, model_class: type,
 
 
 def load_policy(config: ModelConfig, device: torch.device):
-    """(model in float32 on ``device``, tokenizer). Weights load from safetensors only
+    """(model on ``device`` in :func:`weights_dtype`, tokenizer). Weights load from safetensors only
     (``use_safetensors=True``: no pickle), remote code only with ``trust_remote_code``;
     ``model.kernels`` is applied (:func:`lambdapo.kernels.apply_kernels`).
 
@@ -76,30 +76,74 @@ def load_policy(config: ModelConfig, device: torch.device):
 
     hf_logging.disable_progress_bar()
     path = resolve_model_path(config.path)
-    if not Path(path).exists():
+    if not Path(path).exists() and not is_hub_name(path):
         raise FileNotFoundError(f"model.path {path!r} does not exist (a local model folder "
-                                f"in transformers format, or {BUILTIN_MODEL})")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+                                f"in transformers format, a Hugging Face Hub name such as "
+                                f"Qwen/Qwen3-1.7B, or {BUILTIN_MODEL})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path,
+                                                  trust_remote_code=config.trust_remote_code)
+    except OSError as exc:   # a Hub name that cannot be fetched (offline, private, a typo)
+        raise FileNotFoundError(f"model.path {path!r}: {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    adapter = path
+    if is_adapter_folder(path):   # a LoRA checkpoint: its base model, the adapter merged in
+        path = adapter_base(path)
+    else:
+        adapter = None
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     model_class = _causal_lm_class(model_config, config.trust_remote_code)
     attention = attention_implementation(config, model_class, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, attn_implementation=attention,
-            trust_remote_code=config.trust_remote_code)
+            path, dtype=weights_dtype(config), use_safetensors=True,
+            attn_implementation=attention, trust_remote_code=config.trust_remote_code)
     except ValueError as exc:
         if attention is None:
             raise
         raise ValueError(f"model.attn_implementation={attention}: {exc} (model.attn_"
                          f"implementation=auto lets transformers choose)") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        # peft loads the adapter frozen; merged, the model is a plain, trainable one.
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().requires_grad_(True)
     log.info("model %s: %s, attention %s%s", config.path, type(model).__name__,
              model.config._attn_implementation,
              "" if config.attn_implementation != "auto" else " (auto)")
     model = model.to(device)
     apply_kernels(model, config.kernels)
     return model, tokenizer
+
+
+def is_hub_name(path: str) -> bool:
+    """Whether ``path`` reads as a Hugging Face Hub model name (``org/name``) rather than a
+    local folder: transformers then fetches it, or takes it from its cache."""
+    parts = path.split("/")
+    return (len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+            and not Path(parts[0]).exists())
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a peft adapter (a LoRA run's checkpoint) rather than a model."""
+    folder = Path(path)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model folder a saved adapter was trained on (its ``adapter_config.json``).
+
+    Raises:
+        FileNotFoundError: that base model folder does not exist any more.
+    """
+    import json
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not Path(base).exists():
+        raise FileNotFoundError(f"model.path {path}: a LoRA adapter whose base model {base} "
+                                f"does not exist here (use the run's merged/ model instead)")
+    return base
 
 
 def _causal_lm_class(model_config, trust_remote_code: bool) -> type:
@@ -111,6 +155,15 @@ def _causal_lm_class(model_config, trust_remote_code: bool) -> type:
         return AutoModelForCausalLM._model_mapping[type(model_config)]
     except KeyError:
         return object
+
+
+def weights_dtype(config: ModelConfig) -> torch.dtype:
+    """The dtype the model's weights are loaded in: float32 master weights, except that a
+    LoRA run in bfloat16 keeps its frozen base in bfloat16 (half the memory; peft keeps the
+    trained adapter in float32)."""
+    if config.dtype == "bfloat16" and config.lora_rank > 0:
+        return torch.bfloat16
+    return torch.float32
 
 
 def autocast_dtype(config: ModelConfig) -> torch.dtype | None:

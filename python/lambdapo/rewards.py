@@ -31,9 +31,11 @@ import functools
 import importlib
 import logging
 import math
+import os
 import re
 import signal
 import threading
+import time
 import warnings
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -172,7 +174,8 @@ class MathVerifyReward:
 
             # spawn: the trainer's process holds torch's threads, which fork would copy.
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"))
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_start, initargs=(os.getpid(),))
         chunk = max(1, -(-len(pairs) // (4 * self.workers)))
         try:
             futures = [self._pool.submit(_score_in_worker, (self.marker, self.timeout_s,
@@ -227,6 +230,19 @@ class MathVerifyReward:
 
 
 _WORKER_REWARD: dict[tuple[str, int], MathVerifyReward] = {}
+
+
+def _worker_start(trainer_pid: int) -> None:
+    """In a reward worker: Ctrl-C, which a terminal sends to the whole process group, is the
+    trainer's to handle (it stops the workers); and the worker ends by itself within a
+    second of its trainer's death, even by SIGKILL (which nobody can catch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == trainer_pid:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, name="lambdapo-trainer-watch", daemon=True).start()
 
 
 def _score_in_worker(job: tuple[str, int, list[tuple[str, str]]]) -> tuple[list[float], int]:

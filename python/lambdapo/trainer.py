@@ -40,13 +40,16 @@ from .config import (LambdapoWarning, TrainConfig, config_changes, lambda_settin
                      save_config, to_dict)
 from .data import PromptEncoder, PromptSampler, load_split
 from .logprobs import response_logprobs
+from .lora import adapter_disabled, apply_lora, load_adapter_weights, save_merged
 from .loss import BatchTotals, policy_loss
 from .models import autocast_dtype, load_policy, pick_device, resolve_model_path
 from .prompt_sharing import PromptSharing
 from .rewards import MathVerifyReward, RewardManager
 from .rollout.base import SamplingParams
 from .rollout.engines import build_engine
+from .process import CpuContention
 from .scoring import PendingScores, ScoredBatch, Scorer
+from .stopping import GracefulStop
 
 log = logging.getLogger("lambdapo")
 
@@ -99,14 +102,29 @@ class Trainer:
         self.device = pick_device(config.device)
         self.autocast = autocast_dtype(config.model)
         self.model, self.tokenizer = load_policy(config.model, self.device)
+        # With LoRA, self.model keeps peft's layers injected in place (every forward runs on
+        # it) and self.peft saves, loads and switches off the adapter.
+        self.peft = None
+        if config.model.lora_rank > 0:
+            self.peft = apply_lora(self.model, config.model.lora_rank, config.model.lora_alpha,
+                                   config.model.target_modules)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            log.info("LoRA rank %d on %s: %d trainable parameters of %d",
+                     config.model.lora_rank, config.model.target_modules, trainable,
+                     sum(p.numel() for p in self.model.parameters()))
+        if config.model.enable_gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.ref_model = None
-        if algo.kl_coef > 0:
+        if algo.kl_coef > 0 and self.peft is None:   # with LoRA: the base, adapter off
             self.ref_model, _ = load_policy(config.model, self.device)
             self.ref_model.eval().requires_grad_(False)
         self.pad = self.tokenizer.pad_token_id
         self.encoder = PromptEncoder(self.tokenizer, config.data)
-        self.prompt_sharing = PromptSharing(algo.share_prompt_forward)
+        self.prompt_sharing = PromptSharing(
+            algo.share_prompt_forward,
+            gradient_checkpointing=config.model.enable_gradient_checkpointing)
         self.rewards = RewardManager.from_config(config.reward)
         self.accuracy_reward = MathVerifyReward(config.reward.answer_marker,
                                                 config.reward.timeout_s, config.reward.workers)
@@ -116,7 +134,8 @@ class Trainer:
         self.train_rows = load_split(config.data, "train", config.seed)
         self.eval_rows = load_split(config.data, "eval", config.seed)
         self.sampler = PromptSampler(self.train_rows, config.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=config.optim.lr,
                                            betas=tuple(config.optim.betas),
                                            weight_decay=config.optim.weight_decay)
         total = config.steps * algo.ppo_epochs * algo.mini_batches
@@ -124,6 +143,8 @@ class Trainer:
             self.optimizer, _schedule(config.optim.schedule, config.optim.warmup_steps, total))
         self.shuffle = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
+        self._saved_step: int | None = None
+        self.cpu_watch = CpuContention(torch.get_num_threads(), active=self.device.type == "cpu")
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.elapsed_before = 0.0
@@ -135,7 +156,7 @@ class Trainer:
         """The run's source of pi_old (:mod:`lambdapo.behaviour`), logged with its reason."""
         cfg, algo = self.config, self.config.algorithm
         correction = CorrectionSettings(algo.rollout_is, algo.rollout_is_cap)
-        reference = None if self.ref_model is None else self._reference_logprobs
+        reference = None if algo.kl_coef == 0 else self._reference_logprobs
         # The transformers engine samples with the trainer's own float32 model from the
         # unprocessed distribution: its log-probs are the trainer's numbers.
         engine_exact = (self.engine.name == "transformers" and self.autocast is None
@@ -259,6 +280,9 @@ class Trainer:
         return self._logprobs(self.model, micro)
 
     def _reference_logprobs(self, micro: MicroBatch) -> Tensor:
+        if self.peft is not None:
+            with adapter_disabled(self.peft):
+                return self._logprobs(self.model, micro)[0]
         return self._logprobs(self.ref_model, micro)[0]
 
     def update(self, batch: RolloutBatch, behaviour: StepBehaviour,
@@ -323,15 +347,19 @@ class Trainer:
                                     "reward": reward}) + "\n")
 
     def save(self) -> Path:
+        """Checkpoints the run at its current step (:mod:`lambdapo.checkpoint`)."""
         state = {"sampler": self.sampler.state(), "history": self.history,
                  "eval_history": self.eval_history, "config": to_dict(self.config),
                  "elapsed": self.elapsed_before + self._elapsed()}
         rng = {"engine": self.engine.generator_state(), "shuffle": self.shuffle.get_state(),
                "torch": torch.get_rng_state()}
-        return ckpt.save_checkpoint(self.run_dir, self.step, model=self.model,
-                                    tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, rng=rng, state=state,
-                                    keep_last=self.config.checkpoint.keep_last)
+        folder = ckpt.save_checkpoint(self.run_dir, self.step,
+                                      model=self.model if self.peft is None else self.peft,
+                                      tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, rng=rng, state=state,
+                                      keep_last=self.config.checkpoint.keep_last)
+        self._saved_step = self.step
+        return folder
 
     def _resume(self, where: str, allow_config_change: bool = False) -> None:
         folder = ckpt.find_checkpoint(self.run_dir if where == "auto" else where)
@@ -346,8 +374,14 @@ class Trainer:
         if breaking or harmless:
             warnings.warn(f"resuming {folder} with a changed config: "
                           f"{'; '.join(breaking + harmless)}", LambdapoWarning, stacklevel=3)
-        ckpt.load_weights_into(self.model, folder)
+        if self.peft is not None:
+            load_adapter_weights(self.peft, folder)
+        else:
+            ckpt.load_weights_into(self.model, folder)
         self.step = int(state["step"])
+        self._saved_step = self.step
+        log.info("resuming %s from step %d of %d (checkpoint %s)", self.run_dir, self.step,
+                 self.config.steps, folder)
         self.sampler.load_state(state["sampler"])
         self.history = state["history"]
         self.eval_history = state["eval_history"]
@@ -359,55 +393,94 @@ class Trainer:
     def _elapsed(self) -> float:
         return time.perf_counter() - self._start if hasattr(self, "_start") else 0.0
 
-    def train(self) -> dict:
-        """Runs the remaining steps; returns a summary (accuracy before/after, time)."""
+    def train(self, stop: GracefulStop | None = None) -> dict:
+        """Runs the remaining steps; returns a summary (accuracy before/after, time).
+
+        ``stop``: while it holds a requested signal (:mod:`lambdapo.stopping`) no further
+        step starts; the run then saves a checkpoint of its last finished step (unless it
+        has one), writes its plot and returns early with ``summary["stopped"]`` set to the
+        signal's name and ``summary["checkpoint"]`` to the checkpoint folder."""
         from tqdm.auto import tqdm
 
-        from .metrics import MetricsWriter, plot_curves, truncate_jsonl
+        from .metrics import MetricsWriter, truncate_jsonl
 
         cfg = self.config
         self._start = time.perf_counter()
         writer = MetricsWriter(self.run_dir, last_step=self.step)
         truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
+        stopped = lambda: stop is not None and stop.requested is not None  # noqa: E731
         if not self.eval_history:
-            before = self.evaluate()
-            self.eval_history.append({"step": 0, "accuracy": before.accuracy,
-                                      "reward": before.reward})
-            writer.scalars({"eval/accuracy": before.accuracy, "eval/reward": before.reward}, 0)
+            self._evaluate_into(writer)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
                    desc="lambdapo", unit="step", dynamic_ncols=True)
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and not stopped():
             metrics = self.train_step()
             self.history.append(metrics)
             writer.write(metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            self.cpu_watch.after_step()
+            if stopped():
+                break
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                result = self.evaluate()
-                self.eval_history.append({"step": self.step, "accuracy": result.accuracy,
-                                          "reward": result.reward})
-                writer.scalars({"eval/accuracy": result.accuracy,
-                                "eval/reward": result.reward}, self.step)
+                self._evaluate_into(writer)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 writer.flush()   # the events up to a checkpoint survive a kill after it
                 self.save()
         bar.close()
-        after = self.evaluate()
-        self.eval_history.append({"step": self.step, "accuracy": after.accuracy,
-                                  "reward": after.reward})
-        writer.scalars({"eval/accuracy": after.accuracy, "eval/reward": after.reward}, self.step)
+        if stopped():
+            writer.close()
+            return self._stopped_summary(stop.name)
+        after = self._evaluate_into(writer)
         self.save()
         elapsed = self.elapsed_before + self._elapsed()
         summary = {"engine": self.engine.name,
                    "accuracy_before": self.eval_history[0]["accuracy"],
                    "accuracy_after": after.accuracy, "seconds": elapsed, "steps": self.step,
                    "eval_samples": after.samples, "eval_history": self.eval_history}
+        if self.peft is not None:   # the adapter merged: a plain transformers folder
+            summary["merged_model"] = str(save_merged(self.model, self.tokenizer,
+                                                      self.run_dir / "merged"))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self._plot()
+        writer.close()
+        return summary
+
+    def _evaluate_into(self, writer) -> EvalResult:
+        result = self.evaluate()
+        self.eval_history.append({"step": self.step, "accuracy": result.accuracy,
+                                  "reward": result.reward})
+        writer.scalars({"eval/accuracy": result.accuracy, "eval/reward": result.reward},
+                       self.step)
+        return result
+
+    def _plot(self) -> None:
+        from .metrics import plot_curves
+
+        cfg = self.config
         plot_curves(self.history, self.eval_history, self.run_dir / "curves.png",
                     title=f"{self.run_dir} (adv_estimator={cfg.algorithm.adv_estimator}, "
                           f"seed {cfg.seed})")
-        writer.close()
-        return summary
+
+    def _stopped_summary(self, signal_name: str) -> dict:
+        """After a stop request: the last finished step checkpointed (unless it is, or no
+        step ran), the plot written, one log line naming the checkpoint and the resume
+        command."""
+        checkpoint = None
+        if self.step > 0:
+            checkpoint = (self.run_dir / "checkpoints" / f"step-{self.step}")
+            if self._saved_step != self.step:
+                checkpoint = self.save()
+        self._plot()
+        if checkpoint is None:
+            log.info("stopped by %s before the first step; nothing to save", signal_name)
+        else:
+            log.info("stopped by %s after step %d of %d: checkpoint %s; continue with: "
+                     "lambdapo train --resume %s", signal_name, self.step, self.config.steps,
+                     checkpoint, self.run_dir)
+        return {"stopped": signal_name, "steps": self.step,
+                "checkpoint": None if checkpoint is None else str(checkpoint),
+                "eval_history": self.eval_history}
 
     def close(self) -> None:
         """Shuts the rollout engine down (a vLLM engine holds memory until then), stops the

@@ -173,6 +173,24 @@ def test_the_gsm8k_example_runs(tmp_path):
     assert "rewards/accuracy/mean" in result.stdout + result.stderr
 
 
+def test_the_example_runs_offline_from_a_clone_on_its_defaults(tmp_path):
+    """No --model and no --data: the built-in model and task, nothing downloaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "trl" / "train_gsm8k.py"), "--output-dir",
+         str(tmp_path / "out"), "--max-steps", "2", "--num-generations", "4",
+         "--prompts-per-step", "1", "--limit", "16"], capture_output=True, text=True,
+        timeout=600, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+             "HF_DATASETS_OFFLINE": "1",
+             "PYTHONPATH": os.pathsep.join([str(root), str(root / "python")])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_scores_prefer_the_samplers_log_probs(tmp_path):
     """With TRL's vLLM the sampler's log-probs are the scores, else TRL's old log-probs."""
     model_dir = make_tiny_model(tmp_path / "model")

@@ -6,11 +6,13 @@ advantages are its slice of lambda_advantages over the gathered batch."""
 import sys
 from pathlib import Path
 
-import torch
-from test_integration_trl import GROUP, config, dataset, digit_reward, sampled_token_logps
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))   # tests/: tiny_model
 
-import lambdapo_ext
-from lambdapo.integrations.trl import LambdaPOTrainer
+import torch  # noqa: E402
+from test_trl import GROUP, config, dataset, digit_reward, sampled_token_logps  # noqa: E402
+
+import lambdapo_ext  # noqa: E402
+from lambdapo.integrations.trl import LambdaPOTrainer  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

@@ -80,6 +80,8 @@ def lambda_advantages_cases() -> list[Case]:
              ("rewards", "group_ids")),
         Case(op, "shape", "group_ids_length_differs",
              lambda d: _la(_flat(d), _flat(d), group_ids=_group_ids(d, 5)), ("group_ids",)),
+        Case(op, "dtype", "rewards_as_list",
+             lambda d: _la(_rewards(d).tolist(), _scores(d)), ("rewards",)),
         Case(op, "dtype", "bool_rewards",
              lambda d: _la(_rewards(d) > 0, _scores(d)), ("rewards",)),
         Case(op, "dtype", "int_scores",

@@ -34,7 +34,7 @@ def _per_token(device: str, n: int = N) -> torch.Tensor:
 
 
 def _lpl(hidden, weight, targets, advantages=None, token_weights=None, **kwargs):
-    device = hidden.device
+    device = weight.device
     n = targets.shape[0] if targets.dim() else 1
     advantages = _per_token(device, n) if advantages is None else advantages
     token_weights = torch.ones(n, device=device) if token_weights is None else token_weights
@@ -104,6 +104,11 @@ def linear_policy_loss_cases() -> list[Case]:
              lambda d: _lpl(torch.tensor(1.0, device=d), _weight(d, h=1),
                             torch.tensor(0, device=d), torch.tensor(1.0, device=d),
                             torch.tensor(1.0, device=d)), ("hidden",)),
+        Case(op, "dtype", "hidden_as_list",
+             lambda d: _lpl(_hidden(d).tolist(), _weight(d), _targets(d)), ("hidden",)),
+        Case(op, "dtype", "advantages_as_list",
+             lambda d: _lpl(_hidden(d), _weight(d), _targets(d), _per_token(d).tolist()),
+             ("advantages",)),
         Case(op, "dtype", "int_hidden_and_weight",
              lambda d: _lpl(_hidden(d).long(), _weight(d).long(), _targets(d)),
              ("hidden", "weight")),

@@ -6,8 +6,10 @@ with ``pytest benchmarks/ --benchmark-only``, not here."""
 from __future__ import annotations
 
 import importlib
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,9 +93,62 @@ def test_ratios_and_table():
     assert "speedup_vs_torch_eager" not in rows[1].extra
     env = {"device_name": "cpu", "torch": "2", "commit": "abc", "date": "today"}
     lines = harness.table_lines(rows, "torch_eager", env)
-    assert lines[0].startswith("# cpu | torch 2 | commit abc")
-    assert "5.00x" in lines[3] and "(~0 MiB)" in lines[3]
-    assert lines[-1].rstrip().endswith("not run: CUDA only")
+    assert lines[0] == "# cpu | torch 2 | commit abc | today"
+    assert "5.00x" in lines[3] and "(~0)" in lines[3]
+    assert lines[-2].startswith("vs eager, mem vs: torch_eager's median time and peak memory")
+    assert lines[-1] == "not run (CUDA only): peer"      # one line, not a row per case
+    assert len(lines) == 3 + 3 + 3
+
+
+def test_tables_fit_120_columns():
+    """The longest sizes, names, extras and statuses of the benches still fit: the rest is
+    in the JSON rows."""
+    size = "N=16384,H=4096,V=151936,bfloat16,fwd+bwd"
+    rows = [harness.Result("linear_token_logprobs", "lambdapo", size, "cuda", 131.88, 6924.0,
+                           extra={"TFLOP/s": 463.9, "over_grads_MiB": 1317.2,
+                                  "speedup_vs_torch_eager": 1.08, "mem_ratio_vs_torch_eager": 4.1,
+                                  "per_step": [1, 2], "targets": [{"label": "x"}]},
+                           device_name="NVIDIA H100 80GB HBM3"),
+            harness.Result("linear_token_logprobs", "liger_fused_linear", size, "cuda",
+                           status="not run: liger-kernel not importable (No module named "
+                                  "'liger_kernel'); pip install liger-kernel to compare")]
+    harness.add_ratios(rows, ("torch_eager",))
+    env = {"device_name": "x" * 200, "torch": "2.11.0+cu130", "commit": "e023b5d-dirty",
+           "date": "2026-11-27T08:38:17Z"}
+    lines = harness.table_lines(rows, "torch_eager", env)
+    assert max(len(line) for line in lines) <= 120, lines
+    assert "N=16384,H=4096,V=151936,bf16,fwd+bwd" in lines[3] and "TFLOP/s=463.9" in lines[3]
+    assert "per_step" not in lines[3] and "liger-kernel not importable" in lines[4]
+    target = harness.Target(size, "peak extra - gradients", 1317.2, 512, at_least=False,
+                            unit=" MiB")
+    assert len(target.line()) <= 120      # under "targets of linear_token_logprobs on cuda:"
+    assert target.line().startswith("target N=16384,H=4096,V=151936,bf16,fwd+bwd: peak extra")
+
+
+def test_rows_go_to_the_untracked_folder_unless_recorded(tmp_path):
+    """Rows are appended to benchmarks/out/ (git-ignored) by default, to the tracked history
+    benchmarks/results/ only when recorded, nowhere with --no-save."""
+    assert harness.OUT_DIR != harness.RESULTS_DIR
+    git = subprocess.run(["git", "check-ignore", "-q", str(harness.OUT_DIR / "x.jsonl")],
+                         cwd=ROOT, capture_output=True)
+    if git.returncode != 128:   # 128: not a git checkout
+        assert git.returncode == 0, "benchmarks/out/ must be git-ignored"
+    out = harness.OUT_DIR
+    assert harness.destinations(harness.BenchOptions(results_dir=out)) == [out]
+    assert harness.destinations(harness.BenchOptions(results_dir=out, record=True)) == [
+        out, harness.RESULTS_DIR]
+    assert harness.destinations(harness.BenchOptions(results_dir=harness.RESULTS_DIR,
+                                                     record=True)) == [harness.RESULTS_DIR]
+    assert harness.destinations(harness.BenchOptions()) == []
+    parser = harness.argparse.ArgumentParser()
+    harness.add_save_arguments(parser)
+    assert harness.save_options(parser.parse_args([])) == [f"--bench-results={out}"]
+    assert harness.save_options(parser.parse_args(["--record"]))[-1] == "--bench-record"
+    assert harness.save_options(parser.parse_args(["--no-save"])) == ["--bench-results=none"]
+    assert harness.save_options(parser.parse_args(["--out", str(tmp_path)])) == [
+        f"--bench-results={tmp_path}"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--record", "--no-save"])
 
 
 def test_targets():
@@ -137,7 +192,12 @@ def test_one_case_through_pytest_benchmark(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "target lambda_advantages cpu P=64,G=16" in done.stdout
+    assert "targets of lambda_advantages on cpu:\ntarget P=64,G=16: " in done.stdout
+    # a progress line as each case starts and ends
+    assert re.search(r"\[1/2 0:00:\d\d\] lambda_advantages cpu P=64,G=16 lambdapo: \.\.\.",
+                     done.stdout), done.stdout
+    assert re.search(r"\[2/2 0:\d\d:\d\d\] lambda_advantages cpu P=64,G=16 torch_eager: "
+                     r"[\d.]+ ms, [\d.]+ s", done.stdout), done.stdout
     data = json.loads(report.read_text())
     by_impl = {b["params"]["impl"]: b for b in data["benchmarks"]}
     assert set(by_impl) == {"lambdapo", "torch_eager"}
@@ -187,3 +247,99 @@ def test_cuda_event_clock_reads_event_time(monkeypatch):
     assert readings[0] == 0.0
     assert readings[2] - readings[1] == pytest.approx(2.5e-3)
     assert readings[4] - readings[3] == pytest.approx(0.25e-3)
+
+
+def _tracked_state() -> tuple[str, dict[str, str]]:
+    """git's view of the checkout (changes and untracked files that are not ignored) and the
+    hash of every file of the history benchmarks/results/."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                            cwd=ROOT, capture_output=True, text=True)
+    history = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in sorted(harness.RESULTS_DIR.glob("*"))}
+    return (status.stdout if status.returncode == 0 else ""), history
+
+
+def test_default_run_writes_nothing_tracked():
+    """``python benchmarks/bench_<op>.py`` with no saving flag leaves the checkout as git
+    sees it and the history as it was, appends its rows to benchmarks/out/ and says so
+    (that file is put back as it was afterwards)."""
+    out = harness.OUT_DIR / "lambda_advantages.jsonl"
+    existed, size = out.exists(), out.stat().st_size if out.exists() else 0
+    folder_existed = harness.OUT_DIR.exists()
+    before = _tracked_state()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks/bench_lambda_advantages.py"), "--device",
+             "cpu", "--quick", "--repeats", "1", "-k", "lambdapo"],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert _tracked_state() == before
+        assert "rows appended to benchmarks/out/lambda_advantages.jsonl" in done.stdout
+        added = out.read_text()[size:].splitlines()
+        assert {json.loads(line)["impl"] for line in added} == {"lambdapo"}
+        assert len(added) == 3
+        # progress lines, the table and every other line of the run's own report fit
+        assert "lambda_advantages cpu P=16,G=1024 lambdapo: ..." in done.stdout
+        report = done.stdout[done.stdout.index("lambda_advantages on cpu"):]
+        assert max(len(line) for line in report.splitlines()) <= 120, report
+    finally:
+        if existed:
+            with out.open("r+") as f:
+                f.truncate(size)
+        elif out.exists():
+            out.unlink()
+            if not folder_existed:
+                harness.OUT_DIR.rmdir()
+
+
+def test_results_md_is_generated_from_the_rows():
+    """benchmarks/RESULTS.md is what summarize.py makes of benchmarks/results/*.jsonl:
+    regenerate it (python benchmarks/summarize.py --markdown --write) after recording."""
+    import summarize
+
+    text = summarize.markdown()
+    assert (ROOT / "benchmarks/RESULTS.md").read_text() == text, (
+        "benchmarks/RESULTS.md is stale: python benchmarks/summarize.py --markdown --write")
+    for op in summarize.load_rows():
+        assert f"## {summarize.OPS.get(op, (op,))[0]}" in text
+    for removed in ("rms_norm", "swiglu", "decode_attention"):
+        assert f"## {removed}" not in text and not (
+            harness.RESULTS_DIR / f"{removed}.jsonl").exists()
+    # every table row names its machine, date and commit
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith(("| size", "| setting")):
+            assert re.search(r"\| \d{4}-\d\d-\d\d \| `[0-9a-f]{7}", line), line
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    base = {"device": "cpu", "device_name": "AMD EPYC (2 threads)", "torch": "2",
+            "op": "op", "status": "ok", "peak_mib": 1.0, "extra": {}}
+    path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+
+
+def test_markdown_takes_each_size_from_its_newest_run(tmp_path):
+    """A row's ratios come from its own run only: a peer measured in an older run is not
+    set against a newer lambdapo time; sizes the newest run lacks keep their older run."""
+    import summarize
+
+    old = {"date": "2026-01-01T00:00:00Z", "commit": "aaaaaaa"}
+    new = {"date": "2026-02-01T00:00:00Z", "commit": "bbbbbbb", "device_name": "Intel Xeon"}
+    _jsonl(tmp_path / "op.jsonl", [
+        {**old, "impl": "lambdapo", "size": "s1", "median_ms": 2.0},
+        {**old, "impl": "peer", "size": "s1", "median_ms": 6.0},
+        {**old, "impl": "lambdapo", "size": "s2", "median_ms": 1.0},
+        {**old, "impl": "peer", "size": "s2", "median_ms": 5.0},
+        {**new, "impl": "lambdapo", "size": "s1", "median_ms": 4.0},
+        {**new, "impl": "peer", "size": "s1", "status": "not run: CUDA only",
+         "median_ms": None},
+        {**old, "device": "cuda", "impl": "lambdapo", "size": "s1", "median_ms": 0.5}])
+    text = summarize.markdown(tmp_path)
+    cuda, cpu = text.split("### CUDA")[1].split("### CPU")
+    assert [line for line in cuda.splitlines() if line.startswith("| s") and not line.startswith("| size")] == [
+        "| s1 | 0.5 | 1.0 | AMD EPYC (2 threads) | 2026-01-01 | `aaaaaaa` |"]
+    rows = [line for line in cpu.splitlines() if line.startswith("| s") and not line.startswith("| size")]
+    assert rows == ["| s1 | 4 | 1.0 | - | Intel Xeon | 2026-02-01 | `bbbbbbb` |",
+                    "| s2 | 1 | 1.0 | 5.00x | AMD EPYC (2 threads) | 2026-01-01 | `aaaaaaa` |"]
+    assert "`-`: not run (peer at s1: CUDA only)." in text

@@ -105,6 +105,33 @@ def test_backward_computes_only_the_masked_gradients():
                 assert got.numel() == 0
 
 
+@pytest.mark.parametrize("device", devices("linear_token_logprobs_backward"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab_chunk", [128, 500])
+def test_unrounded_grad_hidden_is_the_hidden_gradient_before_its_rounding(device, dtype,
+                                                                          vocab_chunk):
+    """unrounded_grad_hidden=True (the vocabulary-parallel path's: it sums the ranks' shares
+    before rounding) gives grad_hidden in float32, within one rounding of the default output
+    (the two may take different matmul kernels); the other gradients are unchanged. One
+    vocabulary block or several."""
+    inputs = to_device(make_inputs((13,), 24, 500, dtype=dtype, seed=13), device)
+    hidden, weight, bias, targets, g_lp, g_h = inputs
+    lp, h, lse = torch.ops.lambdapo.linear_token_logprobs_forward(
+        hidden, weight, bias, targets, 1.0, -100, True, 4, vocab_chunk)
+    args = (g_lp, g_h, hidden, weight, bias, targets, lse, h, 1.0, -100, 4, vocab_chunk,
+            [True] * 3, True)
+    rounded = torch.ops.lambdapo.linear_token_logprobs_backward(*args)
+    unrounded = torch.ops.lambdapo.linear_token_logprobs_backward(*args, True)
+    assert unrounded[0].dtype == torch.float32 and unrounded[0].shape == hidden.shape
+    if dtype == torch.float32:
+        assert torch.equal(unrounded[0], rounded[0])
+    else:
+        torch.testing.assert_close(unrounded[0], rounded[0].float(), rtol=2.0**-8, atol=1e-6)
+    assert torch.equal(unrounded[1], rounded[1]) and torch.equal(unrounded[2], rounded[2])
+    torch.library.opcheck(torch.ops.lambdapo.linear_token_logprobs_backward.default,
+                          (*args, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_is_at_most_same_dtype_torch(dtype):
     inputs = make_inputs((4, 16), 64, 2000, dtype=dtype, seed=3)
@@ -140,6 +167,40 @@ def test_gradient_of_logprobs_only_and_no_bias():
     (reference.linear_token_logprobs(xr, wr, targets) * g_lp).sum().backward()
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-5, atol=1e-6)
+
+
+# (V, vocab_chunk_size, column): a NaN or inf logit at the first value a CUDA thread folds
+# (column 0, N*t of a vectorized tile, the first 256 columns of an odd tile), at tile edges,
+# and at the last column.
+NAN_COLUMNS = [(1000, 1000, 0), (1000, 1000, 4 * 37), (1000, 1000, 8 * 31), (1001, 300, 0),
+               (1001, 300, 255), (1001, 300, 300), (1001, 300, 599), (1001, 300, 1000)]
+
+
+@pytest.mark.parametrize("device", devices("linear_token_logprobs_forward"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,vocab_chunk,column", NAN_COLUMNS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["logprob-grad", "entropy-grad"])
+def test_nan_logits_propagate(device, dtype, vocab, vocab_chunk, column, value, entropy_grad):
+    """A NaN logit column (a NaN in the lm-head's bias, as a NaN weight row or an fp16
+    overflow gives) makes every kept row's log-prob and entropy NaN and every gradient NaN;
+    an ignored row keeps 0 and a zero hidden gradient."""
+    hidden, weight, bias, targets, g_lp, g_h = make_inputs((4,), 16, vocab, dtype=dtype,
+                                                           seed=12)
+    targets[2] = -100
+    bias[column] = value
+    leaves = [t.to(device).requires_grad_(True) for t in (hidden, weight, bias)]
+    lp, h = linear_token_logprobs(leaves[0], leaves[1], targets.to(device), bias=leaves[2],
+                                  return_entropy=True, chunk_size=3,
+                                  vocab_chunk_size=vocab_chunk)
+    loss = (lp * g_lp.to(device)).sum() + ((h * g_h.to(device)).sum() if entropy_grad else 0)
+    loss.backward()
+    lp, h, (g_hidden, g_weight, g_bias) = lp.cpu(), h.cpu(), [t.grad.cpu() for t in leaves]
+    kept = targets != -100
+    assert lp[kept].isnan().all() and h[kept].isnan().all()
+    assert (lp[~kept] == 0).all() and (h[~kept] == 0).all()
+    assert g_hidden[kept].isnan().all() and (g_hidden[~kept] == 0).all()
+    assert g_weight.isnan().all() and g_bias.isnan().all()
 
 
 def test_batch_invariance():

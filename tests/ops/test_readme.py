@@ -18,8 +18,11 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 # The training package's runtime dependencies (pyproject.toml), by import name: CI's stage
 # against the CUDA build installs only the ops' test dependencies.
-TRAINING_DEPENDENCIES = ("transformers", "safetensors", "math_verify", "yaml", "tqdm",
+TRAINING_DEPENDENCIES = ("transformers", "peft", "safetensors", "math_verify", "yaml", "tqdm",
                          "tensorboard", "matplotlib")
+# The adapters' own frameworks, by the module an example imports.
+ADAPTER_DEPENDENCIES = {"lambdapo.integrations.trl": ("trl",),
+                        "lambdapo.integrations.verl": ("verl",)}
 
 
 def python_examples() -> list[tuple[str, int, str]]:
@@ -73,11 +76,16 @@ def test_links_resolve_inside_the_repository():
 @pytest.mark.parametrize("page,line,code", python_examples(),
                          ids=[f"{page}:{line}" for page, line, _ in python_examples()])
 def test_python_example_runs_on_its_own(page, line, code, tmp_path):
-    if re.search(r"^\s*(from|import)\s+lambdapo\b", code, flags=re.M):
-        missing = [m for m in TRAINING_DEPENDENCIES if importlib.util.find_spec(m) is None]
-        if missing:
-            pytest.skip(f"uses the training package, whose dependencies {missing} are not "
-                        "installed")
+    imported = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", code, flags=re.M))
+    needed = {name.split(".")[0] for name in imported} - {"lambdapo", "lambdapo_ext"}
+    if any(name == "lambdapo" or name.startswith("lambdapo.") for name in imported):
+        needed |= set(TRAINING_DEPENDENCIES)
+    for module, frameworks in ADAPTER_DEPENDENCIES.items():
+        if module in imported:
+            needed |= set(frameworks)
+    missing = sorted(m for m in needed if importlib.util.find_spec(m) is None)
+    if missing:
+        pytest.skip(f"needs {missing}, which are not installed")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,

@@ -235,6 +235,23 @@ def test_bad_inputs_raise_naming_the_argument(make, exc, message):
         lcs_length(**make())
 
 
+@pytest.mark.parametrize("make,exc,message", BAD_INPUTS)
+def test_the_scores_name_themselves_in_their_inputs_errors(make, exc, message):
+    """rouge_n, rouge_l and semantic_density are what a user calls: their errors start with
+    their own names, not with the ops they are built on."""
+    import lambdapo_ext
+
+    for name, call in (("rouge_n", lambdapo_ext.rouge_n), ("rouge_l", lambdapo_ext.rouge_l),
+                       ("semantic_density", lambdapo_ext.semantic_density),
+                       ("semantic_density", lambda **kw: lambdapo_ext.semantic_density(
+                           metric="rouge_l", **kw))):
+        with pytest.raises(exc, match=message) as info:
+            call(**make())
+        assert not str(info.value).startswith(("ngram_overlap:", "lcs_length:")), name
+        if ":" in str(info.value).split(" ")[0]:
+            assert str(info.value).startswith(f"{name}:"), (name, str(info.value))
+
+
 @pytest.mark.parametrize("device", devices("lcs_length"))
 def test_negative_ids_are_found_in_every_sequence_and_only_there(device):
     # The CPU kernels scan the sequences as their tasks read them, and the references that no

@@ -58,9 +58,13 @@ def linear_step(hidden, weight, bias, targets, upstream, *, validate, chunk_size
     return lp.detach(), ent.detach(), h.grad, w.grad, b.grad
 
 
+ADVANTAGE_CASES = ("small", "large-masked-std", "ragged", "ragged-large-masked-std")
+
+
 def _advantage_cases(device):
-    """(kwargs of lambda_advantages) for small dense groups, large dense groups with a
-    mask, and ragged groups."""
+    """(kwargs of lambda_advantages) for each of ADVANTAGE_CASES: small dense groups, large
+    dense groups with a mask, ragged groups of about 22 members, and ragged groups of 65 to
+    300 members (past the CUDA member kernel's dense limit of 64) in shuffled order."""
     gen = torch.Generator().manual_seed(2)
     small = dict(rewards=torch.randint(0, 2, (33, 8), generator=gen).float(),
                  scores=-torch.rand(33, 8, generator=gen) * 2)
@@ -70,8 +74,16 @@ def _advantage_cases(device):
     ids = torch.randint(0, 9, (200,), generator=gen) * 4
     ragged = dict(rewards=torch.randn(200, generator=gen), scores=-torch.rand(200, generator=gen),
                   group_ids=ids, beta=3.0)
+    sizes = torch.cat([torch.tensor([65, 300]), torch.randint(66, 300, (4,), generator=gen)])
+    big_ids = torch.repeat_interleave(torch.arange(6) * 5 + 2, sizes)
+    big_ids = big_ids[torch.randperm(big_ids.numel(), generator=gen)]
+    n = big_ids.numel()
+    ragged_large = dict(rewards=torch.randn(n, generator=gen),
+                        scores=-torch.rand(n, generator=gen) * 5,
+                        mask=torch.rand(n, generator=gen) > 0.1, group_ids=big_ids, beta=2.0,
+                        normalize="std")
     return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-            for case in (small, large, ragged)]
+            for case in (small, large, ragged, ragged_large)]
 
 
 def _overlap_case(device):
@@ -322,7 +334,7 @@ def _cuda_sync_free_cases():
     cases["linear_token_logprobs"] = lambda: linear_step(*linear, validate=False)
     cases["linear_token_logprobs-chunked"] = lambda: linear_step(*linear, validate=False,
                                                                  chunk_size=5)
-    for case, label in zip(_advantage_cases("cuda"), ("small", "large-masked-std", "ragged")):
+    for case, label in zip(_advantage_cases("cuda"), ADVANTAGE_CASES):
         cases[f"lambda_advantages-{label}"] = (
             lambda c=case: (ops.lambda_advantages(**c, validate=False),))
     overlap = _overlap_case("cuda")
@@ -359,8 +371,8 @@ SYNC_FREE_CASES = [
     for name in [f"token_logprobs-entropy{e}-inplace{i}-{d}"
                  for e, i in [(False, False), (True, False), (True, True)]
                  for d in ("float32", "bfloat16")]
-    + ["linear_token_logprobs", "linear_token_logprobs-chunked", "lambda_advantages-small",
-       "lambda_advantages-large-masked-std", "lambda_advantages-ragged", *OVERLAP_OPS]
+    + ["linear_token_logprobs", "linear_token_logprobs-chunked"]
+    + [f"lambda_advantages-{label}" for label in ADVANTAGE_CASES] + list(OVERLAP_OPS)
     + [f"{name}-{kind}" for kind in ("bad-values", "long-reference", "long-reference-bank")
        for name in OVERLAP_OPS]
 ]

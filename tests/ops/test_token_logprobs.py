@@ -126,12 +126,39 @@ def test_masked_vocabulary_entries_at_minus_inf():
     assert (grad[:, 32:] == 0).all()
 
 
-def test_nan_logits_propagate():
-    logits, targets = make_logits((2,), 20, seed=8, ignore_frac=0.0)
-    logits[0, 5] = float("nan")
-    lp, h = token_logprobs(logits, targets, return_entropy=True)
-    assert torch.isnan(lp[0]) and torch.isnan(h[0])
-    assert torch.isfinite(lp[1]) and torch.isfinite(h[1])
+# A NaN where the CUDA forward folds it first (a thread's first value: column 0, column N*t of
+# a vectorized row with N values a vector, any of the first 256 columns of an odd vocabulary,
+# where each thread folds one value at a time), and elsewhere.
+NAN_PLACEMENTS = [(torch.float32, 4496, 0), (torch.float32, 4496, 4 * 37),
+                  (torch.float32, 4496, 4 * 255), (torch.bfloat16, 8800, 8 * 31),
+                  (torch.float32, 1001, 0), (torch.float32, 1001, 200),
+                  (torch.bfloat16, 999, 255), (torch.float32, 1001, 700), (torch.float32, 20, 5)]
+
+
+@pytest.mark.parametrize("device", devices("token_logprobs_forward"))
+@pytest.mark.parametrize("dtype,vocab,column", NAN_PLACEMENTS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["logprob-grad", "entropy-grad"])
+def test_nan_logits_propagate(device, dtype, vocab, column, value, entropy_grad):
+    """A NaN (or +inf) logit makes its row's log-prob, entropy and whole gradient NaN, with or
+    without an entropy gradient; the other rows are those of a batch without it."""
+    logits, targets = make_logits((3,), vocab, dtype=dtype, seed=8, ignore_frac=0.0)
+    g_lp, g_h = upstream((3,))
+    results = []
+    for poisoned in (True, False):
+        x = logits.clone().to(device).requires_grad_(True)
+        if poisoned:
+            with torch.no_grad():
+                x[1, column] = value
+        lp, h = token_logprobs(x, targets.to(device), return_entropy=True)
+        loss = (lp * g_lp.to(device)).sum() + ((h * g_h.to(device)).sum() if entropy_grad else 0)
+        loss.backward()
+        results.append([t.detach().cpu() for t in (lp, h, x.grad)])
+    (lp, h, grad), (clean_lp, clean_h, clean_grad) = results
+    assert lp[1].isnan() and h[1].isnan() and grad[1].isnan().all()
+    for row in (0, 2):
+        assert torch.equal(lp[row], clean_lp[row]) and torch.equal(h[row], clean_h[row])
+        assert torch.equal(grad[row], clean_grad[row])
 
 
 def test_gradcheck_float64():

@@ -107,6 +107,34 @@ def test_eval_of_a_run_folder_uses_its_latest_checkpoint(workspace, saved_run, t
     assert "model.safetensors has 0 bytes" in capsys.readouterr().err
 
 
+def test_eval_of_a_run_folder_takes_the_runs_own_settings(workspace, saved_run, capsys):
+    """No --dataset and no overrides: the run's data, prompt field and held-out size (8
+    prompts, not the built-in task's 200) come from its config.yaml, which is named."""
+    for target in (saved_run, saved_run / "checkpoints" / "step-1"):
+        assert cli.main(["eval", "--model", str(target), "eval_samples=1",
+                         "rollout.max_new_tokens=4"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["prompts"] == 8
+        assert f"the run's settings from {saved_run / 'config.yaml'}, then eval_samples=1 " \
+               f"rollout.max_new_tokens=4" in captured.err
+
+
+def test_resume_of_a_run_folder_continues_with_its_own_config(workspace, saved_run, tmp_path,
+                                                              capsys, caplog):
+    """`--resume RUN` and `--resume output_dir=RUN` need no override retyped; the run says
+    from which step it continues."""
+    for number, argv in enumerate((["--resume", "{run}", "steps=3"],
+                                   ["--resume", "output_dir={run}", "steps=3"])):
+        run = tmp_path / f"run{number}"
+        shutil.copytree(saved_run, run)
+        # The saved config names the run folder it was trained in; a copy is still itself.
+        with pytest.warns(UserWarning, match="changed config: steps: 2 -> 3"):
+            code = cli.main(["train", "--quiet", *[a.format(run=run) for a in argv]])
+        assert code == 0, capsys.readouterr().err
+        assert json.loads((run / "summary.json").read_text())["steps"] == 3
+        assert f"resuming {run} from step 2 of 3" in (run / "train.log").read_text()
+
+
 def test_curves_have_titles_labels_smoothing_and_several_evaluations(workspace, monkeypatch):
     import matplotlib.figure
 
@@ -127,6 +155,10 @@ def test_curves_have_titles_labels_smoothing_and_several_evaluations(workspace, 
     alphas = sorted(line.get_alpha() or 1.0 for line in train_ax.get_lines())
     assert alphas == [0.25, 0.25, 1.0, 1.0]
     assert list(eval_ax.get_lines()[0].get_xdata()) == [0, 2, 4]
+    # Every evaluation is inside both panels, step 0's included.
+    for ax in (train_ax, eval_ax):
+        lo, hi = ax.get_xlim()
+        assert lo < 0 and hi > 4
     # The default run evaluates held-out accuracy at several points, not only at the ends.
     defaults = TrainConfig()
     assert 0 < defaults.eval_every and defaults.steps // defaults.eval_every >= 3

@@ -3,6 +3,7 @@ two-seed comparison that is then extended without rerunning what is done."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_methods_are_named_overrides():
 
 
 @pytest.mark.slow
-def test_compare_runs_in_parallel_and_extends(tmp_path):
+def test_compare_runs_in_parallel_and_extends(tmp_path, capsys):
     from tiny_model import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model")
@@ -105,6 +106,12 @@ def test_compare_runs_in_parallel_and_extends(tmp_path):
                             jobs=2)
     table = report.read_text()
     assert "| grpo | 2 |" in table and "| lambdapo | 2 |" in table
+    progress = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("compare: [")]
+    assert len(progress) == 4 and progress[-1].startswith("compare: [4/4] ")
+    for line in progress:   # the real log paths of each finished run, which exist
+        logs = line.split("(logs: ")[1].rstrip(")").split(", ")
+        assert "<" not in line and all(Path(path).is_file() for path in logs), line
     assert (output / "compare.png").stat().st_size > 0
     done = output / "lambdapo" / "seed1" / "summary.json"
     stamp = done.stat().st_mtime_ns

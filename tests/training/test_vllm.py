@@ -174,6 +174,26 @@ def test_training_with_vllm_changes_weights_and_tracks_the_trainer(tmp_path):
     assert metrics["mismatch/abs_max"] < LOGPROB_TOLERANCE
 
 
+def test_lora_training_with_vllm_serves_the_merged_adapter(tmp_path):
+    """With LoRA the engine gets the base weights with the adapter merged, under the base
+    model's names: after each update its log-probs are the trainer's."""
+    config = load_config(None, [
+        "rollout.engine=vllm", f"rollout.kv_cache_gb={KV_GB}", "steps=3",
+        "prompts_per_step=8", "data.num_eval=16", "eval_samples=2", "model.lora_rank=8",
+        "model.lora_alpha=32", "optim.lr=5e-3", f"output_dir={tmp_path / 'lora'}"])
+    with Trainer(config, progress=False) as trainer:
+        trainer.train()
+        assert all(m["mismatch/abs_max"] < LOGPROB_TOLERANCE for m in trainer.history)
+        prompts = prompt_ids(trainer.tokenizer, 4)
+        params = SamplingParams(n=4, temperature=1.0, max_new_tokens=32)
+        rollout = trainer.engine.generate(prompts, params)
+        assert max_gap(trainer.model, prompts, rollout, params) < LOGPROB_TOLERANCE
+        with torch.no_grad():   # the adapter did move the policy away from the base
+            with trainer.peft.disable_adapter():
+                assert max_gap(trainer.model, prompts, rollout, params) > 10 * \
+                    LOGPROB_TOLERANCE
+
+
 def test_cli_eval_with_vllm(capsys):
     code = cli.main(["eval", "--model", BUILTIN_MODEL, "rollout.engine=vllm",
                      f"rollout.kv_cache_gb={KV_GB}", "data.num_eval=16",

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..batch import MicroBatch
 from ..logprobs import response_logprobs
+from ..lora import served_parameters
 from ..padding import right_padded
 from .base import Rollout, RolloutEngine, RolloutEngineError, SamplingParams
 
@@ -66,15 +67,14 @@ def vllm_import_error() -> str | None:
 
 
 def layer_buckets(model: nn.Module, bucket_bytes: int) -> list[list[tuple[str, Tensor]]]:
-    """The model's parameters in push order, grouped so that no layer is split: names up to
-    the first numeric component (``model.layers.3``) form one group, any other module one
-    group; groups are packed into buckets of about ``bucket_bytes`` (a larger group gets a
-    bucket of its own)."""
+    """The weights the engine serves (:func:`lambdapo.lora.served_parameters`: LoRA layers
+    merged, under the base model's names) in push order, grouped so that no layer is split:
+    names up to the first numeric component (``model.layers.3``) form one group, any other
+    module one group; groups are packed into buckets of about ``bucket_bytes`` (a larger
+    group gets a bucket of its own)."""
     groups: dict[str, list[tuple[str, Tensor]]] = {}
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
-        groups.setdefault(".".join(parts[:cut]), []).append((name, param))
+    for name, param in served_parameters(model):
+        groups.setdefault(_group_of(name), []).append((name, param))
     buckets: list[list[tuple[str, Tensor]]] = [[]]
     size = 0
     for group in groups.values():
@@ -85,6 +85,12 @@ def layer_buckets(model: nn.Module, bucket_bytes: int) -> list[list[tuple[str, T
         buckets[-1].extend(group)
         size += group_bytes
     return buckets
+
+
+def _group_of(name: str) -> str:
+    parts = name.split(".")
+    cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    return ".".join(parts[:cut])
 
 
 class VLLMEngine(RolloutEngine):
@@ -128,7 +134,9 @@ class VLLMEngine(RolloutEngine):
         self.device = next(model.parameters()).device
         self.sleep_level = sleep_level if self.device.type == "cuda" else 0
         super().__init__(seed)   # request seeds are drawn on the CPU
-        self._buckets = layer_buckets(model, bucket_mb << 20)
+        # Names only: the tensors are taken afresh at every push (merged LoRA layers change).
+        self._buckets = [[name for name, _ in bucket]
+                         for bucket in layer_buckets(model, bucket_mb << 20)]
         self._asleep = False
         self._stale = False
         try:
@@ -159,10 +167,15 @@ class VLLMEngine(RolloutEngine):
         else:
             self._push(self._buckets)
 
-    def _push(self, buckets: list[list[tuple[str, Tensor]]]) -> None:
+    def _push(self, buckets: list[list[str]], replace: dict[str, Tensor] | None = None) -> None:
+        """Pushes the current weights of the names in each bucket (``replace``: tensors to
+        push instead of some of them)."""
         engine_dtype = getattr(torch, self.dtype)
         for bucket in buckets:
-            weights = ((name, t.detach().to(engine_dtype)) for name, t in bucket)
+            groups = tuple(sorted({f"{_group_of(name)}." for name in bucket}))
+            current = dict(served_parameters(self.model, within=groups))
+            current.update(replace or {})
+            weights = ((name, current[name].detach().to(engine_dtype)) for name in bucket)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         self._stale = False
@@ -177,7 +190,7 @@ class VLLMEngine(RolloutEngine):
         vocab = head.shape[0]
         probe = [[(7 * i + 3) % vocab for i in range(8)]]
         params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8)
-        self._push([[(head_name, torch.zeros_like(head))]])
+        self._push([[head_name]], replace={head_name: torch.zeros_like(head)})
         uniform = self._generate(probe, params, seed=0)
         uniform_gap = max(abs(lp + math.log(vocab)) for row in uniform.logprobs for lp in row)
         self._push(self._buckets)
