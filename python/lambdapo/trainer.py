@@ -41,7 +41,8 @@ from .config import (LambdapoWarning, TrainConfig, config_changes, lambda_settin
 from .data import PromptEncoder, PromptSampler, load_split
 from .logprobs import response_logprobs
 from .lora import adapter_disabled, apply_lora, load_adapter_weights, save_merged
-from .loss import BatchTotals, policy_loss
+from .loss import BatchTotals
+from .micro_loss import MicroBatchLoss
 from .models import autocast_dtype, load_policy, pick_device, resolve_model_path
 from .prompt_sharing import PromptSharing
 from .rewards import MathVerifyReward, RewardManager
@@ -151,6 +152,9 @@ class Trainer:
         self.engine = build_engine(config, self.model, self.tokenizer,
                                    resolve_model_path(config.model.path))
         self.behaviour = self._behaviour_source()
+        self.micro_loss = MicroBatchLoss.for_run(
+            self.model, config, self.behaviour, autocast=self.autocast,
+            prompt_sharing=self.prompt_sharing, policy_logprobs=self._policy_logprobs)
 
     def _behaviour_source(self) -> SeparateForward | UpdateForward:
         """The run's source of pi_old (:mod:`lambdapo.behaviour`), logged with its reason."""
@@ -307,15 +311,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_loss = 0.0
                 for micro in self._micro_batches(batch, mini):
-                    lp, h = self._policy_logprobs(micro)
-                    need = behaviour.for_micro(micro, lp, h)
-                    advantages = pending.result(behaviour.scoring_logprobs).advantages
-                    loss, m = policy_loss(
-                        lp, need.old_logprobs, advantages[micro.rows], micro.response_mask,
-                        clip_low=algo.clip_low, clip_high=algo.clip_high,
-                        agg_mode=algo.loss_agg_mode, totals=totals,
-                        ref_logprobs=need.ref_logprobs, kl_coef=algo.kl_coef,
-                        is_weights=need.is_weights)
+                    loss, m = self.micro_loss(
+                        micro, behaviour,
+                        lambda: pending.result(behaviour.scoring_logprobs).advantages, totals)
                     loss.backward()
                     mini_loss += float(loss.detach())
                     for k, v in m.items():
