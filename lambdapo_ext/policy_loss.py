@@ -20,8 +20,10 @@ OP = "linear_policy_loss"
 # Logits memory of one row chunk when chunk_size is not given: on the CPU a fixed budget, on
 # CUDA at most CUDA_CHUNK_BYTES_MAX or an eighth of free memory. Larger chunks than
 # linear_token_logprobs' tiles: a chunk spans the whole vocabulary, and each chunk rounds a
-# 16-bit weight gradient once.
-CPU_CHUNK_BYTES = 64 * 2**20
+# 16-bit weight gradient once. On the CPU 32 MiB keeps the peak extra memory under the
+# unfused path's (tests/ops/test_linear_policy_loss_memory.py, issue 40's setting: 256-row
+# chunks, 182 MiB against 193 MiB; 384 rows gave 198 MiB, 512 rows 203 MiB).
+CPU_CHUNK_BYTES = 32 * 2**20
 CUDA_CHUNK_BYTES_MAX = 256 * 2**20
 # Chunks above this many rows are a multiple of it (matmul-friendly shapes).
 CHUNK_ROW_MULTIPLE = 64
@@ -35,7 +37,7 @@ _SCALE_STEP = 1 << 24
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
                        query_free_memory: bool = True) -> int:
     """Rows per chunk of :func:`linear_policy_loss` when ``chunk_size`` is not given: the
-    most rows whose ``[rows, V]`` logits fit the budget (64 MiB on the CPU; on CUDA 256 MiB
+    most rows whose ``[rows, V]`` logits fit the budget (32 MiB on the CPU; on CUDA 256 MiB
     or an eighth of free memory, the cap alone without ``query_free_memory``, so that no
     driver call or host sync happens), at least 1 and at most ``rows``, rounded down to a
     multiple of 64 above 64.
