@@ -84,11 +84,11 @@ NOTES = [
      "since, and were timed by wall clock with a device sync: sub-ms rows read a little high."),
     ("lambda_advantages", "cpu", ("ea35fba",),
      "The CPU kernel has changed since these rows (issue 17: lane-major groups)."),
-    ("linear_policy_loss", "cpu", ("bfa2498",),
-     "Measured under a load average of 5-8 on 2 vCPUs (other jobs, tests of this work), each "
-     "implementation in turn: the ratios measure the load more than the code (one bare "
-     "matmul takes about 2.2 s unloaded; here the three took 34.6 s). docs/ops.md gives an "
-     "interleaved run (every implementation under the same load, CPU time)."),
+    ("linear_policy_loss", "cpu", ("ae2c6c9",),
+     "Recorded at a load average of 0.1 rising to 1.9 (other jobs on the 2 vCPUs), each "
+     "implementation in turn. An interleaved run the same hour (docs/ops.md: every "
+     "implementation under the same load) gave 0.78x the unfused path's time, 1.01x "
+     "eager's and 0.59x Liger's."),
     ("linear_token_logprobs", "cpu", ("02791ef",),
      "The 2026-11-28 rows were measured on a loaded machine (load average 8-12 on 2 vCPUs): "
      "compare within a row only."),
