@@ -135,7 +135,7 @@ if has_stage bench && ! $PY -c "import pytest_benchmark" 2>/dev/null; then
   note "bench: SKIPPED, pytest-benchmark is not importable (put its wheel and py-cpuinfo2's in .whl/)"
 elif has_stage bench; then
   benches=$(sed -nE 's/.*bench:([a-z_,]+).*/\1/p' <<< "$STAGES" | tr ',' ' ')
-  benches=${benches:-token_logprobs lambda_advantages semantic_density linear_token_logprobs}
+  benches=${benches:-token_logprobs lambda_advantages semantic_density linear_token_logprobs policy_loss}
   run_stage "ceilings" 60 "$OUT/bench.log" $PY benchmarks/gpu_ceilings.py
   grep '"copy_TB_per_s"' "$OUT/bench.log" | tail -1 | tee -a "$SUMMARY"
   first_line=$(( $(wc -l < "$OUT/bench.log") + 1 ))

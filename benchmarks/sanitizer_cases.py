@@ -108,6 +108,43 @@ def linear_token_logprobs_cases(gen: torch.Generator) -> None:
     _check("linear_token_logprobs", results[1], results[0], rtol=1e-4, atol=1e-4)
 
 
+def linear_policy_loss_cases(gen: torch.Generator) -> None:
+    """Rows of 1001 (not a multiple of the vector width: the scalar path) and 1024 entries,
+    fp32 and bf16, with ignored rows, every term, chunks of 16 rows; and an unchecked
+    out-of-range target (a NaN row, no stray read)."""
+    for vocab, dtype in [(1001, torch.float32), (1024, torch.bfloat16), (1001, torch.bfloat16)]:
+        hidden = torch.randn(37, 64, generator=gen).to(dtype)
+        weight = (torch.randn(vocab, 64, generator=gen) * 0.1).to(dtype)
+        bias = torch.randn(vocab, generator=gen).to(dtype)
+        targets = torch.randint(0, vocab, (37,), generator=gen)
+        targets[3] = -100
+        adv, tw = torch.randn(37, generator=gen), torch.rand(37, generator=gen)
+        old, ref = -7 + torch.randn(37, generator=gen) * 0.3, -7 + torch.randn(37, generator=gen)
+        results = []
+        for device in ("cpu", "cuda"):
+            h = hidden.to(device, copy=True).requires_grad_(True)
+            w = weight.to(device, copy=True).requires_grad_(True)
+            b = bias.to(device, copy=True).requires_grad_(True)
+            loss, lps, ent = lp.linear_policy_loss(
+                h, w, targets.to(device), adv.to(device), tw.to(device), bias=b,
+                old_logprobs=old.to(device), ref_logprobs=ref.to(device), kl_coef=0.1,
+                entropy_coef=0.01, temperature=0.9, chunk_size=16)
+            loss.backward()
+            results.append((loss, lps, ent, h.grad, w.grad, b.grad))
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        _check(f"linear_policy_loss V={vocab} {dtype}", results[1], results[0], **tol)
+    bad = torch.randint(0, 1001, (9,), generator=gen)
+    bad[4] = 1001 + 7
+    hidden, weight = torch.randn(9, 32, generator=gen).cuda(), torch.randn(1001, 32).cuda()
+    loss, lps, _ = lp.linear_policy_loss(hidden.requires_grad_(True), weight, bad.cuda(),
+                                         torch.ones(9).cuda(), torch.ones(9).cuda(),
+                                         validate=False)
+    loss.backward()
+    assert torch.isnan(lps[4]).item() and torch.isfinite(lps[:4]).all().item(), \
+        "linear_policy_loss: out-of-range target must give a NaN row"
+    print("ok  linear_policy_loss unchecked out-of-range target", flush=True)
+
+
 def _packed_cuda(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s) for s in seqs])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
@@ -214,7 +251,7 @@ def main() -> int:
         return 2
     gen = torch.Generator().manual_seed(0)
     for cases in (lambda_advantages_cases, token_logprobs_cases, linear_token_logprobs_cases,
-                  overlap_cases):
+                  overlap_cases, linear_policy_loss_cases):
         cases(gen)
     torch.cuda.synchronize()
     return 0

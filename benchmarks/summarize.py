@@ -42,6 +42,13 @@ OPS = {
         "Target (bf16, N=16384, H=4096, V=151936): peak extra <= the gradients + 0.5 GiB, "
         "<= 1.40x three bare matmuls, faster than Liger's fused linear cross-entropy and "
         "eager; a frozen weight costs no weight-gradient work or memory."),
+    "linear_policy_loss": (
+        "linear_policy_loss (the PPO-clip loss fused with the lm-head)",
+        "Target (issue 40): CPU (fp32, N=4096, H=1024, V=32000, 2 threads) fwd+bwd <= 0.85x "
+        "lambdapo's unfused path (linear_token_logprobs + the loss in torch), <= 1.05x eager, "
+        "<= 0.70x Liger's LigerFusedLinearGRPOLoss, peak extra memory <= the unfused path's; "
+        "CUDA (bf16, N=16384, H=4096, V=151936) <= 1.15x three bare matmuls, faster than "
+        "Liger's best path, peak extra <= the gradients + 0.5 GiB."),
     "lambda_advantages": (
         "lambda_advantages",
         "Target: >= 1.5x torch.compile of the reference at every size from G=4 to G=4096 on "
@@ -83,6 +90,11 @@ NOTES = [
      "since, and were timed by wall clock with a device sync: sub-ms rows read a little high."),
     ("lambda_advantages", "cpu", ("ea35fba",),
      "The CPU kernel has changed since these rows (issue 17: lane-major groups)."),
+    ("linear_policy_loss", "cpu", ("ae2c6c9",),
+     "Recorded at a load average of 0.1 rising to 1.9 (other jobs on the 2 vCPUs), each "
+     "implementation in turn. An interleaved run the same hour (docs/ops.md: every "
+     "implementation under the same load) gave 0.78x the unfused path's time, 1.01x "
+     "eager's and 0.59x Liger's."),
     ("linear_token_logprobs", "cpu", ("02791ef",),
      "The 2026-11-28 rows were measured on a loaded machine (load average 8-12 on 2 vCPUs): "
      "compare within a row only."),

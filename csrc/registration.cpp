@@ -39,6 +39,16 @@ TORCH_LIBRARY(lambdapo, m) {
       "float temperature, int ignore_index, int chunk_size, int vocab_chunk_size, "
       "bool[3] output_mask, bool validate=True, bool unrounded_grad_hidden=False) "
       "-> (Tensor, Tensor, Tensor)");
+  // The policy loss of the lm-head's logits with its gradient made in the forward, over
+  // row chunks of chunk_size rows (csrc/linear_policy_loss.h): returns (loss, logprobs,
+  // entropy, grad_hidden, grad_weight, grad_bias) for an upstream gradient of 1; a gradient
+  // left out of output_mask (or grad_bias without bias) is empty. kl_coef != 0 needs ref.
+  m.def(
+      "linear_policy_loss_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor advantages, Tensor token_weights, Tensor? old_logprobs, Tensor? ref_logprobs, "
+      "float kl_coef, float entropy_coef, float clip_low, float clip_high, float temperature, "
+      "int ignore_index, int chunk_size, bool[3] output_mask, bool validate=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Semantic density: candidate i is cand_values[cand_starts[i] : + cand_lengths[i]],
   // compared with reference ref_index[i] (same layout). ngram_overlap returns
   // (clipped matches, candidate n-gram counts, reference n-gram counts), each [B, max_n];

@@ -13,6 +13,7 @@ from lambdapo_ext._loader import build_info, library_error
 from lambdapo_ext.advantages import lambda_advantages
 from lambdapo_ext.logprobs import linear_token_logprobs, token_logprobs
 from lambdapo_ext.overlap import lcs_length, ngram_overlap, rouge_l, rouge_n, semantic_density
+from lambdapo_ext.policy_loss import linear_policy_loss
 
 __all__ = [
     "__version__",
@@ -20,6 +21,7 @@ __all__ = [
     "lambda_advantages",
     "lcs_length",
     "library_error",
+    "linear_policy_loss",
     "linear_token_logprobs",
     "ngram_overlap",
     "rouge_l",

@@ -205,3 +205,66 @@ def lcs_length(cand, ref, *, ref_index: Tensor | None = None) -> Tensor:
         row = torch.cat([zero, torch.cummax(step, dim=1).values], dim=1)
         prev = torch.where((i < cand_len)[:, None], row, prev)
     return prev.gather(1, ref_len[:, None]).squeeze(1)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    entropy: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    token_weights: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ignore_index: int = -100,
+) -> Tensor:
+    """The loss of :func:`lambdapo_ext.linear_policy_loss` from per-token log-probs and
+    entropies (differentiable through them): torch's eager PPO-clip formula, summed with
+    ``token_weights``; rows whose target is ``ignore_index`` contribute nothing. In the dtype
+    of ``logprobs``."""
+    dtype = logprobs.dtype
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    ratio = torch.exp(logprobs - old)
+    adv = advantages.to(dtype)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    if kl_coef != 0:
+        d = ref_logprobs.to(dtype) - logprobs
+        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)
+    if entropy_coef != 0:
+        per_token = per_token - entropy_coef * entropy
+    per_token = per_token * token_weights.to(dtype)
+    return torch.where(targets != ignore_index, per_token, 0).sum()
+
+
+def linear_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    token_weights: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    temperature: float = 1.0,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`lambdapo_ext.linear_policy_loss` (same arguments, no chunking):
+    the full logits matmul, :func:`token_logprobs` with entropy, then :func:`policy_loss`.
+    Returns ``(loss, logprobs, entropy)``, the last two detached; float64 for float64
+    inputs."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    lp, h = token_logprobs(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                           return_entropy=True)
+    loss = policy_loss(lp, h, targets, advantages, token_weights, old_logprobs=old_logprobs,
+                       ref_logprobs=ref_logprobs, kl_coef=kl_coef, entropy_coef=entropy_coef,
+                       clip_low=clip_low, clip_high=clip_high, ignore_index=ignore_index)
+    return loss, lp.detach(), h.detach()

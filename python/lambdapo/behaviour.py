@@ -48,8 +48,10 @@ class CorrectionSettings:
 
 @dataclass(frozen=True)
 class MicroBehaviour:
-    """What the loss of one micro-batch needs besides its log-probs ([b, T] each)."""
-    old_logprobs: Tensor
+    """What the loss of one micro-batch needs besides its log-probs ([b, T] each);
+    ``old_logprobs`` None (only from :meth:`StepBehaviour.before_logprobs`): pi_old is the
+    micro-batch's own detached log-probs, the on-policy ratio 1."""
+    old_logprobs: Tensor | None
     is_weights: Tensor | None
     ref_logprobs: Tensor | None
 
@@ -63,6 +65,17 @@ class StepBehaviour:
     scoring_logprobs: Tensor   # [B, T]
 
     def for_micro(self, micro: MicroBatch, logprobs: Tensor, entropy: Tensor) -> MicroBehaviour:
+        raise NotImplementedError
+
+    def before_logprobs(self, micro: MicroBatch) -> MicroBehaviour:
+        """What the loss of ``micro`` needs, known before its log-probs are (the fused
+        policy loss takes it as input); :meth:`record` then takes the log-probs. Only for
+        sources whose ``loss_needs_logprobs_first`` is False."""
+        raise NotImplementedError
+
+    def record(self, micro: MicroBatch, logprobs: Tensor, entropy: Tensor) -> None:
+        """Takes the update's log-probs and entropies of ``micro`` [b, T] (no grad) after a
+        :meth:`before_logprobs`."""
         raise NotImplementedError
 
     def metrics(self) -> dict[str, float]:
@@ -87,11 +100,17 @@ class _Precomputed(StepBehaviour):
             cap=correction.cap)
 
     def for_micro(self, micro: MicroBatch, logprobs: Tensor, entropy: Tensor) -> MicroBehaviour:
+        return self.before_logprobs(micro)
+
+    def before_logprobs(self, micro: MicroBatch) -> MicroBehaviour:
         rows, width = micro.rows, micro.width
         return MicroBehaviour(
             self.scoring_logprobs[rows, :width],
             None if self._weights is None else self._weights[rows, :width],
             None if self._ref is None else self._ref[rows, :width])
+
+    def record(self, micro: MicroBatch, logprobs: Tensor, entropy: Tensor) -> None:
+        """Nothing to keep: pi_old and the entropies came from the separate forward."""
 
     def metrics(self) -> dict[str, float]:
         return {**_entropy_metric(self._entropy, self._mask), **self._mismatch}
@@ -102,6 +121,9 @@ class SeparateForward:
     docstring)."""
 
     name = "separate forward"
+    loss_needs_logprobs_first = False
+    """What a micro-batch's loss needs is known before its log-probs (see
+    :meth:`StepBehaviour.before_logprobs`)."""
 
     def __init__(self, model: nn.Module, policy: LogprobFn,
                  reference: Callable[[MicroBatch], Tensor] | None, micro_batches: MicroBatches,
@@ -145,18 +167,28 @@ class _FromUpdate(StepBehaviour):
         self._seen_entropy = torch.zeros_like(batch.engine_logprobs)
 
     def for_micro(self, micro: MicroBatch, logprobs: Tensor, entropy: Tensor) -> MicroBehaviour:
-        rows, width = micro.rows, micro.width
         old = logprobs.detach()
-        self._seen_logprobs[rows, :width] = old
-        self._seen_entropy[rows, :width] = entropy.detach()
-        weights, _ = rollout_is_weights(old, self._batch.engine_logprobs[rows, :width],
+        self.record(micro, old, entropy.detach())
+        weights, _ = rollout_is_weights(old, self._batch.engine_logprobs[micro.rows, :micro.width],
                                         micro.response_mask, level=self._correction.level,
                                         cap=self._correction.cap)
-        ref = None
-        if self._reference is not None:
-            with torch.no_grad():
-                ref = self._reference(micro)
-        return MicroBehaviour(old, weights, ref)
+        return MicroBehaviour(old, weights, self._reference_of(micro))
+
+    def before_logprobs(self, micro: MicroBatch) -> MicroBehaviour:
+        if self._correction.level != "none":
+            raise RuntimeError("the rollout-correction weights of the update's own forward "
+                               "need its log-probs first (UpdateForward.loss_needs_logprobs_first)")
+        return MicroBehaviour(None, None, self._reference_of(micro))
+
+    def record(self, micro: MicroBatch, logprobs: Tensor, entropy: Tensor) -> None:
+        self._seen_logprobs[micro.rows, :micro.width] = logprobs
+        self._seen_entropy[micro.rows, :micro.width] = entropy
+
+    def _reference_of(self, micro: MicroBatch) -> Tensor | None:
+        if self._reference is None:
+            return None
+        with torch.no_grad():
+            return self._reference(micro)
 
     def metrics(self) -> dict[str, float]:
         _, mismatch = rollout_is_weights(self._seen_logprobs, self._batch.engine_logprobs,
@@ -174,6 +206,12 @@ class UpdateForward:
                  correction: CorrectionSettings):
         self.reference = reference
         self.correction = correction
+
+    @property
+    def loss_needs_logprobs_first(self) -> bool:
+        """True when rollout correction is on: its weights are taken from the update's own
+        log-probs, so the loss needs them before it can be formed."""
+        return self.correction.level != "none"
 
     def prepare(self, batch: RolloutBatch) -> StepBehaviour:
         """Nothing runs now: the update fills the step's pi_old in as it goes."""

@@ -130,6 +130,10 @@ class AlgorithmConfig:
         "auto", "training forward: each prompt once, its key-value cache continued by every "
                 "response of it (auto: when a check on the first micro-batch agrees with the "
                 "plain forward) | on | off (each response runs with its prompt)")
+    fused_policy_loss: str = _f(
+        "auto", "the policy loss fused with the lm-head (lambdapo_ext.linear_policy_loss: "
+                "three matmuls, no logits): auto (wherever it serves) | on (an error where it "
+                "cannot) | off (linear_token_logprobs and the loss in torch)")
 
 
 @dataclass
@@ -320,6 +324,7 @@ _CHOICES: dict[str, tuple | typing.Callable[[], tuple]] = {
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "model.kernels": ("none", "liger"),
     "algorithm.share_prompt_forward": ("auto", "on", "off"),
+    "algorithm.fused_policy_loss": ("auto", "on", "off"),
     "data.chat_template": ("auto", "on", "off"),
     "rollout.engine": ("transformers", "vllm", "auto"),
     "rollout.static_decode": ("auto", "on", "off"),
@@ -468,7 +473,7 @@ RESUMABLE_CHANGES = (
     "rollout.sleep_level", "rollout.weight_bucket_mb", "reward.timeout_s", "reward.on_error",
     "reward.workers", "dist_timeout_s", "model.kernels", "model.attn_implementation",
     "rollout.static_decode", "algorithm.share_prompt_forward", "logger", "project_name",
-    "experiment_name", "console_every")
+    "experiment_name", "console_every", "algorithm.fused_policy_loss")
 
 
 def _flatten(tree: dict) -> dict:

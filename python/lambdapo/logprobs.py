@@ -22,7 +22,7 @@ import lambdapo_ext
 
 from .batch import MicroBatch
 from .models import autocast_context
-from .padding import positions_of
+from .padding import positions_of, scatter_response
 
 PredictionStates = Callable[[nn.Module, MicroBatch, Callable], Tensor]
 """fn(network, micro, read) -> [b, T, ...] the states from which response token t of each
@@ -74,6 +74,24 @@ def plain_prediction_states(network: nn.Module, micro: MicroBatch, read: Callabl
     return read(out)[:, micro.prompt_ids.shape[1] - 1:]
 
 
+def head_inputs(model, head: nn.Linear, micro: MicroBatch, *,
+                autocast: torch.dtype | None = None,
+                states: PredictionStates = plain_prediction_states
+                ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """What the plain linear ``head`` of ``model`` reads for the micro-batch's response
+    tokens: ``(hidden [N, H], weight [V, H], bias [V] or None, targets [N])``, N the
+    response tokens in row-major order of ``micro.response_mask``, in the autocast dtype
+    when there is one (differentiable w.r.t. the model's parameters). Call it inside
+    ``autocast_context(device, autocast)``."""
+    predicted = states(model.get_decoder(), micro, lambda out: out.last_hidden_state)
+    predicted = masked_rows(predicted, micro.response_mask)
+    weight = head.weight
+    if autocast is not None:
+        predicted, weight = predicted.to(autocast), weight.to(autocast)
+    bias = head.bias.to(weight.dtype) if head.bias is not None else None
+    return predicted, weight, bias, micro.response_ids[micro.response_mask]
+
+
 def response_logprobs(model, micro: MicroBatch, temperature: float, *,
                       autocast: torch.dtype | None = None,
                       states: PredictionStates = plain_prediction_states
@@ -89,27 +107,18 @@ def response_logprobs(model, micro: MicroBatch, temperature: float, *,
         autocast: the autocast dtype (None: float32).
         states: how the prediction states are computed (plain or prompt-shared).
     """
-    device = micro.response_ids.device
     mask = micro.response_mask
-    targets = micro.response_ids[mask]
-    with autocast_context(device, autocast):
-        head = plain_linear_head(model)
+    head = plain_linear_head(model)
+    with autocast_context(micro.response_ids.device, autocast):
         if head is not None:
-            predicted = states(model.get_decoder(), micro, lambda out: out.last_hidden_state)
-        else:
-            predicted = states(model, micro, lambda out: out.logits)
-        predicted = masked_rows(predicted, mask)
-        if head is not None:
-            weight = head.weight
-            if autocast is not None:
-                predicted, weight = predicted.to(autocast), weight.to(autocast)
-            bias = head.bias.to(weight.dtype) if head.bias is not None else None
+            predicted, weight, bias, targets = head_inputs(model, head, micro,
+                                                           autocast=autocast, states=states)
             lp, entropy = lambdapo_ext.linear_token_logprobs(
                 predicted, weight, targets, bias=bias, temperature=temperature,
                 return_entropy=True)
         else:
-            lp, entropy = lambdapo_ext.token_logprobs(predicted, targets, temperature=temperature,
+            predicted = masked_rows(states(model, micro, lambda out: out.logits), mask)
+            lp, entropy = lambdapo_ext.token_logprobs(predicted, micro.response_ids[mask],
+                                                      temperature=temperature,
                                                       return_entropy=True)
-    out_lp = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-    out_h = torch.zeros_like(out_lp)
-    return out_lp.masked_scatter(mask, lp.float()), out_h.masked_scatter(mask, entropy.float())
+    return scatter_response(lp, mask), scatter_response(entropy, mask)

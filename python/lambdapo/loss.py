@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+import lambdapo_ext
+from lambdapo_ext.policy_loss import AGG_MODES, aggregation_weights
 
+from .padding import scatter_response
 
 @dataclass
 class BatchTotals:
@@ -138,23 +140,86 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     """
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
-    mask_f = mask.to(logprobs.dtype)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights.to(per_token.dtype)
-    metrics = {}
     if kl_coef > 0:
-        kl = k3_kl(logprobs, ref_logprobs)
-        per_token = per_token + kl_coef * kl
-        metrics["kl"] = float((kl.detach() * mask_f).sum())
+        per_token = per_token + kl_coef * k3_kl(logprobs, ref_logprobs)
     loss = aggregate(per_token, mask, agg_mode, totals)
-    with torch.no_grad():
-        metrics["clipped"] = float(((clipped < unclipped).to(mask_f.dtype) * mask_f).sum())
-        metrics["ratio"] = float((ratio * mask_f).sum())
-        metrics["tokens"] = float(mask_f.sum())
+    metrics = surrogate_metrics(logprobs.detach(), old_logprobs, advantages.unsqueeze(-1), mask,
+                                clip_low=clip_low, clip_high=clip_high,
+                                ref_logprobs=ref_logprobs if kl_coef > 0 else None)
     return loss, metrics
+
+
+@torch.no_grad()
+def surrogate_metrics(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                      *, clip_low: float, clip_high: float,
+                      ref_logprobs: Tensor | None = None) -> dict[str, float]:
+    """Metric sums over the tokens of ``mask`` (every argument broadcast to its shape):
+    ``clipped`` (tokens whose clipped surrogate is the smaller), ``ratio`` (pi / pi_old),
+    ``tokens``, and with ``ref_logprobs`` ``kl`` (k3)."""
+    mask_f = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.to(logprobs.dtype)
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    metrics = {}
+    if ref_logprobs is not None:
+        metrics["kl"] = float((k3_kl(logprobs, ref_logprobs) * mask_f).sum())
+    metrics["clipped"] = float(((clipped < unclipped).to(mask_f.dtype) * mask_f).sum())
+    metrics["ratio"] = float((ratio * mask_f).sum())
+    metrics["tokens"] = float(mask_f.sum())
+    return metrics
+
+
+def fused_policy_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                      mask: Tensor, advantages: Tensor, old_logprobs: Tensor | None, *,
+                      temperature: float, clip_low: float, clip_high: float, agg_mode: str,
+                      totals: BatchTotals, ref_logprobs: Tensor | None = None,
+                      kl_coef: float = 0.0, is_weights: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+    """:func:`policy_loss` of one micro-batch fused with its linear lm-head
+    (``lambdapo_ext.linear_policy_loss``): the same loss share, gradients and metrics,
+    without the ``[N, V]`` logits and with three matmuls instead of four. The aggregation
+    becomes per-token weights and the rollout-correction weights multiply the advantages.
+
+    Args:
+        hidden: [N, H] the head's inputs at the response tokens of ``mask`` (row-major).
+        weight, bias: the head's [V, H] weight and [V] bias (or None).
+        targets: [N] the response tokens.
+        mask: [b, T] bool, 1 on response tokens (N of them).
+        advantages: [b] one advantage per response.
+        old_logprobs: [b, T] pi_old, or None for the on-policy ratio 1 (pi_old the
+            log-probs themselves).
+        temperature: the sampling temperature the log-probs are taken at.
+        clip_low, clip_high, agg_mode, totals, ref_logprobs, kl_coef, is_weights: as
+            :func:`policy_loss`'s.
+
+    Returns:
+        (loss share, log-probs [b, T], entropies [b, T] (float32, no grad, 0 off the
+        mask), the metric sums of :func:`policy_loss`).
+    """
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    mask = mask.bool()
+    token_weights = aggregation_weights(mask, agg_mode, tokens=totals.tokens,
+                                        sequences=totals.sequences,
+                                        max_new_tokens=totals.max_new_tokens)[mask]
+    token_advantages = advantages.float().unsqueeze(-1).expand(mask.shape)
+    if is_weights is not None:
+        token_advantages = token_advantages * is_weights.float()
+    old = None if old_logprobs is None else old_logprobs[mask]
+    ref = ref_logprobs[mask] if kl_coef > 0 else None
+    loss, logprobs, entropy = lambdapo_ext.linear_policy_loss(
+        hidden, weight, targets, token_advantages[mask], token_weights, old_logprobs=old,
+        ref_logprobs=ref, kl_coef=kl_coef, clip_low=clip_low, clip_high=clip_high,
+        temperature=temperature, bias=bias)
+    metrics = surrogate_metrics(logprobs, logprobs if old is None else old,
+                                advantages.float().unsqueeze(-1).expand(mask.shape)[mask],
+                                torch.ones_like(logprobs), clip_low=clip_low,
+                                clip_high=clip_high, ref_logprobs=ref)
+    return loss, scatter_response(logprobs, mask), scatter_response(entropy, mask), metrics

@@ -1,4 +1,5 @@
-"""Token-id lists as padded tensors, and the position ids of left-padded rows."""
+"""Token-id lists as padded tensors, the position ids of left-padded rows, and per-token
+values back into their padded rows."""
 
 from __future__ import annotations
 
@@ -30,3 +31,10 @@ def positions_of(mask: Tensor) -> Tensor:
     """Position ids [..., L] of left-padded rows from their attention ``mask``: 0 at each
     row's first real token, counting real tokens only (0 on the padding too)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def scatter_response(values: Tensor, mask: Tensor) -> Tensor:
+    """Per-token ``values`` [N] (the tokens of the bool ``mask`` [b, T] in row-major order)
+    back to ``[b, T]`` float32, zero off ``mask``."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=values.device)
+    return out.masked_scatter(mask, values.float())

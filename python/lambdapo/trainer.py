@@ -50,7 +50,8 @@ from .config import (LambdapoWarning, TrainConfig, config_changes, lambda_settin
 from .data import PromptEncoder, PromptSampler, load_split
 from .logprobs import response_logprobs
 from .lora import adapter_disabled, apply_lora, load_adapter_weights, save_merged
-from .loss import BatchTotals, policy_loss
+from .loss import BatchTotals
+from .micro_loss import MicroBatchLoss
 from .models import autocast_dtype, load_policy, pick_device, resolve_model_path
 from .prompt_sharing import PromptSharing
 from .rewards import MathVerifyReward, RewardManager
@@ -208,6 +209,10 @@ class Trainer:
                                        gather_weights=self.policy.full_weights,
                                        several_processes=parallel.enabled)
         self.behaviour = self._behaviour_source()
+        self.micro_loss = MicroBatchLoss.for_run(
+            self.model, config, self.behaviour, autocast=self.autocast,
+            prompt_sharing=self.prompt_sharing, policy_logprobs=self._policy_logprobs,
+            several_processes=parallel.enabled)
 
     def _behaviour_source(self) -> SeparateForward | UpdateForward:
         """The run's source of pi_old (:mod:`lambdapo.behaviour`), logged with its reason."""
@@ -420,15 +425,9 @@ class Trainer:
                 for index, (micro, weight) in enumerate(micros):
                     # One gradient reduction per optimizer step, after its last micro-batch.
                     self.policy.gradient_sync(index == len(micros) - 1)
-                    lp, h = self._policy_logprobs(micro)
-                    need = behaviour.for_micro(micro, lp, h)
-                    advantages = pending.result(behaviour.scoring_logprobs).advantages
-                    loss, m = policy_loss(
-                        lp, need.old_logprobs, advantages[micro.rows], micro.response_mask,
-                        clip_low=algo.clip_low, clip_high=algo.clip_high,
-                        agg_mode=algo.loss_agg_mode, totals=totals,
-                        ref_logprobs=need.ref_logprobs, kl_coef=algo.kl_coef,
-                        is_weights=need.is_weights)
+                    loss, m = self.micro_loss(
+                        micro, behaviour,
+                        lambda: pending.result(behaviour.scoring_logprobs).advantages, totals)
                     if not weight:   # a padding copy: the same collectives, no gradient
                         self.policy.backward(loss * 0.0)
                         continue

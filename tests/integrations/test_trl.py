@@ -201,3 +201,12 @@ def test_scores_prefer_the_samplers_log_probs(tmp_path):
     assert trainer._sampled_logps({"sampling_per_token_logps": sampling,
                                    "old_per_token_logps": old}) is sampling
     assert trainer._sampled_logps({"old_per_token_logps": old}) is old
+
+
+def test_fused_loss_refuses_what_it_does_not_implement(tmp_path):
+    model_dir = make_tiny_model(tmp_path / "model")
+    args = config(tmp_path, lambdapo_fused_loss=True, loss_type="cispo")
+    with pytest.raises(ValueError, match="lambdapo_fused_loss=True does not support "
+                                         "loss_type='cispo'"):
+        LambdaPOTrainer(model=str(model_dir), reward_funcs=digit_reward, args=args,
+                        train_dataset=dataset())

@@ -3,7 +3,7 @@
 A case passes when the op raises an exception that names the offending argument (or, for a
 valid edge case or a strided input, returns the right result), the process survives, and on
 CUDA a small valid call afterwards still works. The cases are listed per op family in
-tests/ops/bad_inputs_{advantages,logprobs,overlap}.py; tests/ops/bad_input_runner.py judges
+tests/ops/bad_inputs_{advantages,logprobs,overlap,policy_loss}.py; tests/ops/bad_input_runner.py judges
 them and holds the forking server that runs them.
 
 As a script (for benchmarks/gpu_check.sh on a GPU machine), prints a table of case -> verdict
@@ -34,11 +34,13 @@ import bad_input_runner as runner  # noqa: E402
 import bad_inputs_advantages  # noqa: E402
 import bad_inputs_logprobs  # noqa: E402
 import bad_inputs_overlap  # noqa: E402
+import bad_inputs_policy_loss  # noqa: E402
 
 import lambdapo_ext  # noqa: E402
 from lambdapo_ext._loader import has_kernel  # noqa: E402
 
-FAMILIES = (bad_inputs_advantages, bad_inputs_logprobs, bad_inputs_overlap)
+FAMILIES = (bad_inputs_advantages, bad_inputs_logprobs, bad_inputs_overlap,
+            bad_inputs_policy_loss)
 CASES: list[runner.Case] = [case for family in FAMILIES for case in family.CASES]
 DISPATCH_OPS = {op: ops for family in FAMILIES for op, ops in family.DISPATCH_OPS.items()}
 SMOKE_CALLS = {op: call for family in FAMILIES for op, call in family.SMOKE_CALLS.items()}

@@ -30,6 +30,8 @@ EXPECTED = {
                              "liger_kernel"},
     "bench_linear_token_logprobs": {"lambdapo", "torch_eager", "torch_compile", "bare_matmuls",
                                     "cut_cross_entropy", "liger_fused_linear"},
+    "bench_policy_loss": {"lambdapo", "lambdapo_unfused", "torch_eager", "bare_matmuls",
+                          "liger_grpo", "liger_flce"},
     "bench_semantic_density": {"lambdapo", "torch_reference", "rouge_score", "rouge_score_rs"},
     "bench_rollout": {"transformers", "vllm", "vllm_sync_weights"},
     "bench_train_step": {"lambdapo", "trl"},

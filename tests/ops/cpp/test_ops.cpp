@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <array>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -48,6 +49,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs(const at::T
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            const at::Tensor&, double, int64_t, bool, int64_t, int64_t, bool)>();
   return op.call(hidden, weight, std::nullopt, targets, 1.0, -100, true, 3, 256, true);
+}
+
+using PolicyLossOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+PolicyLossOutputs linear_policy_loss(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const at::Tensor& targets, const at::Tensor& advantages,
+                                     const at::Tensor& token_weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lambdapo::linear_policy_loss_forward", "")
+                       .typed<PolicyLossOutputs(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                           double, double, double, double, double, int64_t, int64_t,
+                           std::array<bool, 3>, bool)>();
+  return op.call(hidden, weight, std::nullopt, targets, advantages, token_weights, std::nullopt,
+                 std::nullopt, 0.0, 0.0, 0.2, 0.2, 1.0, -100, 3, {true, true, false}, true);
 }
 
 }  // namespace
@@ -98,6 +117,25 @@ int main() {
   const auto [full_lp, full_h, full_lse] = token_logprobs(at::mm(hidden, weight.t()), linear_targets);
   expect(at::allclose(linear_lp, full_lp, 1e-5, 1e-5) && at::allclose(linear_h, full_h, 1e-5, 1e-5),
          "linear_token_logprobs equals matmul + token_logprobs");
+
+  // linear_policy_loss on-policy (ratio 1, never clipped): loss = -sum w A, and the gradients
+  // of the lm-head made in the forward, dlogits = w A (softmax - onehot), in chunks of 3 rows.
+  const at::Tensor advantages = at::randn({7});
+  const at::Tensor token_weights = at::rand({7});
+  const auto [policy_loss, policy_lp, policy_h, grad_hidden, grad_weight, grad_bias] =
+      linear_policy_loss(hidden, weight, linear_targets, advantages, token_weights);
+  const at::Tensor full_logits = at::mm(hidden, weight.t());
+  const at::Tensor dlogits =
+      (token_weights * advantages).unsqueeze(1) *
+      (at::softmax(full_logits, -1) - at::one_hot(linear_targets, 1000).to(at::kFloat));
+  expect(at::allclose(policy_loss, -(token_weights * advantages).sum(), 1e-5, 1e-5) &&
+             at::allclose(policy_lp, full_lp, 1e-5, 1e-5) &&
+             at::allclose(policy_h, full_h, 1e-5, 1e-5),
+         "linear_policy_loss on-policy loss, log-probs and entropy");
+  expect(at::allclose(grad_hidden, at::mm(dlogits, weight), 1e-4, 1e-5) &&
+             at::allclose(grad_weight, at::mm(dlogits.t(), hidden), 1e-4, 1e-5) &&
+             grad_bias.numel() == 0,
+         "linear_policy_loss gradients made in the forward");
 
   // Semantic density: "1 2 3 2" vs "2 3 4": 2 clipped unigram matches, 1 bigram, LCS 2.
   const at::Tensor cand_values = at::tensor({1, 2, 3, 2}, at::kLong);
