@@ -40,6 +40,7 @@ instead (:class:`ReplicatedModel`, DDP): the same interface, the same one-proces
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -232,6 +233,10 @@ def shutdown() -> None:
     global _current
     if _current.enabled:
         if dist.is_initialized():
+            # Trainers kept only by reference cycles hold DDP reducers and FSDP states on
+            # this group: collected while it lives, not at interpreter exit after it is gone
+            # (where a rank could abort: "terminate called without an active exception").
+            gc.collect()
             dist.destroy_process_group()
     _current = SINGLE
 

@@ -158,13 +158,17 @@ def test_an_idle_machine_or_spare_cores_give_no_warning(monkeypatch):
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc")
 def test_a_busy_process_beside_the_run_is_measured():
     cores = len(os.sched_getaffinity(0))
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # The busy process is another's, not a child of this one (whose CPU time counts as the
+    # run's own): started by a shell that exits at once, leaving it to init.
+    launched = subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' "
+                               f">/dev/null 2>&1 & echo $!"],
+                              capture_output=True, text=True, check=True)
+    spinner = int(launched.stdout)
     try:
         time.sleep(0.5)
         watch = CpuContention(threads=cores, every=1)
         time.sleep(1.5)
         message = watch.after_step()
     finally:
-        spinner.kill()
-        spinner.wait()
+        os.kill(spinner, signal.SIGKILL)
     assert message is not None and f"of this machine's {cores} cores" in message
