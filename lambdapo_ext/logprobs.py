@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lambdapo_ext import _vocab_parallel
+from lambdapo_ext._budget import logits_budget
 from lambdapo_ext._checks import check_same_device, check_tensors
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
@@ -183,12 +184,8 @@ def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.
     if vocab < 1:
         raise ValueError(f"linear_token_logprobs: weight must have at least one row (a "
                          f"vocabulary of V > 0), got V = {vocab}")
-    if device.type == "cuda":
-        budget = CUDA_TILE_BYTES_MAX
-        if query_free_memory:
-            budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
-    else:
-        budget = CPU_TILE_BYTES
+    budget = logits_budget(device, cpu_bytes=CPU_TILE_BYTES, cuda_cap_bytes=CUDA_TILE_BYTES_MAX,
+                           query_free_memory=query_free_memory)
     elements = max(1, budget // dtype.itemsize)  # any dtype: the op names a bad one
     chunk = max(1, min(rows, elements // LINEAR_MIN_VOCAB_CHUNK))
     vocab_chunk = min(vocab, max(1, elements // chunk))

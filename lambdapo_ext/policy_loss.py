@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lambdapo_ext._budget import logits_budget
 from lambdapo_ext._checks import check_same_device, check_tensors
 from lambdapo_ext._loader import _LOAD_ERROR, require_library
 
@@ -48,12 +49,9 @@ def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.
     if vocab < 1:
         raise ValueError(f"{OP}: weight must have at least one row (a vocabulary of V > 0), "
                          f"got V = {vocab}")
-    if device.type == "cuda":
-        budget = CUDA_CHUNK_BYTES_MAX
-        if query_free_memory:
-            budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
-    else:
-        budget = CPU_CHUNK_BYTES
+    budget = logits_budget(device, cpu_bytes=CPU_CHUNK_BYTES,
+                           cuda_cap_bytes=CUDA_CHUNK_BYTES_MAX,
+                           query_free_memory=query_free_memory)
     chunk = max(1, budget // (dtype.itemsize * vocab))
     if chunk > CHUNK_ROW_MULTIPLE:
         chunk -= chunk % CHUNK_ROW_MULTIPLE
