@@ -397,7 +397,7 @@ class ShardedModel:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The global norm of the sharded gradient (the one-process norm); the gradient is
         scaled as ``torch.nn.utils.clip_grad_norm_`` scales it when ``max_norm`` > 0."""
-        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
         device = next(self.model.parameters()).device
         squares = torch.zeros((), dtype=torch.float64, device=device)
         for grad in grads:
@@ -500,15 +500,11 @@ def shard_policy(model: nn.Module, parallel: Parallel, mode: str = "auto"
     return ReplicatedModel(model, parallel)
 
 
-def _local(tensor: Tensor) -> Tensor:
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's shard of a sharded tensor (a DTensor), or ``tensor`` itself."""
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def local_tensor(tensor: Tensor) -> Tensor:
-    """This rank's shard of a sharded tensor (a DTensor), or ``tensor`` itself."""
-    return _local(tensor)
 
 
 @torch.no_grad()
