@@ -35,6 +35,16 @@ _ID_DTYPES = (torch.int64, torch.int32)
 _SCALE_STEP = 1 << 24
 
 
+def clipped_ratio(ratio: Tensor, clip_low: float, clip_high: float) -> Tensor:
+    """PPO's ``clip(ratio, 1 - clip_low, 1 + clip_high)`` whose gradient is 1 on the closed
+    interval, its ends included, as the kernels make it. ``Tensor.clamp`` no longer does
+    that for an empty interval (``clip_low = clip_high = 0``: torch 2.14 gives gradient 0
+    at ratio 1, 2.13 gave 1), so the references and the unfused loss use this instead."""
+    low, high = 1 - clip_low, 1 + clip_high
+    inside = (ratio >= low) & (ratio <= high)
+    return torch.where(inside, ratio, ratio.detach().clamp(low, high))
+
+
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
                        query_free_memory: bool = True) -> int:
     """Rows per chunk of :func:`linear_policy_loss` when ``chunk_size`` is not given: the

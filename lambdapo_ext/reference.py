@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lambdapo_ext.advantages import NORMALIZE_MODES
 from lambdapo_ext.overlap import _as_sequences
+from lambdapo_ext.policy_loss import clipped_ratio
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -230,7 +231,7 @@ def policy_loss(
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(dtype)
     ratio = torch.exp(logprobs - old)
     adv = advantages.to(dtype)
-    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    per_token = -torch.minimum(ratio * adv, clipped_ratio(ratio, clip_low, clip_high) * adv)
     if kl_coef != 0:
         d = ref_logprobs.to(dtype) - logprobs
         per_token = per_token + kl_coef * (torch.exp(d) - d - 1)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 import lambdapo_ext
-from lambdapo_ext.policy_loss import AGG_MODES, aggregation_weights
+from lambdapo_ext.policy_loss import AGG_MODES, aggregation_weights, clipped_ratio
 
 from .padding import scatter_response
 
@@ -143,7 +143,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)
     unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    clipped = clipped_ratio(ratio, clip_low, clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights.to(per_token.dtype)
@@ -166,7 +166,7 @@ def surrogate_metrics(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor
     mask_f = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages.to(logprobs.dtype)
-    unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    unclipped, clipped = ratio * adv, clipped_ratio(ratio, clip_low, clip_high) * adv
     metrics = {}
     if ref_logprobs is not None:
         metrics["kl"] = float((k3_kl(logprobs, ref_logprobs) * mask_f).sum())

@@ -122,6 +122,22 @@ def test_clipped_tokens_get_no_surrogate_gradient():
     torch.testing.assert_close(grad_weight.double(), rgw, rtol=1e-5, atol=1e-6)
 
 
+def test_ratio_at_the_clip_bounds_keeps_its_gradient():
+    """The clip interval is closed: with clip_low = clip_high = 0 the on-policy ratio 1 is
+    inside it, so every path gives the unclipped gradient (torch 2.14's clamp gives 0 at the
+    ends of an empty interval; a reference on it halved the gradient)."""
+    inputs = make_inputs((4,), 8, 30, seed=1, bias=False, ignore_frac=0.0)
+    hidden, weight, _, targets, adv, tw = inputs[:6]
+    open_grads = run(linear_policy_loss, hidden, weight, None, targets, adv, tw)[3:5]
+    for fn, cast in ((linear_policy_loss, lambda t: t),
+                     (reference.linear_policy_loss, lambda t: t.double())):
+        grads = run(fn, cast(hidden), cast(weight), None, targets, adv, tw, clip_low=0.0,
+                    clip_high=0.0)[3:5]
+        for got, want in zip(grads, open_grads):
+            assert got.abs().max() > 0
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("term", ["kl", "entropy"])
 def test_each_extra_term_alone_matches_reference(term):
     """With zero advantages only the KL or the entropy term carries a gradient."""

@@ -101,6 +101,20 @@ def test_clipped_surrogate_by_hand():
     assert float(loss_neg) == pytest.approx((1.5 + 0.8 + 1.1) / 3)
 
 
+def test_ratio_at_the_clip_bounds_keeps_its_gradient():
+    """The clip interval is closed: with clip_low = clip_high = 0 the on-policy ratio 1 is
+    inside it and gets the unclipped gradient -A / tokens (torch 2.14's clamp gives 0 at the
+    ends of an empty interval; the fused op's kernels give the full gradient)."""
+    ratio = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    lp = torch.log(ratio)[None]
+    loss, _ = policy_loss(lp, lp.detach(), torch.ones(1, dtype=torch.float64),
+                          torch.ones(1, 4, dtype=torch.bool), clip_low=0.0, clip_high=0.0,
+                          agg_mode="token-mean",
+                          totals=BatchTotals(tokens=4, sequences=1, max_new_tokens=4))
+    loss.backward()
+    torch.testing.assert_close(ratio.grad, torch.full_like(ratio, -0.25))
+
+
 def test_k3_kl_and_kl_term():
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
     d = -0.5
