@@ -16,7 +16,10 @@ synthetic word-level tokenizer of the same 151936-token vocabulary:
 * ``model=qwen3-4b``: Qwen3-4B's shape with bf16 weights, LoRA rank 16, gradient
   checkpointing, the KL reference as the base with the adapter off (``kl_coef`` 0.04),
   2 prompts x 4 samples x 32 new tokens, lambdapo only. Target: peak resident memory within
-  20 GiB (what one 24 GB GPU holds).
+  20 GiB (what one 24 GB GPU holds). On a CPU without bf16 matrix units (AVX2 only) torch
+  multiplies bf16 in a linear layer's input-gradient layout at well under 1 GFLOP/s, so a
+  bf16 step takes hours there: ``dtype=float32`` (``--dtype float32``) runs the case with
+  float32 weights, every model-sized buffer twice its bf16 size, a bound on the bf16 peak.
 
 Both trainers get the same gradient checkpointing setting (TRL's own default is on; here it
 is off unless the model's case turns it on, or ``checkpointing=1``). ``layers=N`` cuts a
@@ -85,7 +88,7 @@ KERNELS = ("token_logprobs_forward", "token_logprobs_backward", "linear_token_lo
            "linear_token_logprobs_backward", "lambda_advantages", "ngram_overlap", "lcs_length")
 # -1 (lora_rank, checkpointing, kl_coef): the model's own case (MODEL_DEFAULTS).
 SETTINGS = {"model": "builtin", "seed": 0, "lora_rank": -1, "lora_alpha": 32.0,
-            "checkpointing": -1, "kl_coef": -1.0, "layers": 0}
+            "checkpointing": -1, "kl_coef": -1.0, "layers": 0, "dtype": ""}
 MODELS = ("builtin", "qwen2.5-0.5b", "qwen3-4b")
 MICRO_BATCH = 64
 # (prompts, samples per prompt, max new tokens) by model, size and device
@@ -151,6 +154,7 @@ class Setup:
     kl_coef: float = 0.0          # lambdapo's kl_coef, TRL's beta
     layers: int = 0               # 0: the shape's own layer count
     seed: int = 0
+    own_dtype: bool = True        # False: ``dtype`` overrides the case's own (the label says so)
 
     @property
     def micro_batch(self) -> int:
@@ -163,24 +167,28 @@ class Setup:
 
 def make_setup(model: str, size: str, device: str, *, seed: int = 0, lora_rank: int = -1,
                lora_alpha: float = 32.0, checkpointing: int = -1, kl_coef: float = -1.0,
-               layers: int = 0) -> Setup:
+               layers: int = 0, dtype: str = "") -> Setup:
     """The case of ``model`` at ``size`` on ``device``; -1 (lora_rank, checkpointing,
-    kl_coef): the model's own case."""
+    kl_coef) or "" (dtype): the model's own case."""
     if model not in MODELS:
         raise pytest.UsageError(f"--bench-set model={model}: one of {MODELS}")
     if layers and model == "builtin":
         raise pytest.UsageError("--bench-set layers=N: only for the real shapes")
+    if dtype and (model == "builtin" or dtype not in ("float32", "bfloat16")):
+        raise pytest.UsageError(f"--bench-set dtype={dtype}: float32 or bfloat16, only for "
+                                f"the real shapes")
     def on_device(table: dict) -> Any:
         return table.get(f"{model}@{device}", table[model])
     prompts, group, max_new = on_device(BATCHES)[size]
-    own = MODEL_DEFAULTS.get(model, {})
-    return Setup(model, prompts, group, max_new, on_device(DTYPES),
-                 lora_rank=own.get("lora_rank", 0) if lora_rank < 0 else lora_rank,
+    defaults = MODEL_DEFAULTS.get(model, {})
+    own = on_device(DTYPES)
+    return Setup(model, prompts, group, max_new, dtype or own,
+                 lora_rank=defaults.get("lora_rank", 0) if lora_rank < 0 else lora_rank,
                  lora_alpha=lora_alpha,
-                 checkpointing=own.get("checkpointing", False) if checkpointing < 0
+                 checkpointing=defaults.get("checkpointing", False) if checkpointing < 0
                  else bool(checkpointing),
-                 kl_coef=own.get("kl_coef", 0.0) if kl_coef < 0 else kl_coef,
-                 layers=layers, seed=seed)
+                 kl_coef=defaults.get("kl_coef", 0.0) if kl_coef < 0 else kl_coef,
+                 layers=layers, seed=seed, own_dtype=dtype in ("", own))
 
 
 def size_label(setup: Setup, threads: int) -> str:
@@ -203,7 +211,7 @@ def setup_of(options: harness.BenchOptions, device: str) -> Setup:
     return make_setup(get("model"), options.size, device, seed=get("seed"),
                       lora_rank=get("lora_rank"), lora_alpha=get("lora_alpha"),
                       checkpointing=get("checkpointing"), kl_coef=get("kl_coef"),
-                      layers=get("layers"))
+                      layers=get("layers"), dtype=get("dtype"))
 
 
 def cases(options: harness.BenchOptions, device: str) -> list[harness.Case]:
@@ -249,9 +257,16 @@ def write_shaped_model(folder: Path, shape: dict, dtype: str = "float32") -> Pat
     return folder
 
 
+def written_dtype(setup: Setup) -> str:
+    """The dtype of a real shape's written weights: the shape's own unless the case
+    overrides its dtype."""
+    return SHAPES[setup.model][1] if setup.own_dtype else setup.dtype
+
+
 def shaped_model_folder(setup: Setup) -> Path:
     layers = f"-{setup.layers}layers" if setup.layers else ""
-    return Path(tempfile.gettempdir()) / f"lambdapo-{setup.model}{layers}-shape"
+    dtype = "" if written_dtype(setup) == SHAPES[setup.model][1] else f"-{setup.dtype}"
+    return Path(tempfile.gettempdir()) / f"lambdapo-{setup.model}{layers}{dtype}-shape"
 
 
 def model_path(setup: Setup) -> str:
@@ -263,7 +278,7 @@ def model_path(setup: Setup) -> str:
         return resolve_model_path("builtin:tiny-arithmetic")
     folder = shaped_model_folder(setup)
     if not (folder / "complete").exists():
-        shape, dtype = SHAPES[setup.model]
+        shape, dtype = SHAPES[setup.model][0], written_dtype(setup)
         if setup.layers:
             shape = {**shape, "num_hidden_layers": setup.layers}
             if "max_window_layers" in shape:
@@ -567,7 +582,8 @@ def bench_sets(setup: Setup) -> list[str]:
     """The ``--bench-set`` options that make ``setup`` in a pytest process."""
     values = {"model": setup.model, "seed": setup.seed, "lora_rank": setup.lora_rank,
               "lora_alpha": setup.lora_alpha, "checkpointing": int(setup.checkpointing),
-              "kl_coef": setup.kl_coef, "layers": setup.layers}
+              "kl_coef": setup.kl_coef, "layers": setup.layers,
+              "dtype": "" if setup.own_dtype else setup.dtype}
     return [f"--bench-set={k}={v}" for k, v in values.items()]
 
 
@@ -603,7 +619,7 @@ def driver_setups(args: argparse.Namespace) -> list[Setup]:
         out.append(make_setup(args.model_config, "full", args.device, seed=args.seed,
                               lora_rank=rank, lora_alpha=args.lora_alpha,
                               checkpointing=args.checkpointing, kl_coef=args.kl_coef,
-                              layers=args.layers))
+                              layers=args.layers, dtype=args.dtype))
     return out
 
 
@@ -627,6 +643,9 @@ def main() -> None:
                         help="lambdapo's kl_coef, TRL's beta (-1: the model's own)")
     parser.add_argument("--layers", type=int, default=0,
                         help="cut a real shape to N layers (0: its own)")
+    parser.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
+                        help="override a real shape's dtype (default: its own; the label "
+                             "says so)")
     parser.add_argument("--runs", type=int, default=3, help="runs per trainer, alternated")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps per run")
