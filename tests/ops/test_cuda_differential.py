@@ -321,6 +321,81 @@ def compare_linear(case: LinearCase, cpu, device) -> None:
         assert_agree(d, c, name, **tol)
 
 
+# linear_policy_loss: linear_token_logprobs' cases (shapes, dtypes, bias columns of special
+# values, a NaN or inf in a hidden or weight row) with the loss's per-token inputs.
+
+# lp - old per token: each at least 0.07 from the ends of both clip ranges in log space
+# (log 0.8 = -0.22, log 1.2 = 0.18, log 1.28 = 0.25), so the devices' log-prob rounding
+# (16-bit: about 2e-2) cannot move a token across a clip boundary.
+LOG_RATIOS = (-0.6, -0.3, 0.0, 0.1, 0.4)
+CLIPS = ((0.2, 0.2), (0.2, 0.28))
+
+
+@dataclass
+class PolicyLossCase:
+    linear: LinearCase
+    advantages: torch.Tensor
+    token_weights: torch.Tensor
+    log_ratio: torch.Tensor | None  # [*lead] lp - old; None: on-policy (old not given)
+    ref_offset: torch.Tensor        # [*lead] ref - lp
+    kl_coef: float
+    entropy_coef: float
+    clip: tuple[float, float]
+    upstream: float
+
+
+@st.composite
+def policy_loss_cases(draw) -> PolicyLossCase:
+    linear = draw(linear_cases())
+    lead = linear.targets.shape
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    ratios = torch.tensor(LOG_RATIOS)[torch.randint(0, len(LOG_RATIOS), lead, generator=gen)]
+    return PolicyLossCase(
+        linear, torch.randn(lead, generator=gen),
+        torch.rand(lead, generator=gen) / math.prod(lead),
+        None if draw(st.booleans()) else ratios, 0.5 * torch.randn(lead, generator=gen),
+        draw(st.sampled_from([0.0, 0.1])), draw(st.sampled_from([0.0, 0.01])),
+        draw(st.sampled_from(CLIPS)), draw(st.sampled_from([1.0, -2.5])))
+
+
+def run_policy_loss(case: PolicyLossCase, device: str):
+    lin = case.linear
+    # old and ref from the CPU's float32 log-probs: the same inputs on both devices.
+    with torch.no_grad():
+        lp = lambdapo_ext.linear_token_logprobs(
+            lin.hidden, lin.weight, lin.targets, bias=lin.bias, temperature=lin.temperature,
+            ignore_index=lin.ignore_index).float()
+    old = None if case.log_ratio is None else (lp - case.log_ratio).to(device)
+    leaves = [None if t is None else t.to(device, copy=True).requires_grad_(need)
+              for t, need in zip((lin.hidden, lin.weight, lin.bias), lin.needs)]
+    loss, logprobs, entropy = lambdapo_ext.linear_policy_loss(
+        leaves[0], leaves[1], lin.targets.to(device), case.advantages.to(device),
+        case.token_weights.to(device), old_logprobs=old,
+        ref_logprobs=(lp + case.ref_offset).to(device), kl_coef=case.kl_coef,
+        entropy_coef=case.entropy_coef, clip_low=case.clip[0], clip_high=case.clip[1],
+        temperature=lin.temperature, bias=leaves[2], ignore_index=lin.ignore_index,
+        chunk_size=lin.chunk_size)
+    (loss * case.upstream).backward()
+    grads = [None if t is None or t.grad is None else t.grad.cpu() for t in leaves]
+    return [loss.detach().cpu(), logprobs.cpu(), entropy.cpu(), *grads]
+
+
+def compare_policy_loss(case: PolicyLossCase, cpu, device) -> None:
+    # Bounds of test_linear_policy_loss' test_cuda_matches_cpu, plus the rounding of the
+    # largest logit (as compare_linear).
+    lin = case.linear
+    dtype = lin.hidden.dtype
+    tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+    tol = tol.get(dtype, dict(rtol=3e-2, atol=3e-3))
+    logits = lin.hidden.double() @ lin.weight.double().T
+    rounding = _rounding(logits if lin.bias is None else logits + lin.bias.double(),
+                         lin.temperature)
+    tol = dict(rtol=tol["rtol"], atol=tol["atol"] + rounding)
+    for name, c, d in zip(("loss", "log-probs", "entropy", "grad hidden", "grad weight",
+                           "grad bias"), cpu, device):
+        assert_agree(d, c, name, **tol)
+
+
 # lambda_advantages
 
 
@@ -492,6 +567,8 @@ DIFFERENTIAL = {  # op -> (cases, run, compare, the kernel whose CUDA registrati
                        "token_logprobs_forward"),
     "linear_token_logprobs": (linear_cases, run_linear, compare_linear,
                               "linear_token_logprobs_forward"),
+    "linear_policy_loss": (policy_loss_cases, run_policy_loss, compare_policy_loss,
+                           "linear_policy_loss_forward"),
     "lambda_advantages": (advantage_cases, run_advantages, compare_advantages,
                           "lambda_advantages"),
     "overlap": (overlap_cases, run_overlap, compare_overlap, "ngram_overlap"),
