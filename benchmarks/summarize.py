@@ -71,7 +71,8 @@ OPS = {
         "fine-tuning and LoRA: step time and peak resident memory at most TRL's (issue 39). "
         "At Qwen3-4B's shape (bf16, LoRA rank 16, gradient checkpointing, the reference as "
         "the base with the adapter off, 2 x 4 x 32, lambdapo only): peak resident memory "
-        "within 20 GiB. Peak RSS: the peak resident set of the process that ran the case, "
+        "within 20 GiB (on a CPU without bf16 matrix units measured with float32 weights, "
+        "which bounds it: see the note). Peak RSS: the peak resident set of the process that ran the case, "
         "model loading included (reward worker processes not in it)."),
 }
 # The implementation the others are compared with (the row's own op), by op.
@@ -104,6 +105,14 @@ NOTES = [
     ("train_step", "cpu", ("a730ef0",),
      "Measured with the rms_norm, swiglu and decode_attention kernels and FusedLayer in the "
      "step (issue 36 removed them); the machine's speed drifted by up to 25% that session."),
+    ("train_step", "cpu", ("e6c893f",),
+     "Qwen3-4B's shape ran with float32 weights (dtype=float32): this CPU (AVX2, no bf16 "
+     "matrix units) multiplies bf16 in a linear layer's input-gradient layout at 0.3-0.5 "
+     "GFLOP/s, so the bf16 step would take hours. The 17.75 GiB peak holds the 14.98 GiB "
+     "of float32 weights (4.02e9 parameters, file-backed); with bf16 weights they are 7.49 "
+     "GiB and every other model-dtype buffer halves too, so by arithmetic (not measured) the "
+     "bf16 case stays under 17.75 - 7.49 = 10.3 GiB (the fp32 LoRA adapter and its AdamW "
+     "state, about 0.5 GiB, are the same in both)."),
     ("train_step", "cpu", ("ca1dc4c",),
      "The Qwen2.5-0.5B rows of 2026-12-07 are one step per trainer (no warm-up step, so the "
      "first optimizer step's state allocation is in it), measured while other work kept the "
