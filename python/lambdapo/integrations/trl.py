@@ -217,8 +217,11 @@ class LambdaPOTrainer(GRPOTrainer):
                 input_ids=torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
                 attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]],
                                          dim=1)).last_hidden_state[:, -width - 1:-1]
-        weight = head.weight.to(hidden.dtype)
-        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        # The head runs in the wider of the states' and its own dtype, as TRL's does outside
+        # autocast: float32 for a head that cast_lm_head_to_fp32 widened on a bf16 model.
+        dtype = torch.promote_types(hidden.dtype, head.weight.dtype)
+        hidden, weight = hidden.to(dtype), head.weight.to(dtype)
+        bias = None if head.bias is None else head.bias.to(dtype)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         normalizer = None
