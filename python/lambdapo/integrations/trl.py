@@ -20,9 +20,10 @@ matmuls): TRL's loss for ``loss_type`` grpo, bnpo, dr_grpo and dapo with a
 token-level ratio, KL and vLLM's importance-sampling correction, on a text model whose head
 is a plain linear layer. Other settings are refused at construction, naming them
 (:func:`lambdapo.integrations.trl_fused_loss.unsupported_settings`). The logged metrics are
-then ``entropy``, ``clip_ratio/region_mean`` and ``kl`` (with ``beta``). Experimental: a
-full TRL 1.16 step with it agreed with TRL's own to about 0.5% of the update, not to
-rounding (docs/integrations.md).
+then ``entropy``, ``clip_ratio/region_mean`` and ``kl`` (with ``beta``). In float32 a TRL
+1.16 step with it moves the weights as TRL's own to float32 rounding; under bf16 autocast
+(GRPOConfig's default) to bf16 rounding, since TRL's head then rounds its logits to bf16 and
+this op's are float32 (docs/integrations.md).
 
 How the advantages are formed, per generation batch: the rewards are the weighted sum of
 the reward functions (TRL's ``reward_weights``; completions every function scored None are
