@@ -210,3 +210,103 @@ def test_fused_loss_refuses_what_it_does_not_implement(tmp_path):
                                          "loss_type='cispo'"):
         LambdaPOTrainer(model=str(model_dir), reward_funcs=digit_reward, args=args,
                         train_dataset=dataset())
+
+
+def one_sgd_step(tmp_path, model_dir, monkeypatch, dtype=torch.float32, **extra):
+    """The weights' change of one TRL step, the rollouts it trained on and how many fused-loss
+    calls made it. Float32 (GRPOConfig's default bf16=True runs TRL's lm-head in bfloat16
+    under autocast), SGD at lr 1 without clipping: the update is minus the gradient. The eos
+    token is favoured while sampling so that completions end at different lengths, and a
+    reference model is made unlike the policy so that the KL term has a gradient."""
+    from transformers import AutoModelForCausalLM
+    calls = []
+    fused_op = lambdapo_ext.linear_policy_loss
+    monkeypatch.setattr(lambdapo_ext, "linear_policy_loss",
+                        lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eos = model.config.eos_token_id
+    args = config(tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                  bf16=False, semantic_density_weight=0.0, per_device_train_batch_size=GROUP,
+                  gradient_accumulation_steps=2,
+                  generation_kwargs={"sequence_bias": [[[eos], 2.0]]}, **extra)
+    trainer = LambdaPOTrainer(model=model, reward_funcs=[digit_reward], args=args,
+                              train_dataset=dataset())
+    if trainer.ref_model is not None:
+        with torch.no_grad():
+            trainer.ref_model.get_output_embeddings().weight.mul_(0.5)
+    rollouts = []
+    original = trainer._generate_and_score_completions
+
+    def recorded(inputs):
+        out = original(inputs)
+        rollouts.append({k: out[k] for k in ("completion_ids", "completion_mask", "advantages")})
+        return out
+
+    trainer._generate_and_score_completions = recorded
+    trainer.train()
+    update = {k: v - before[k] for k, v in trainer.model.state_dict().items()}
+    return update, before, rollouts, len(calls)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a thread pool only contends on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("dapo", 0.0), ("bnpo", 0.0),
+                                            ("dr_grpo", 0.0), ("dapo", 0.1)])
+def test_fused_loss_updates_the_weights_like_trl(tmp_path, monkeypatch, one_thread, loss_type,
+                                                 beta):
+    """One real TRL step (two accumulated micro-batches) with lambdapo_fused_loss and one
+    without, from the same weights and seed, move every weight by the same amount to float32
+    rounding."""
+    model_dir = make_tiny_model(tmp_path / "model")
+    extra = dict(loss_type=loss_type, beta=beta)
+    if beta:
+        extra["use_bias_correction_kl"] = False
+    trl_update, before, trl_rollouts, trl_calls = one_sgd_step(
+        tmp_path, model_dir, monkeypatch, **extra)
+    fused_update, _, fused_rollouts, fused_calls = one_sgd_step(
+        tmp_path, model_dir, monkeypatch, lambdapo_fused_loss=True, **extra)
+
+    assert (trl_calls, fused_calls) == (0, 2)
+    assert_same_rollouts(fused_rollouts, trl_rollouts)
+    lengths = trl_rollouts[0]["completion_mask"].sum(1)
+    assert lengths.min() < lengths.max()   # the loss types aggregate differently
+    for name in trl_update:
+        assert_same_update(fused_update[name], trl_update[name], before[name], name)
+
+
+def test_fused_loss_keeps_the_float32_head_of_a_bfloat16_model(tmp_path, monkeypatch,
+                                                                one_thread):
+    """cast_lm_head_to_fp32 on a bfloat16 model: TRL's head runs in float32 on the bfloat16
+    states, and so does the fused loss's (it ran in bfloat16: 3e-3 of the update off)."""
+    model_dir = make_tiny_model(tmp_path / "model")
+    extra = dict(dtype=torch.bfloat16, cast_lm_head_to_fp32=True, loss_type="dapo")
+    trl_update, before, trl_rollouts, _ = one_sgd_step(tmp_path, model_dir, monkeypatch, **extra)
+    fused_update, _, fused_rollouts, fused_calls = one_sgd_step(
+        tmp_path, model_dir, monkeypatch, lambdapo_fused_loss=True, **extra)
+    assert fused_calls == 2
+    assert_same_rollouts(fused_rollouts, trl_rollouts)
+    name = "lm_head.weight"
+    assert trl_update[name].dtype == torch.float32
+    assert_same_update(fused_update[name], trl_update[name], before[name], name)
+
+
+def assert_same_rollouts(rollouts, expected) -> None:
+    for batch, expected_batch in zip(rollouts, expected, strict=True):
+        for key, value in expected_batch.items():
+            torch.testing.assert_close(batch[key], value, rtol=0, atol=0)
+
+
+def assert_same_update(update, expected, before, name: str) -> None:
+    """Within 1e-4 of the update, plus the rounding of weight + update to float32."""
+    scale = expected.abs().max()
+    assert scale > 0, name
+    tolerance = 1e-4 * scale + 2 * torch.finfo(torch.float32).eps * before.abs().max()
+    assert (update - expected).abs().max() <= tolerance, name

@@ -20,9 +20,10 @@ matmuls): TRL's loss for ``loss_type`` grpo, bnpo, dr_grpo and dapo with a
 token-level ratio, KL and vLLM's importance-sampling correction, on a text model whose head
 is a plain linear layer. Other settings are refused at construction, naming them
 (:func:`lambdapo.integrations.trl_fused_loss.unsupported_settings`). The logged metrics are
-then ``entropy``, ``clip_ratio/region_mean`` and ``kl`` (with ``beta``). Experimental: a
-full TRL 1.16 step with it agreed with TRL's own to about 0.5% of the update, not to
-rounding (docs/integrations.md).
+then ``entropy``, ``clip_ratio/region_mean`` and ``kl`` (with ``beta``). In float32 a TRL
+1.16 step with it moves the weights as TRL's own to float32 rounding; under bf16 autocast
+(GRPOConfig's default) to bf16 rounding, since TRL's head then rounds its logits to bf16 and
+this op's are float32 (docs/integrations.md).
 
 How the advantages are formed, per generation batch: the rewards are the weighted sum of
 the reward functions (TRL's ``reward_weights``; completions every function scored None are
@@ -217,8 +218,11 @@ class LambdaPOTrainer(GRPOTrainer):
                 input_ids=torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
                 attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]],
                                          dim=1)).last_hidden_state[:, -width - 1:-1]
-        weight = head.weight.to(hidden.dtype)
-        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        # The head runs in the wider of the states' and its own dtype, as TRL's does outside
+        # autocast: float32 for a head that cast_lm_head_to_fp32 widened on a bf16 model.
+        dtype = torch.promote_types(hidden.dtype, head.weight.dtype)
+        hidden, weight = hidden.to(dtype), head.weight.to(dtype)
+        bias = None if head.bias is None else head.bias.to(dtype)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         normalizer = None
