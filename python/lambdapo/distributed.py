@@ -296,11 +296,7 @@ class LocalModel:
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The gradient's norm before clipping to ``max_norm`` (0: no clipping)."""
-        params = list(self.model.parameters())
-        if max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        return float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params
-                                    if p.grad is not None)))
+        return clip_grad_norm(self.model, max_norm)
 
 
 class ShardedModel:
@@ -395,21 +391,9 @@ class ShardedModel:
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """The global norm of the sharded gradient (the one-process norm); the gradient is
-        scaled as ``torch.nn.utils.clip_grad_norm_`` scales it when ``max_norm`` > 0."""
-        grads = [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
-        device = next(self.model.parameters()).device
-        squares = torch.zeros((), dtype=torch.float64, device=device)
-        for grad in grads:
-            if grad.numel():
-                squares += grad.double().square().sum()
-        dist.all_reduce(squares)
-        norm = float(squares.sqrt())
-        if max_norm > 0:
-            scale = min(max_norm / (norm + 1e-6), 1.0)
-            for grad in grads:
-                grad.mul_(scale)
-        return norm
+        """The global norm of the sharded gradient (the one-process norm: torch reduces
+        the DTensor shards' norms across ranks), clipped to ``max_norm`` (0: no clipping)."""
+        return clip_grad_norm(self.model, max_norm)
 
 
 class ReplicatedModel(LocalModel):
@@ -498,6 +482,18 @@ def shard_policy(model: nn.Module, parallel: Parallel, mode: str = "auto"
     log.info("data_parallel=auto: FSDP2 does not run here; DDP instead (a whole copy of the "
              "policy per process)")
     return ReplicatedModel(model, parallel)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """The norm of ``model``'s gradient, whole or sharded, before it is clipped to
+    ``max_norm`` (0: not clipped), by ``torch.nn.utils``, which reduces DTensor gradients
+    across their mesh (a collective when sharded: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else
+            torch.nn.utils.get_total_norm([p.grad for p in params]))
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
