@@ -11,32 +11,30 @@ it serves when
 
 * the model's output head is a plain linear layer (:func:`lambdapo.logprobs.plain_linear_head`:
   not soft-capped or scaled, not wrapped by an adapter), tied to the embedding or not; and
-* the run is one process (with several, the policy's forward must run through its FSDP2 or
-  DDP wrapper, whose hooks gather the head's weight and reduce the gradients; the fused
-  path reads the head directly); and
 * the behaviour source gives the loss's inputs before the log-probs: always with a separate
   forward; with pi_old from the update's own forward only without rollout correction
   (``algorithm.rollout_is=none``), since the correction weights ``min(exp(pi_old - mu), cap)``
   are then functions of the log-probs the op computes.
 
 Every estimator and every ``loss_agg_mode`` is served (the aggregation is per-token
-weights, the correction weights scale the advantages); the ratio is per token.
+weights, the correction weights scale the advantages); the ratio is per token. With several
+processes the fused loss, like the unfused log-probs, runs inside the policy's FSDP2 or DDP
+wrapper (``policy(fn)``), whose hooks gather the head's weight and reduce its gradient.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor, nn
 
 from .batch import MicroBatch
 from .behaviour import BehaviourSource, LogprobFn, StepBehaviour
 from .config import allowed_values
-from .logprobs import head_inputs, plain_linear_head
+from .logprobs import PredictionStates, head_inputs, plain_linear_head
 from .loss import BatchTotals, fused_policy_loss, policy_loss
 from .models import autocast_context
-from .prompt_sharing import PromptSharing
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -44,13 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def fused_loss_blocker(model: nn.Module, behaviour: BehaviourSource, *,
-                       several_processes: bool = False) -> str | None:
-    """Why the fused policy loss cannot serve a run of ``model`` with this behaviour source
-    (in one process, or one of several), or None when it can."""
-    if several_processes:
-        return ("several processes: the policy's forward runs through its FSDP2/DDP wrapper, "
-                "which the fused path would bypass")
+def fused_loss_blocker(model: nn.Module, behaviour: BehaviourSource) -> str | None:
+    """Why the fused policy loss cannot serve a run of ``model`` with this behaviour source,
+    or None when it can."""
     if plain_linear_head(model) is None:
         return ("the model's output head is not a plain linear layer (its logits are "
                 "transformed, or an adapter wraps it)")
@@ -69,26 +63,33 @@ class MicroBatchLoss:
         config: the run's settings (algorithm, rollout temperature).
         fused: whether the fused policy loss is used (see :meth:`for_run`).
         autocast: the autocast dtype (None: float32).
-        prompt_sharing: the training forward's choice of prediction states.
+        policy: runs ``fn()`` in the policy's forward (``policy(fn)``: its FSDP2 or DDP
+            wrapper with several processes, a direct call with one).
+        prediction_states: the training forward's prediction states of a micro-batch
+            (prompt-shared or plain).
         policy_logprobs: the unfused path's log-probs and entropies of a micro-batch.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, *, fused: bool,
-                 autocast, prompt_sharing: PromptSharing, policy_logprobs: LogprobFn):
+    def __init__(self, model: nn.Module, config: TrainConfig, *, fused: bool, autocast,
+                 policy: Callable[[Callable[[], Any]], Any],
+                 prediction_states: Callable[[MicroBatch], PredictionStates],
+                 policy_logprobs: LogprobFn):
         self.model = model
         self.config = config
         self.fused = fused
         self.autocast = autocast
-        self.prompt_sharing = prompt_sharing
+        self.policy = policy
+        self.prediction_states = prediction_states
         self.policy_logprobs = policy_logprobs
 
     @classmethod
     def for_run(cls, model: nn.Module, config: TrainConfig, behaviour: BehaviourSource, *,
-                autocast, prompt_sharing: PromptSharing, policy_logprobs: LogprobFn,
-                several_processes: bool = False) -> "MicroBatchLoss":
+                autocast, policy: Callable[[Callable[[], Any]], Any],
+                prediction_states: Callable[[MicroBatch], PredictionStates],
+                policy_logprobs: LogprobFn) -> "MicroBatchLoss":
         """The run's micro-batch loss, fused per ``config.algorithm.fused_policy_loss``
         (``auto``: wherever it serves; ``on``: an error where it does not; ``off``: never);
-        logs the choice and its reason once.
+        logs the choice and its reason once. The other arguments: as the class's.
 
         Raises:
             ValueError: ``fused_policy_loss`` is not auto, on or off, or is ``on`` where the
@@ -99,8 +100,8 @@ class MicroBatchLoss:
         if mode not in modes:
             raise ValueError(f"config algorithm.fused_policy_loss: {mode!r} is not one of "
                              f"{modes}")
-        blocker = "algorithm.fused_policy_loss=off" if mode == "off" else fused_loss_blocker(
-            model, behaviour, several_processes=several_processes)
+        blocker = ("algorithm.fused_policy_loss=off" if mode == "off" else
+                   fused_loss_blocker(model, behaviour))
         if blocker is not None and mode == "on":
             raise ValueError(f"config algorithm.fused_policy_loss=on: the fused policy loss "
                              f"cannot serve this run: {blocker}")
@@ -109,8 +110,8 @@ class MicroBatchLoss:
         else:
             log.info("policy loss: unfused (linear_token_logprobs and the loss in torch): %s",
                      blocker)
-        return cls(model, config, fused=blocker is None, autocast=autocast,
-                   prompt_sharing=prompt_sharing, policy_logprobs=policy_logprobs)
+        return cls(model, config, fused=blocker is None, autocast=autocast, policy=policy,
+                   prediction_states=prediction_states, policy_logprobs=policy_logprobs)
 
     def __call__(self, micro: MicroBatch, behaviour: StepBehaviour,
                  advantages: Callable[[], Tensor], totals: BatchTotals
@@ -129,18 +130,23 @@ class MicroBatchLoss:
                                micro.response_mask, ref_logprobs=need.ref_logprobs,
                                is_weights=need.is_weights, **settings)
         temperature = self.config.rollout.temperature
-        states = self.prompt_sharing.states(self.model, micro, temperature, self.autocast)
-        device = micro.response_ids.device
-        with autocast_context(device, self.autocast):
-            hidden, weight, bias, targets = head_inputs(
-                self.model, plain_linear_head(self.model), micro, autocast=self.autocast,
-                states=states)
+        states = self.prediction_states(micro)
+        # Before the policy's forward: the reference's log-probs may need a forward of their
+        # own (the adapter-disabled policy), which must not nest in it.
         need = behaviour.before_logprobs(micro)
-        micro_advantages = advantages()[micro.rows]
-        with autocast_context(device, self.autocast):
-            loss, lp, entropy, metrics = fused_policy_loss(
-                hidden, weight, bias, targets, micro.response_mask, micro_advantages,
-                need.old_logprobs, temperature=temperature, ref_logprobs=need.ref_logprobs,
-                is_weights=need.is_weights, **settings)
+
+        def fused():
+            # Inside the policy's forward: with several processes its wrapper's hooks gather
+            # the head's weight and reduce its gradient.
+            with autocast_context(micro.response_ids.device, self.autocast):
+                hidden, weight, bias, targets = head_inputs(
+                    self.model, plain_linear_head(self.model), micro, autocast=self.autocast,
+                    states=states)
+                return fused_policy_loss(
+                    hidden, weight, bias, targets, micro.response_mask,
+                    advantages()[micro.rows], need.old_logprobs, temperature=temperature,
+                    ref_logprobs=need.ref_logprobs, is_weights=need.is_weights, **settings)
+
+        loss, lp, entropy, metrics = self.policy(fused)
         behaviour.record(micro, lp, entropy)
         return loss, metrics

@@ -48,7 +48,7 @@ from .behaviour import (CorrectionSettings, SeparateForward, StepBehaviour, Upda
 from .config import (LambdapoWarning, TrainConfig, config_changes, lambda_settings,
                      save_config, to_dict)
 from .data import PromptEncoder, PromptSampler, load_split
-from .logprobs import response_logprobs
+from .logprobs import PredictionStates, response_logprobs
 from .lora import adapter_disabled, apply_lora, load_adapter_weights, save_merged
 from .loss import BatchTotals
 from .micro_loss import MicroBatchLoss
@@ -210,9 +210,8 @@ class Trainer:
                                        several_processes=parallel.enabled)
         self.behaviour = self._behaviour_source()
         self.micro_loss = MicroBatchLoss.for_run(
-            self.model, config, self.behaviour, autocast=self.autocast,
-            prompt_sharing=self.prompt_sharing, policy_logprobs=self._policy_logprobs,
-            several_processes=parallel.enabled)
+            self.model, config, self.behaviour, autocast=self.autocast, policy=self.policy,
+            prediction_states=self._prediction_states, policy_logprobs=self._policy_logprobs)
 
     def _behaviour_source(self) -> SeparateForward | UpdateForward:
         """The run's source of pi_old (:mod:`lambdapo.behaviour`), logged with its reason."""
@@ -370,15 +369,20 @@ class Trainer:
         micros = self._micro_batches(batch, rows) if rows else []
         return distributed.padded(micros, self.parallel, lambda: batch.micro_batch([0]))
 
-    def _logprobs(self, policy, micro: MicroBatch) -> tuple[Tensor, Tensor]:
+    def _prediction_states(self, micro: MicroBatch) -> PredictionStates:
+        """The training forward's prediction states of ``micro`` (prompt-shared or plain)."""
         temperature = self.config.rollout.temperature
         if self.prompt_sharing.shared is None:
             # The first micro-batch decides the forward with a check of its own, run (when
             # sharded) on the whole weights: no collective depends on how it goes.
             with self.policy.full_weights():
                 self.prompt_sharing.states(self.model, micro, temperature, self.autocast)
-        states = self.prompt_sharing.states(self.model, micro, temperature, self.autocast)
-        return policy(lambda: response_logprobs(policy.model, micro, temperature,
+        return self.prompt_sharing.states(self.model, micro, temperature, self.autocast)
+
+    def _logprobs(self, policy, micro: MicroBatch) -> tuple[Tensor, Tensor]:
+        states = self._prediction_states(micro)
+        return policy(lambda: response_logprobs(policy.model, micro,
+                                                self.config.rollout.temperature,
                                                 autocast=self.autocast, states=states))
 
     def _policy_logprobs(self, micro: MicroBatch) -> tuple[Tensor, Tensor]:

@@ -115,12 +115,13 @@ def run_update(out: Path, names: list[str]) -> None:
                 params = {f"param.{n}": p.detach().clone()
                           for n, p in trainer.model.named_parameters() if p.requires_grad}
             every_rank = parallel.all_gather_objects(counts)
+            fused = trainer.micro_loss.fused
         if parallel.is_main:
             save_file({k: v.contiguous() for k, v in {**grads, **params}.items()},
                       str(out / f"{name}.safetensors"))
             (out / f"{name}.json").write_text(json.dumps(
                 {"metrics": metrics, "rows_per_rank": every_rank,
-                 "world_size": parallel.world_size}))
+                 "world_size": parallel.world_size, "fused_policy_loss": fused}))
 
 
 def run_early_finish(out: Path) -> None:

@@ -43,6 +43,9 @@ from distributed_worker import CASES  # noqa: E402
 # LoRA's A gradient is while B is near zero): within 5% of one step of the learning rate, far
 # below what a parameter left untrained or a wrong optimizer state would give.
 RTOL, ATOL = 2e-5, 2e-6
+# The cases whose loss is fused with the lm-head (a separate behaviour forward; the others
+# correct for the engine with the update's own log-probs: the unfused path).
+FUSED_CASES = ("token-mean", "seq-mean-token-sum-norm", "ddp")
 PARAM_ATOL_PER_LR = 0.05
 
 
@@ -158,6 +161,10 @@ def test_two_processes_make_the_one_process_update(updates, name):
     one, one_tensors = load(updates / "one", name)
     two, two_tensors = load(updates / "two", name)
     assert one["world_size"] == 1 and two["world_size"] == 2
+    # The fused policy loss serves two processes as it serves one (inside the FSDP2/DDP
+    # wrapper); the cases with a separate behaviour forward take it.
+    assert one["fused_policy_loss"] == two["fused_policy_loss"]
+    assert two["fused_policy_loss"] == (name in FUSED_CASES)
     assert sorted(one_tensors) == sorted(two_tensors)
     assert any(k.startswith("grad.") for k in one_tensors)
     for key, expected in one_tensors.items():

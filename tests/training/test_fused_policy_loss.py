@@ -70,7 +70,6 @@ def test_blockers(builtin):  # noqa: F811
     assert fused_loss_blocker(model, on_policy) is None
     assert fused_loss_blocker(model, separate) is None
     assert "rollout-correction" in fused_loss_blocker(model, corrected)
-    assert "several processes" in fused_loss_blocker(model, separate, several_processes=True)
     model.config.final_logit_softcapping = 30.0   # a transformed head
     try:
         assert "not a plain linear layer" in fused_loss_blocker(model, on_policy)
