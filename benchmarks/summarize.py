@@ -113,6 +113,12 @@ NOTES = [
      "GiB and every other model-dtype buffer halves too, so by arithmetic (not measured) the "
      "bf16 case stays under 17.75 - 7.49 = 10.3 GiB (the fp32 LoRA adapter and its AdamW "
      "state, about 0.5 GiB, are the same in both)."),
+    ("train_step", "cpu", ("a7da6e7",),
+     "The Qwen2.5-0.5B rows of commit a7da6e7 (measured with the working tree of 6fa188b: "
+     "the same step in one process) are one warm-up and one timed step per trainer, "
+     "alternated, at a load average of 1-1.8 (another job's tests on the second core part of "
+     "the time). Against the 2026-12-07 rows (no warm-up step, load about 6), the step and "
+     "its memory are those of a run past its first optimizer step: AdamW's state exists."),
     ("train_step", "cpu", ("ca1dc4c",),
      "The Qwen2.5-0.5B rows of 2026-12-07 are one step per trainer (no warm-up step, so the "
      "first optimizer step's state allocation is in it), measured while other work kept the "
