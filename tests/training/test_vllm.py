@@ -194,6 +194,38 @@ def test_lora_training_with_vllm_serves_the_merged_adapter(tmp_path):
                     LOGPROB_TOLERANCE
 
 
+def test_torchrun_gives_each_process_an_engine_serving_the_trained_weights(tmp_path):
+    """Two processes under torchrun (gloo, the policy sharded with FSDP2), each with a vLLM
+    engine of its own (vLLM's external launcher, tensor parallel 1): after every update
+    each engine serves the gathered weights, so the largest engine-trainer log-prob gap of
+    either rank stays at rounding while the weights move (lr 5e-3: a stale engine drifts
+    past 10x the tolerance, as the LoRA test shows)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "python"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+         "-m", "lambdapo", "train", "rollout.engine=vllm", f"rollout.kv_cache_gb={KV_GB}",
+         "steps=3", "prompts_per_step=8", "data.num_eval=8", "eval_samples=1", "threads=1",
+         "optim.lr=5e-3", f"output_dir={run}"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    log = (run / "train.log").read_text()
+    assert "2 processes (gloo): the policy is sharded over them with FSDP2" in log
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "mismatch/abs_max" in line]
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert all(m["mismatch/abs_max"] < LOGPROB_TOLERANCE for m in history), history
+    assert all(m["grad_norm"] > 0 for m in history)
+    assert json.loads((run / "summary.json").read_text())["engine"] == "vllm"
+
+
 def test_cli_eval_with_vllm(capsys):
     code = cli.main(["eval", "--model", BUILTIN_MODEL, "rollout.engine=vllm",
                      f"rollout.kv_cache_gb={KV_GB}", "data.num_eval=16",
