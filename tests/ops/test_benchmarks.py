@@ -394,13 +394,19 @@ def test_train_step_driver_runs_the_cases_it_names():
     """The driver's cases (--modes full,lora) are the ones its pytest processes build from
     the --bench-set options it passes them, so that the node ids it runs exist."""
     bench = importlib.import_module("bench_train_step")
-    for model, modes in (("qwen2.5-0.5b", "full,lora"), ("qwen3-4b", ""), ("builtin", "lora")):
+    for model, modes, dtype in (("qwen2.5-0.5b", "full,lora", ""), ("qwen3-4b", "", ""),
+                                ("qwen3-4b", "", "float32"), ("builtin", "lora", "")):
         args = harness.argparse.Namespace(
             model_config=model, modes=modes, lora_rank=16, lora_alpha=32.0, checkpointing=-1,
-            kl_coef=-1.0, layers=0, seed=0, device="cpu")
+            kl_coef=-1.0, layers=0, seed=0, device="cpu", dtype=dtype)
         setups = bench.driver_setups(args)
         assert len(setups) == max(1, len(modes.split(",")))
         for setup in setups:
+            # An overridden dtype is in the label and in a model folder of its own.
+            assert (",float32," in bench.size_label(setup, 1)) == (dtype == "float32" or
+                                                                  model != "qwen3-4b")
+            if model != "builtin":
+                assert ("float32" in bench.shaped_model_folder(setup).name) == bool(dtype)
             settings = [tuple(o.removeprefix("--bench-set=").split("=", 1))
                         for o in bench.bench_sets(setup)]
             built = bench.cases(harness.BenchOptions(size="full", settings=tuple(settings)),
