@@ -306,16 +306,23 @@ def run_linear(case: LinearCase, device: str):
     return [lp.detach().cpu(), None if h is None else h.detach().cpu(), *grads]
 
 
-def compare_linear(case: LinearCase, cpu, device) -> None:
-    # Bounds of test_linear_token_logprobs' test_cuda_matches_cpu: the logits come from
-    # different matmuls (cuBLAS and the CPU's), rounded to 16 bits for 16-bit inputs.
-    dtype = case.hidden.dtype
-    tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4)}
-    tol = tol.get(dtype, dict(rtol=2e-2, atol=2e-2))
+def _lm_head_tolerance(case: LinearCase, float32: tuple[float, float],
+                       low_precision: tuple[float, float]) -> dict:
+    """(rtol, atol) of an lm-head op's comparison: the op's own bounds by dtype (``float32``,
+    ``low_precision`` for 16-bit inputs, 1e-9 for float64), the atol widened by the rounding
+    of the case's largest logit."""
+    rtol, atol = {torch.float64: (1e-9, 1e-9), torch.float32: float32}.get(
+        case.hidden.dtype, low_precision)
     logits = case.hidden.double() @ case.weight.double().T
     rounding = _rounding(logits if case.bias is None else logits + case.bias.double(),
                          case.temperature)
-    tol = dict(rtol=tol["rtol"], atol=tol["atol"] + rounding)
+    return dict(rtol=rtol, atol=atol + rounding)
+
+
+def compare_linear(case: LinearCase, cpu, device) -> None:
+    # Bounds of test_linear_token_logprobs' test_cuda_matches_cpu: the logits come from
+    # different matmuls (cuBLAS and the CPU's), rounded to 16 bits for 16-bit inputs.
+    tol = _lm_head_tolerance(case, (1e-4, 1e-4), (2e-2, 2e-2))
     for name, c, d in zip(("log-probs", "entropy", "grad hidden", "grad weight", "grad bias"),
                           cpu, device):
         assert_agree(d, c, name, **tol)
@@ -381,16 +388,8 @@ def run_policy_loss(case: PolicyLossCase, device: str):
 
 
 def compare_policy_loss(case: PolicyLossCase, cpu, device) -> None:
-    # Bounds of test_linear_policy_loss' test_cuda_matches_cpu, plus the rounding of the
-    # largest logit (as compare_linear).
-    lin = case.linear
-    dtype = lin.hidden.dtype
-    tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
-    tol = tol.get(dtype, dict(rtol=3e-2, atol=3e-3))
-    logits = lin.hidden.double() @ lin.weight.double().T
-    rounding = _rounding(logits if lin.bias is None else logits + lin.bias.double(),
-                         lin.temperature)
-    tol = dict(rtol=tol["rtol"], atol=tol["atol"] + rounding)
+    # Bounds of test_linear_policy_loss' test_cuda_matches_cpu.
+    tol = _lm_head_tolerance(case.linear, (1e-4, 1e-5), (3e-2, 3e-3))
     for name, c, d in zip(("loss", "log-probs", "entropy", "grad hidden", "grad weight",
                            "grad bias"), cpu, device):
         assert_agree(d, c, name, **tol)
